@@ -1,0 +1,1 @@
+"""Triton kernels of the fused recurrence (installed as mmrnn_ext.kernels)."""
