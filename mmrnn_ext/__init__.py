@@ -5,9 +5,9 @@
     mmrnn_ext.backends()                which backends (cpp, triton, reference) run here, and why not
 """
 from . import ops, reference
-from ._backends import backends
+from ._backends import backend_for, backends
 from .modules import RNN, RNNCell
 from .ops import InputError, rnn_recurrence
 
 __version__ = "0.1.0"
-__all__ = ["RNN", "RNNCell", "InputError", "backends", "ops", "reference", "rnn_recurrence"]
+__all__ = ["RNN", "RNNCell", "InputError", "backend_for", "backends", "ops", "reference", "rnn_recurrence"]

@@ -137,6 +137,11 @@ def _triton_backend() -> Backend:
                    (torch.float32, torch.bfloat16, torch.float16), devices)
 
 
+def backend_for(tensor: torch.Tensor, backend: str = "auto") -> str:
+    """The name of the backend that `backend` resolves to for tensors like `tensor`."""
+    return select(backend, tensor.device, tensor.dtype).name
+
+
 def select(backend: str, device: torch.device, dtype: torch.dtype) -> Backend:
     """The backend that runs the recurrence for tensors on `device` of `dtype`.
 

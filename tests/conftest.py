@@ -1,0 +1,48 @@
+import os
+
+import torch
+
+# Without CUDA the Triton kernels are tested through Triton's interpreter on CPU tensors. This must
+# be set before anything imports triton; "auto" never picks the interpreter, so other tests are
+# unaffected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import mmrnn_ext  # noqa: E402
+
+# (dtype, atol, rtol): what the dtype can promise for these sizes, never widened to make a test pass
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+}
+
+
+def require(backend: str) -> None:
+    """Skip when `backend` is not available here, unless the run demands it (CI sets
+    MMRNN_REQUIRE=cpp,triton so that a missing build fails instead of skipping)."""
+    status = mmrnn_ext.backends()[backend]
+    if status["available"]:
+        return
+    required = os.environ.get("MMRNN_REQUIRE", "").split(",")
+    if backend in required:
+        pytest.fail(f"backend {backend!r} is required by MMRNN_REQUIRE but not available: {status['detail']}")
+    pytest.skip(f"backend {backend!r} not available: {status['detail']}")
+
+
+def assert_close(actual, expected, dtype, what=""):
+    atol, rtol = TOL[dtype]
+    if actual is None or expected is None:
+        assert actual is None and expected is None, f"{what}: one gradient is None and the other is not"
+        return
+    diff = (actual.double() - expected.double()).abs()
+    if diff.numel():
+        print(f"{what}: max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e}")
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.fixture(params=["reference", "cpp"])
+def cpu_backend(request):
+    require(request.param)
+    return request.param
