@@ -1,1 +1,4 @@
-"""Triton kernels of the fused recurrence (installed as mmrnn_ext.kernels)."""
+"""Triton kernels of the fused recurrence (installed as mmrnn_ext.kernels; see rnn.py)."""
+from .rnn import FORMS, allow_tf32, choose_form, persistent_fits, rnn_backward, rnn_forward
+
+__all__ = ["FORMS", "allow_tf32", "choose_form", "persistent_fits", "rnn_backward", "rnn_forward"]
