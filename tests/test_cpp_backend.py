@@ -1,0 +1,131 @@
+"""The C++ CPU backend: the size grid of its issue, long sequences, memory, determinism and the
+accuracy of its vectorised float32 tanh."""
+import gc
+import itertools
+import resource
+
+import pytest
+import torch
+
+import mmrnn_ext
+from conftest import require
+from mmrnn_ext import rnn_recurrence
+from mmrnn_ext.reference import rnn_recurrence_ref
+from op_cases import compare_with_reference, make_inputs
+
+
+@pytest.fixture(autouse=True)
+def _cpp():
+    require("cpp")
+
+
+GRID = list(itertools.product([1, 3], [1, 5, 33], [1, 7, 65, 256]))
+
+
+@pytest.mark.parametrize("B,T,H", GRID, ids=[f"B{b}-T{t}-H{h}" for b, t, h in GRID])
+@pytest.mark.parametrize("image", [None, "static", "step"], ids=["noimg", "static", "step"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_grid_tanh_with_lengths(B, T, H, image, dtype):
+    compare_with_reference("cpp", T, B, H, image, dtype, "tanh", lengths=True)
+
+
+@pytest.mark.parametrize("B,T,H", [(3, 33, 65), (1, 5, 256)], ids=["B3-T33-H65", "B1-T5-H256"])
+@pytest.mark.parametrize("image", [None, "static", "step"], ids=["noimg", "static", "step"])
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
+def test_grid_relu_and_noncontiguous(B, T, H, image, lengths):
+    compare_with_reference("cpp", T, B, H, image, torch.float32, "relu", lengths, noncontig=True)
+
+
+def test_multithreaded_rows_match_reference():
+    """Batch x hidden large enough that the elementwise pass is split across threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        compare_with_reference("cpp", 3, 300, 128, "step", torch.float64, "tanh", lengths=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_tanh_float32_accuracy():
+    from mmrnn_ext import _C
+
+    x = torch.cat([torch.linspace(-20, 20, 400_001), torch.logspace(-30, 1, 10_001), -torch.logspace(-30, 1, 10_001)])
+    y = _C.tanh_float32(x).double()
+    ref = torch.tanh(x.double())
+    ulp = torch.finfo(torch.float32).eps
+    rel = ((y - ref).abs() / ref.abs().clamp_min(torch.finfo(torch.float32).tiny)).max().item()
+    print(f"max relative error {rel:.2e} ({rel / ulp:.1f} ulp)")
+    assert rel <= 4 * ulp
+    special = _C.tanh_float32(torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 100.0, -100.0]))
+    assert torch.isnan(special[0])
+    assert special[1:].tolist() == [1.0, -1.0, 0.0, 1.0, -1.0]
+
+
+def test_long_sequence_stays_finite_and_matches():
+    T, B, H = 10_000, 2, 16
+    xp, w, h0, img, _ = [None if a is None else a.detach() for a in make_inputs(T, B, H, "static", torch.float32)]
+    out, h_last = rnn_recurrence(xp, w, h0, img, backend="cpp")
+    ref, ref_last = rnn_recurrence_ref(xp.double(), w.double(), h0.double(), img.double())
+    assert torch.isfinite(out).all()
+    err = (out.double() - ref).abs().max().item()
+    print(f"max abs diff over {T} steps: {err:.2e}")
+    # tanh contracts: rounding does not compound, so float32 stays at float32 accuracy
+    assert err <= 1e-5
+    xp.requires_grad_()
+    out, h_last = rnn_recurrence(xp, w, h0, img, backend="cpp")
+    (out.sum() + h_last.sum()).backward()
+    assert torch.isfinite(xp.grad).all()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
+
+
+def test_memory_stays_flat():
+    m = mmrnn_ext.RNN(32, 64, num_layers=2, image_size=16, backend="cpp")
+    x = torch.randn(50, 8, 32)
+    img = torch.randn(8, 16)
+
+    def step():
+        out, h = m(x, image=img)
+        (out.sum() + h.sum()).backward()
+        m.zero_grad(set_to_none=True)
+
+    for _ in range(20):  # allocator warm-up
+        step()
+    gc.collect()
+    before = _rss_mb()
+    for _ in range(200):
+        step()
+    gc.collect()
+    growth = _rss_mb() - before
+    print(f"resident memory growth over 200 forward+backward calls: {growth:.2f} MB")
+    assert growth < 16
+
+
+def test_results_identical_run_to_run():
+    args = [None if a is None else a.detach().requires_grad_() if a.is_floating_point() else a
+            for a in make_inputs(17, 5, 65, "step", torch.float32, lengths=True)]
+    results = []
+    for _ in range(3):
+        out, h = rnn_recurrence(*args, backend="cpp")
+        grads = torch.autograd.grad(out.sum() + h.sum(), [a for a in args[:4]])
+        results.append([out, h, *grads])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_cpp_rejects_what_it_cannot_run():
+    from mmrnn_ext import _C
+
+    xp = torch.randn(3, 2, 4)
+    with pytest.raises(RuntimeError, match="w_hh: expected shape"):
+        _C.rnn_forward(xp, torch.randn(4, 5), torch.zeros(2, 4), None, None, False)
+    with pytest.raises(RuntimeError, match=r"lengths: expected values in \[0, 3\]"):
+        _C.rnn_forward(xp, torch.randn(4, 4), torch.zeros(2, 4), None, torch.tensor([1, 4]), False)
+    with pytest.raises(RuntimeError, match="float32 and float64"):
+        _C.rnn_forward(xp.half(), torch.randn(4, 4).half(), torch.zeros(2, 4).half(), None, None, False)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        _C.rnn_forward(xp.transpose(0, 1), torch.randn(4, 4), torch.zeros(3, 4), None, None, False)
