@@ -42,6 +42,20 @@ def _time_reverse(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor
     return x.gather(0, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def _project(x, image, w_ih, b_ih, b_hh, w_img):
+    """The input projection (one GEMM over all steps) and the image term (one GEMM per sequence when
+    static). The biases ride with the image term, which the recurrence adds in its elementwise pass
+    anyway: a bias in the big input GEMM costs a broadcast copy over all T*B*H outputs (14.5 ms of
+    430 at (64, 256, 256, 512, 512) on the 2-core CPU) that this way is a [B, H] add."""
+    xp = F.linear(x, w_ih)
+    bias = None if b_ih is None else b_ih + b_hh
+    if image is not None:
+        return xp, F.linear(image, w_img, bias)
+    if bias is None:
+        return xp, None
+    return xp, bias.expand(x.shape[-2], -1)
+
+
 def _check_image(image, *, image_size, batched, batch, steps, batch_first, module):
     """Validate `image` and return it time-major: [B, V] (static) or [T, B, V] (per step)."""
     if image is None:
@@ -233,8 +247,7 @@ class RNN(nn.Module):
             outs = []
             for direction in range(num_directions):
                 w_ih, w_hh, b_ih, b_hh, w_img = self._layer_params(layer, direction)
-                xp = F.linear(layer_input, w_ih, None if b_ih is None else b_ih + b_hh)
-                img_term = None if img is None else F.linear(img, w_img)
+                xp, img_term = _project(layer_input, img, w_ih, b_ih, b_hh, w_img)
                 if direction == 1:
                     xp = _time_reverse(xp, lengths)
                     if img_term is not None and img_term.dim() == 3:
@@ -335,7 +348,6 @@ class RNNCell(nn.Module):
         if img is not None:
             _check_same("image", img, x, "input")
         _backends.select(self.backend, x.device, x.dtype)
-        xp = F.linear(x, self.weight_ih, None if self.bias_ih is None else self.bias_ih + self.bias_hh)
-        img_term = None if img is None else F.linear(img, self.weight_img)
+        xp, img_term = _project(x, img, self.weight_ih, self.bias_ih, self.bias_hh, self.weight_img)
         _, h = rnn_recurrence(xp.unsqueeze(0), self.weight_hh, h0, img_term, None, self.nonlinearity, self.backend)
         return h if batched else h.squeeze(0)

@@ -1,0 +1,552 @@
+"""mmrnn-bench: mmrnn_ext against what users run today, side by side in one process.
+
+    mmrnn-bench                       the default grid for this machine's device
+    mmrnn-bench --quick               a small grid (under a minute on a 2-core CPU)
+    mmrnn-bench --shape 32,128,128,128,256 --dtype float32 --json out.json --plot out.png
+
+Providers, all with the same weights on the same inputs:
+    mmrnn_ext            mmrnn_ext.RNN(image_size=V), backend "auto" (each backend with --all-backends)
+    nn.RNN(concat)       torch.nn.RNN on the input concatenated with the image (cuDNN on GPU)
+    eager loop           a Python loop of torch ops, input and image projections precomputed
+    torch.compile(loop)  that loop compiled (skipped, with the reason, when it would take too long)
+
+Before timing, every provider's output is compared with mmrnn_ext's; a disagreement beyond the
+dtype's tolerance stops the run with an error rather than report a speed. With --layers > 1 the
+image enters layer 0 only (the other layers' W_img are zero), so that nn.RNN on the concatenated
+input computes the same function.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import mmrnn_ext
+from mmrnn_ext import _backends
+
+CPU_GRID = [(32, 128, 128, 128, 64), (32, 128, 128, 128, 256), (64, 256, 256, 512, 512), (8, 512, 128, 256, 1024)]
+GPU_GRID = [(16, 256, 128, 256, 128), (64, 256, 256, 512, 256), (64, 256, 512, 1024, 512),
+            (256, 128, 1024, 2048, 1024), (1, 1024, 64, 64, 256)]
+QUICK_CPU_GRID = [(8, 32, 32, 32, 64), (16, 64, 64, 64, 128)]
+QUICK_GPU_GRID = [(16, 64, 128, 256, 128), (1, 128, 64, 64, 256)]
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PASSES = ("forward", "forward+backward")
+OURS = "mmrnn_ext"
+
+
+class DisagreementError(RuntimeError):
+    pass
+
+
+# --- the providers --------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    B: int
+    T: int
+    I: int
+    V: int
+    H: int
+    dtype: torch.dtype
+    device: torch.device
+    layers: int = 1
+    bidirectional: bool = False
+    x: torch.Tensor = field(init=False)
+    image: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(self.T, self.B, self.I, generator=g).to(self.device, self.dtype)
+        self.image = torch.randn(self.B, self.V, generator=g).to(self.device, self.dtype)
+
+    @property
+    def shape(self):
+        return (self.B, self.T, self.I, self.V, self.H)
+
+
+def build_ours(case: Case, backend: str = "auto") -> mmrnn_ext.RNN:
+    torch.manual_seed(0)
+    model = mmrnn_ext.RNN(case.I, case.H, case.layers, bidirectional=case.bidirectional, image_size=case.V,
+                          backend=backend, device=case.device, dtype=case.dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("weight_img") and not name.startswith("weight_img_l0"):
+                p.zero_()  # image at layer 0 only: the function nn.RNN on the concatenation computes
+    return model
+
+
+def build_stock(case: Case, ours: mmrnn_ext.RNN) -> torch.nn.RNN:
+    stock = torch.nn.RNN(case.I + case.V, case.H, case.layers, bidirectional=case.bidirectional,
+                         device=case.device, dtype=case.dtype)
+    with torch.no_grad():
+        for name, p in stock.named_parameters():
+            src = getattr(ours, name)
+            if name.startswith("weight_ih_l0"):
+                p.copy_(torch.cat([src, getattr(ours, name.replace("weight_ih", "weight_img"))], dim=1))
+            else:
+                p.copy_(src)
+    return stock
+
+
+def eager_loop(x, image, model: mmrnn_ext.RNN):
+    """What users write by hand: one GEMM for the input projection, the image projection
+    precomputed once, then a Python loop over time of torch ops."""
+    D = 2 if model.bidirectional else 1
+    T = x.shape[0]
+    layer_in = x
+    for layer in range(model.num_layers):
+        outs = []
+        for d in range(D):
+            w_ih, w_hh, b_ih, b_hh, w_img = model._layer_params(layer, d)
+            xp = F.linear(layer_in, w_ih, b_ih + b_hh)
+            img = F.linear(image, w_img)
+            h = x.new_zeros(x.shape[1], model.hidden_size)
+            ys = [None] * T
+            for t in (range(T - 1, -1, -1) if d == 1 else range(T)):
+                h = torch.tanh(torch.addmm(xp[t] + img, h, w_hh.t()))
+                ys[t] = h
+            outs.append(torch.stack(ys))
+        layer_in = outs[0] if D == 1 else torch.cat(outs, dim=2)
+    return layer_in
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise TimeoutError in the main thread once `seconds` have passed, and again every half second
+    until the block ends: torch.compile's internals swallow some exceptions, so one alarm is not
+    enough to stop it. The block's result must also be discarded when the yielded state says expired
+    (the compile may have finished in a fallback after swallowing the first alarm)."""
+    state = {"expired": False}
+    if seconds <= 0 or not hasattr(signal, "SIGALRM"):
+        yield state
+        return
+
+    def on_alarm(signum, frame):
+        state["expired"] = True
+        raise TimeoutError(f"took longer than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 0.5)
+    try:
+        yield state
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def make_providers(case: Case, args) -> tuple[dict, dict]:
+    """-> ({name: callable returning the output [T, B, D*H]}, {name: reason skipped})."""
+    ours = build_ours(case)
+    providers = {OURS: lambda: ours(case.x, image=case.image)[0]}
+    skipped = {}
+    if args.all_backends:
+        for name, status in mmrnn_ext.backends().items():
+            if not status["available"]:
+                skipped[f"{OURS}[{name}]"] = status["detail"]
+                continue
+            try:
+                _backends.select(name, case.device, case.dtype)
+            except (RuntimeError, TypeError) as exc:
+                skipped[f"{OURS}[{name}]"] = str(exc)
+                continue
+            if name == "triton" and case.device.type == "cpu":
+                skipped[f"{OURS}[{name}]"] = "the Triton interpreter is for testing, not timing"
+                continue
+            model = build_ours(case, name)
+            providers[f"{OURS}[{name}]"] = (lambda m: lambda: m(case.x, image=case.image)[0])(model)
+    stock = build_stock(case, ours)
+    providers["nn.RNN(concat)"] = lambda: stock(torch.cat([case.x, case.image.expand(case.T, -1, -1)], dim=-1))[0]
+    providers["eager loop"] = lambda: eager_loop(case.x, case.image, ours)
+    if args.no_compile:
+        skipped["torch.compile(loop)"] = "--no-compile"
+    elif case.T * case.layers * (2 if case.bidirectional else 1) > args.compile_max_steps:
+        skipped["torch.compile(loop)"] = (f"the compiled loop unrolls {case.T * case.layers} steps, over "
+                                          f"--compile-max-steps {args.compile_max_steps} (compile time grows with it)")
+    else:
+        compiled = torch.compile(eager_loop)
+        limit = {"expired": False}
+        try:
+            with _time_limit(args.compile_timeout) as limit:
+                compiled(case.x, case.image, ours)  # compile forward ...
+                compiled(case.x, case.image, ours).sum().backward()  # ... and backward, untimed
+                ours.zero_grad(set_to_none=True)
+            if limit["expired"]:
+                raise TimeoutError
+            providers["torch.compile(loop)"] = lambda: compiled(case.x, case.image, ours)
+        except Exception as exc:  # a compiler failure or timeout is reported, not fatal to the benchmark
+            if limit["expired"]:  # the alarm may reach us wrapped in the compiler's own exception
+                skipped["torch.compile(loop)"] = f"compile took longer than {args.compile_timeout:g} s (--compile-timeout)"
+            else:
+                skipped["torch.compile(loop)"] = f"compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return providers, skipped
+
+
+# --- measuring ------------------------------------------------------------------------------------
+
+def tolerance(dtype: torch.dtype, device: torch.device) -> float:
+    """Norm-wise relative tolerance between providers for this dtype."""
+    if dtype == torch.float64:
+        return 1e-10
+    if dtype == torch.float32:
+        tf32 = device.type == "cuda" and (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
+        return 5e-4 if tf32 else 1e-5
+    return 1e-2
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    b64 = b.double()
+    return ((a.double() - b64).norm() / b64.norm().clamp_min(1e-300)).item()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device, repeats: int) -> float:
+    """Median milliseconds: triton.testing.do_bench on GPU; warm-up then the median of `repeats` on CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def saved_activation_mb(fn) -> float:
+    """MB of distinct tensors autograd saves for backward during one forward (parameters excluded)."""
+    seen = {}
+
+    def pack(t):
+        if not (isinstance(t, torch.nn.Parameter) or (t.is_leaf and t.requires_grad)):
+            seen[(t.untyped_storage().data_ptr(), t.device)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values()) / 2 ** 20
+
+
+def peak_memory_mb(fn, device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def recurrence_vs_mm(case: Case, repeats: int) -> dict:
+    """The fused recurrence alone (auto backend, forward) against T plain GEMMs of its shape."""
+    B, T, H = case.B, case.T, case.H
+    g = torch.Generator().manual_seed(1)
+    xp = torch.randn(T, B, H, generator=g).to(case.device, case.dtype)
+    w = (torch.randn(H, H, generator=g) / math.sqrt(H)).to(case.device, case.dtype)
+    h0 = torch.zeros(B, H, device=case.device, dtype=case.dtype)
+    a = torch.randn(B, H, generator=g).to(case.device, case.dtype)
+    wt = w.t().contiguous()
+    out = torch.empty(B, H, device=case.device, dtype=case.dtype)
+
+    def op():
+        with torch.no_grad():
+            mmrnn_ext.rnn_recurrence(xp, w, h0)
+
+    def mm():
+        for _ in range(T):
+            torch.mm(a, wt, out=out)
+
+    flop = 2.0 * B * H * H * T
+    op_ms, mm_ms = time_ms(op, case.device, repeats), time_ms(mm, case.device, repeats)
+    return {"shape": list(case.shape), "dtype": str(case.dtype).replace("torch.", ""),
+            "backend": _backends.backend_for(xp), "recurrence_ms": op_ms, "recurrence_gflops": flop / op_ms / 1e6,
+            "mm_ms": mm_ms, "mm_gflops": flop / mm_ms / 1e6, "fraction_of_mm": mm_ms / op_ms}
+
+
+def run_case(case: Case, args, progress) -> tuple[list, dict]:
+    providers, skipped = make_providers(case, args)
+    progress.add_total(2 * len(providers))
+    with torch.no_grad():
+        reference = providers[OURS]()
+        tol = tolerance(case.dtype, case.device)
+        diffs = {}
+        for name, fn in providers.items():
+            diffs[name] = relative_difference(fn(), reference)
+            if not diffs[name] <= tol:
+                raise DisagreementError(
+                    f"{name} disagrees with {OURS} on shape {case.shape} {case.dtype}: relative difference "
+                    f"{diffs[name]:.3e} > tolerance {tol:.0e}; refusing to report speeds")
+    rows = []
+    dtype_name = str(case.dtype).replace("torch.", "")
+    for name, fn in providers.items():
+        def forward():
+            with torch.no_grad():
+                return fn()
+
+        def train_step():
+            out = fn()
+            out.backward(torch.ones_like(out))
+
+        case.x.requires_grad_(False)
+        fwd_ms = time_ms(forward, case.device, args.repeats)
+        progress.update(1)
+        train_ms = time_ms(train_step, case.device, args.repeats)
+        progress.update(1)
+        saved = saved_activation_mb(fn)
+        peak = peak_memory_mb(train_step, case.device)
+        for pass_name, ms in zip(PASSES, (fwd_ms, train_ms)):
+            rows.append({"shape": list(case.shape), "B": case.B, "T": case.T, "I": case.I, "V": case.V, "H": case.H,
+                         "layers": case.layers, "bidirectional": case.bidirectional, "dtype": dtype_name,
+                         "provider": name, "pass": pass_name, "ms": ms, "saved_activations_mb": saved,
+                         "peak_memory_mb": peak if pass_name == "forward+backward" else None,
+                         "relative_difference": diffs[name]})
+    ours = {r["pass"]: r["ms"] for r in rows if r["provider"] == OURS}
+    for r in rows:
+        r["speedup_of_mmrnn_ext"] = r["ms"] / ours[r["pass"]]
+    return rows, skipped
+
+
+# --- reporting ------------------------------------------------------------------------------------
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu}",
+            "cpu_model": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+        info["tf32"] = {"cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+                        "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32}
+    return info
+
+
+def format_table(rows: list) -> str:
+    lines = []
+    key = lambda r: (tuple(r["shape"]), r["dtype"])  # noqa: E731
+    for shape_dtype in dict.fromkeys(key(r) for r in rows):
+        group = [r for r in rows if key(r) == shape_dtype]
+        shape, dtype = shape_dtype
+        lines.append(f"\nshape (B, T, I, V, H) = {shape}, {dtype}")
+        lines.append(f"  {'provider':<26}{'forward ms':>12}{'x':>8}{'fwd+bwd ms':>13}{'x':>8}{'saved MB':>10}{'rel diff':>10}")
+        for name in dict.fromkeys(r["provider"] for r in group):
+            f = next(r for r in group if r["provider"] == name and r["pass"] == "forward")
+            b = next(r for r in group if r["provider"] == name and r["pass"] == "forward+backward")
+            lines.append(f"  {name:<26}{f['ms']:>12.3f}{f['speedup_of_mmrnn_ext']:>7.2f}x{b['ms']:>13.3f}"
+                         f"{b['speedup_of_mmrnn_ext']:>7.2f}x{f['saved_activations_mb']:>10.1f}{f['relative_difference']:>10.1e}")
+    lines.append("\n  x = that provider's time / mmrnn_ext's time (above 1: mmrnn_ext is faster)")
+    return "\n".join(lines)
+
+
+def markdown_table(result: dict) -> str:
+    """The README table from a results JSON."""
+    rows = result["rows"]
+    providers = [p for p in dict.fromkeys(r["provider"] for r in rows) if p != OURS]
+    head = "| shape (B,T,I,V,H) | dtype | pass | mmrnn_ext ms | " + " | ".join(f"{p} ms (x)" for p in providers) + " |"
+    lines = [head, "|" + " --- |" * (4 + len(providers))]
+    key = lambda r: (tuple(r["shape"]), r["dtype"], r["pass"])  # noqa: E731
+    for k in dict.fromkeys(key(r) for r in rows):
+        group = {r["provider"]: r for r in rows if key(r) == k}
+        cells = []
+        for p in providers:
+            r = group.get(p)
+            cells.append("skipped" if r is None else f"{r['ms']:.2f} ({r['speedup_of_mmrnn_ext']:.2f}x)")
+        lines.append(f"| {','.join(map(str, k[0]))} | {k[1]} | {k[2]} | {group[OURS]['ms']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    rows = result["rows"]
+    others = [p for p in dict.fromkeys(r["provider"] for r in rows) if p != OURS]
+    labels = list(dict.fromkeys((tuple(r["shape"]), r["dtype"]) for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(labels) * 2), 4.8), sharey=True)
+    width = 0.8 / max(1, len(others))
+    for ax, pass_name in zip(axes, PASSES):
+        for i, p in enumerate(others):
+            ys = []
+            for shape, dtype in labels:
+                r = next((r for r in rows if tuple(r["shape"]) == shape and r["dtype"] == dtype
+                          and r["provider"] == p and r["pass"] == pass_name), None)
+                ys.append(r["speedup_of_mmrnn_ext"] if r else 0)
+            ax.bar([j + i * width for j in range(len(labels))], ys, width, label=p)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+        ax.set_title(pass_name)
+        ax.set_xticks([j + width * (len(others) - 1) / 2 for j in range(len(labels))])
+        ax.set_xticklabels([f"{','.join(map(str, s))}\n{d}" for s, d in labels], fontsize=7)
+        ax.set_xlabel("shape (B,T,I,V,H), dtype")
+    axes[0].set_ylabel("speedup of mmrnn_ext (provider time / ours)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"mmrnn_ext speedup — {result['machine']['device']}, torch {result['machine']['torch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class _Progress:
+    """A progress bar on stderr (tqdm when installed)."""
+
+    def __init__(self):
+        self._n = self._total = 0
+        try:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=0, file=sys.stderr, desc="mmrnn-bench", leave=False)
+        except ImportError:
+            self._bar = None
+
+    def add_total(self, n):
+        self._total += n
+        if self._bar is not None:
+            self._bar.total = self._total
+            self._bar.refresh()
+
+    def update(self, n):
+        if self._bar is not None:
+            self._bar.update(n)
+        else:
+            self._n += n
+            print(f"\rmmrnn-bench {self._n}/{self._total}", end="", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
+        else:
+            print(file=sys.stderr)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="mmrnn-bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", action="append", metavar="B,T,I,V,H",
+                   help="batch,seq,input,image,hidden (repeatable; default: the device's grid)")
+    p.add_argument("--dtype", default=None, help="comma-separated: float32,float64,bfloat16,float16 (default float32)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--bidirectional", action="store_true")
+    p.add_argument("--all-backends", action="store_true", help="also time each available mmrnn_ext backend")
+    p.add_argument("--quick", action="store_true", help="a small grid, few repeats, no torch.compile")
+    p.add_argument("--repeats", type=int, default=None, help="CPU timing repeats (median; default 5, quick 3)")
+    p.add_argument("--tf32", choices=["default", "on", "off"], default="default",
+                   help="TF32 for float32 on CUDA (sets torch.backends.cudnn/cuda.matmul.allow_tf32)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    p.add_argument("--compile-max-steps", type=int, default=64, help="skip torch.compile above this many unrolled steps")
+    p.add_argument("--compile-timeout", type=float, default=240.0, help="seconds allowed for torch.compile")
+    p.add_argument("--no-recurrence", action="store_true", help="skip the recurrence-vs-torch.mm GF/s section")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--plot", metavar="PATH.png", help="write the speedups as a grouped bar chart")
+    p.add_argument("--markdown", metavar="RESULTS.json", help="print the README table of a results JSON and exit")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown_table(json.load(f)))
+        return 0
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    if args.tf32 != "default":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
+    dtype_names = (args.dtype or "float32").split(",")
+    for name in dtype_names:
+        if name not in DTYPES:
+            raise SystemExit(f"--dtype: expected some of {list(DTYPES)}, got {name!r}")
+    if args.shape:
+        shapes = []
+        for s in args.shape:
+            parts = s.split(",")
+            if len(parts) != 5 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+                raise SystemExit(f"--shape: expected five positive integers B,T,I,V,H, got {s!r}")
+            shapes.append(tuple(int(p) for p in parts))
+    else:
+        grids = {("cpu", False): CPU_GRID, ("cpu", True): QUICK_CPU_GRID,
+                 ("cuda", False): GPU_GRID, ("cuda", True): QUICK_GPU_GRID}
+        shapes = grids[(device.type, args.quick)]
+    if args.quick:
+        args.no_compile = True if not args.shape else args.no_compile
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    cases = [(s, DTYPES[d]) for s in shapes for d in dtype_names]
+    progress = _Progress()
+    rows, skipped, recurrence = [], [], []
+    try:
+        for shape, dtype in cases:
+            case = Case(*shape, dtype=dtype, device=device, layers=args.layers, bidirectional=args.bidirectional)
+            case_rows, case_skipped = run_case(case, args, progress)
+            rows += case_rows
+            skipped += [{"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "provider": k, "reason": v}
+                        for k, v in case_skipped.items()]
+            if not args.no_recurrence:
+                recurrence.append(recurrence_vs_mm(case, args.repeats))
+    except DisagreementError as exc:
+        progress.close()
+        print(f"mmrnn-bench: FAILED: {exc}", file=sys.stderr)
+        return 1
+    progress.close()
+    result = {"machine": machine_info(device), "layers": args.layers, "bidirectional": args.bidirectional,
+              "rows": rows, "skipped": skipped, "recurrence": recurrence}
+    print(f"mmrnn-bench on {result['machine']['device']} (torch {torch.__version__}, {os.cpu_count()} cores)")
+    print(format_table(rows))
+    for s in skipped:
+        print(f"  skipped {s['provider']} at {s['shape']} {s['dtype']}: {s['reason']}")
+    if recurrence:
+        print("\nrecurrence alone (forward) vs T x torch.mm of the same [B,H]x[H,H] GEMM:")
+        for r in recurrence:
+            print(f"  {r['shape']} {r['dtype']} [{r['backend']}]: {r['recurrence_ms']:.2f} ms, "
+                  f"{r['recurrence_gflops']:.1f} GF/s vs torch.mm {r['mm_gflops']:.1f} GF/s ({100 * r['fraction_of_mm']:.0f}%)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""mmrnn-bench end to end on a tiny grid: valid JSON with every provider and both passes, a plot,
+and a loud failure when a provider disagrees."""
+import json
+
+import pytest
+import torch
+
+from mmrnn_ext import bench
+
+TINY = ["--shape", "2,3,4,5,6", "--shape", "1,2,3,2,5", "--device", "cpu", "--repeats", "1"]
+
+
+def test_cli_writes_json_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    assert bench.main(TINY + ["--no-compile", "--all-backends", "--json", str(out), "--plot", str(png)]) == 0
+    result = json.loads(out.read_text())
+    providers = {r["provider"] for r in result["rows"]}
+    assert {"mmrnn_ext", "nn.RNN(concat)", "eager loop", "mmrnn_ext[reference]"} <= providers
+    for shape in ([2, 3, 4, 5, 6], [1, 2, 3, 2, 5]):
+        for p in providers:
+            passes = {r["pass"] for r in result["rows"] if r["shape"] == shape and r["provider"] == p}
+            assert passes == set(bench.PASSES), (shape, p)
+    for r in result["rows"]:
+        assert r["ms"] > 0 and r["relative_difference"] <= 1e-5 and r["saved_activations_mb"] >= 0
+    assert {s["provider"] for s in result["skipped"]} >= {"torch.compile(loop)", "mmrnn_ext[triton]"}
+    assert result["machine"]["cpu_cores"] and result["machine"]["torch"] == torch.__version__
+    assert result["recurrence"] and result["recurrence"][0]["recurrence_gflops"] > 0
+    assert png.stat().st_size > 10_000
+    table = capsys.readouterr().out
+    assert "nn.RNN(concat)" in table and "fwd+bwd ms" in table
+    md = bench.markdown_table(result)
+    assert md.count("\n") == 1 + 2 * 2  # header, rule, one row per shape and pass
+
+
+def test_compile_that_runs_out_of_time_is_skipped_not_hung(tmp_path):
+    out = tmp_path / "r.json"
+    assert bench.main(TINY[:2] + TINY[4:] + ["--compile-timeout", "0.05", "--no-recurrence", "--json", str(out)]) == 0
+    skipped = {s["provider"]: s["reason"] for s in json.loads(out.read_text())["skipped"]}
+    assert "longer than" in skipped["torch.compile(loop)"]
+
+
+def test_disagreeing_provider_fails_loudly(monkeypatch, capsys):
+    real = bench.eager_loop
+    monkeypatch.setattr(bench, "eager_loop", lambda x, image, model: real(x, image, model) * 1.01)
+    assert bench.main(TINY + ["--no-compile"]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED" in err and "eager loop disagrees" in err
+
+
+@pytest.mark.parametrize("bad", [["--shape", "1,2,3"], ["--dtype", "float8"]])
+def test_bad_arguments(bad):
+    with pytest.raises(SystemExit):
+        bench.main(bad)
+
+
+def test_compiled_loop_provider_runs_and_agrees(tmp_path):
+    out = tmp_path / "r.json"
+    assert bench.main(["--shape", "2,3,4,5,6", "--device", "cpu", "--repeats", "1", "--no-recurrence",
+                       "--compile-timeout", "300", "--json", str(out)]) == 0
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["provider"] == "torch.compile(loop)"]
+    assert {r["pass"] for r in rows} == set(bench.PASSES)
+    assert all(r["relative_difference"] <= 1e-5 for r in rows)
