@@ -23,8 +23,9 @@ from .ops import InputError, _describe, check_lengths, rnn_recurrence
 from .reference import NONLINEARITIES
 
 
-def _check_same(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
-    if t.dtype != ref.dtype:
+def _check_same(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str, dtype: bool = True) -> None:
+    """t must match ref's device and (unless dtype=False: under autocast, which casts) its dtype."""
+    if dtype and t.dtype != ref.dtype:
         raise InputError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {t.dtype}")
     if t.device != ref.device:
         raise InputError(f"{name}: expected device {ref.device} (the device of {ref_name}), got {t.device}")
@@ -40,6 +41,18 @@ def _time_reverse(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor
     lens = lengths.unsqueeze(0)
     idx = torch.where(t < lens, lens - 1 - t, t)
     return x.gather(0, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _autocast_dtype(device: torch.device, param_dtype: torch.dtype):
+    """The dtype the recurrence runs in under torch.autocast (as PyTorch's own RNN does), or None.
+    float64 models are left alone, as autocast leaves float64 ops alone."""
+    if param_dtype != torch.float32 or not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def _to(t, dtype):
+    return t if t is None or dtype is None else t.to(dtype)
 
 
 def _project(x, image, w_ih, b_ih, b_hh, w_img):
@@ -206,10 +219,12 @@ class RNN(nn.Module):
         T, B = x.shape[0], x.shape[1]
         if x.shape[-1] != self.input_size:
             raise InputError(f"input: input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}")
-        if x.dtype != weight.dtype:
+        amp = _autocast_dtype(x.device, weight.dtype)
+        if x.dtype != weight.dtype and not (amp is not None and x.dtype in (torch.float32, amp)):
             raise InputError(f"input: RNN input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). "
                              f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})")
-        _check_same("input", x, weight, "the parameters")
+        if x.device != weight.device:
+            raise InputError(f"input: expected device {weight.device} (the device of the parameters), got {x.device}")
 
         expected_hx = (self.num_layers * num_directions, B, self.hidden_size)
         if hx is None:
@@ -225,21 +240,25 @@ class RNN(nn.Module):
             if tuple(h0_all.shape) != expected_hx:
                 want = expected_hx if batched else (expected_hx[0], expected_hx[2])
                 raise InputError(f"hx: Expected hidden size {want}, got {list(hx.shape)}")
-            _check_same("hx", h0_all, x, "input")
+            _check_same("hx", h0_all, x, "input", dtype=amp is None)
 
         img = _check_image(image, image_size=self.image_size, batched=batched, batch=B, steps=T,
                            batch_first=batch_first, module="RNN")
         if img is not None:
-            _check_same("image", img, x, "input")
+            _check_same("image", img, x, "input", dtype=amp is None)
         if lengths is not None and not packed:
             if not batched:
                 raise InputError("lengths: only batched input takes lengths; an unbatched sequence uses all its steps")
             if not isinstance(lengths, torch.Tensor):
                 lengths = torch.as_tensor(lengths)
+        compiling = torch.compiler.is_compiling()
         if lengths is not None:
-            check_lengths(lengths, B, T)  # the op checks too, but the input GEMM below runs first
+            # the op checks too, but the input GEMM below runs first (values: eagerly only, since
+            # reading them is a host sync that would break a compiled graph)
+            check_lengths(lengths, B, T, check_values=not compiling)
             lengths = lengths.to(device=x.device, dtype=torch.int64)
-        _backends.select(self.backend, x.device, x.dtype)  # an unavailable backend fails before any GEMM
+        if not compiling:
+            _backends.select(self.backend, x.device, amp or x.dtype)  # an unavailable backend fails before any GEMM
 
         layer_input = x
         h_n = []
@@ -248,11 +267,12 @@ class RNN(nn.Module):
             for direction in range(num_directions):
                 w_ih, w_hh, b_ih, b_hh, w_img = self._layer_params(layer, direction)
                 xp, img_term = _project(layer_input, img, w_ih, b_ih, b_hh, w_img)
+                xp, img_term, w_hh = _to(xp, amp), _to(img_term, amp), _to(w_hh, amp)
                 if direction == 1:
                     xp = _time_reverse(xp, lengths)
                     if img_term is not None and img_term.dim() == 3:
                         img_term = _time_reverse(img_term, lengths)
-                out, h_last = rnn_recurrence(xp, w_hh, h0_all[layer * num_directions + direction], img_term,
+                out, h_last = rnn_recurrence(xp, w_hh, _to(h0_all[layer * num_directions + direction], amp), img_term,
                                              lengths, self.nonlinearity, self.backend)
                 outs.append(_time_reverse(out, lengths) if direction == 1 else out)
                 h_n.append(h_last)
@@ -331,7 +351,8 @@ class RNNCell(nn.Module):
         B = x.shape[0]
         if x.shape[1] != self.input_size:
             raise InputError(f"input: has inconsistent input_size: got {x.shape[1]} expected {self.input_size}")
-        _check_same("input", x, self.weight_ih, "the parameters")
+        amp = _autocast_dtype(x.device, self.weight_ih.dtype)
+        _check_same("input", x, self.weight_ih, "the parameters", dtype=amp is None)
         if hx is None:
             h0 = x.new_zeros(B, self.hidden_size)
         else:
@@ -342,12 +363,14 @@ class RNNCell(nn.Module):
             h0 = hx if batched else hx.unsqueeze(0)
             if tuple(h0.shape) != (B, self.hidden_size):
                 raise InputError(f"hx: expected shape {(B, self.hidden_size) if batched else (self.hidden_size,)}, got {tuple(hx.shape)}")
-            _check_same("hx", h0, x, "input")
+            _check_same("hx", h0, x, "input", dtype=amp is None)
         img = _check_image(image, image_size=self.image_size, batched=batched, batch=B, steps=None,
                            batch_first=False, module="RNNCell")
         if img is not None:
-            _check_same("image", img, x, "input")
-        _backends.select(self.backend, x.device, x.dtype)
+            _check_same("image", img, x, "input", dtype=amp is None)
+        if not torch.compiler.is_compiling():
+            _backends.select(self.backend, x.device, amp or x.dtype)
         xp, img_term = _project(x, img, self.weight_ih, self.bias_ih, self.bias_hh, self.weight_img)
-        _, h = rnn_recurrence(xp.unsqueeze(0), self.weight_hh, h0, img_term, None, self.nonlinearity, self.backend)
+        _, h = rnn_recurrence(_to(xp, amp).unsqueeze(0), _to(self.weight_hh, amp), _to(h0, amp), _to(img_term, amp),
+                              None, self.nonlinearity, self.backend)
         return h if batched else h.squeeze(0)

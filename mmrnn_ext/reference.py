@@ -102,6 +102,8 @@ def reference_backward(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlineari
             d = torch.where((t < lengths).unsqueeze(1), d, torch.zeros_like(d))
         dA[t] = d
         g = d @ w_c
-    if lengths is not None and T > 0:
+    if T == 0:
+        g = g_last.clone()  # never hand back the caller's own tensor
+    elif lengths is not None:
         g = torch.where((lengths == 0).unsqueeze(1), g_last, g)
     return dA.to(out.dtype), g.to(out.dtype)

@@ -1,0 +1,240 @@
+"""torch.library registration (opcheck), torch.compile with no graph break, autocast, and DDP."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import mmrnn_ext
+from conftest import require
+from op_cases import make_inputs
+
+I, H, V = 5, 16, 3
+
+
+@pytest.mark.parametrize("image", [None, "static", "step"], ids=["noimg", "static", "step"])
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
+def test_opcheck(cpu_backend, image, lengths):
+    xp, w, h0, img, lens = make_inputs(4, 3, 7, image, torch.float64, lengths=lengths)
+    torch.library.opcheck(torch.ops.mmrnn.rnn_fwd.default, (xp, w, h0, img, lens, "tanh", cpu_backend))
+    out, h_last = torch.ops.mmrnn.rnn_fwd(xp, w, h0, img, lens, "tanh", cpu_backend)
+    args = (torch.randn_like(out), torch.randn_like(h_last), out.detach(), h0.detach(), w.detach(), lens, "tanh", cpu_backend)
+    torch.library.opcheck(torch.ops.mmrnn.rnn_bwd.default, args)
+
+
+class Tagger(torch.nn.Module):
+    """A small multimodal model: a 2-layer bidirectional image RNN and a head."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self.rnn = mmrnn_ext.RNN(I, H, num_layers=2, bidirectional=True, batch_first=True, image_size=V, backend=backend)
+        self.head = torch.nn.Linear(2 * H, 2)
+
+    def forward(self, x, image, lengths):
+        out, h_n = self.rnn(x, image=image, lengths=lengths)
+        return self.head(out).sum(1) + h_n.sum(0).sum(-1, keepdim=True)
+
+
+def _inputs(B=3, T=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, T, I, generator=g), torch.randn(B, V, generator=g),
+            torch.randint(1, T + 1, (B,), generator=g))
+
+
+def test_fullgraph_compile_has_no_graph_break(cpu_backend):
+    torch.manual_seed(0)
+    model = Tagger(cpu_backend)
+    x, img, lens = _inputs()
+    explanation = torch._dynamo.explain(model)(x, img, lens)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_compiled_model_matches_eager_forward_and_gradients():
+    require("cpp")
+    torch.manual_seed(0)
+    model = Tagger("auto")
+    compiled = torch.compile(model, fullgraph=True)
+    x, img, lens = _inputs()
+    results = []
+    for m in (model, compiled):
+        m.zero_grad(set_to_none=True)
+        y = m(x, img, lens)
+        y.square().sum().backward()
+        results.append((y.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_reference_and_cpp_agree():
+    require("cpp")
+    x, img, lens = _inputs()
+    outs = []
+    for backend in ("reference", "cpp"):
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        model = Tagger(backend)
+        outs.append(torch.compile(model, fullgraph=True, backend="aot_eager")(x, img, lens))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_dynamic_shapes_compile_once(cpu_backend):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    model = Tagger(cpu_backend)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=counter)
+    # sizes distinct from I, V, H: dynamo gives equal sizes one symbol (duck sizing)
+    compiles = []
+    for B, T in [(2, 6), (4, 7), (7, 9), (8, 11)]:
+        x, img, lens = _inputs(B, T, seed=B)
+        y = compiled(x, img, lens)
+        torch.testing.assert_close(y, model(x, img, lens), atol=1e-5, rtol=1e-5)
+        y.sum().backward()
+        compiles.append(counter.frame_count)
+    # the first call may compile twice (dynamo restarts its analysis once); new sizes add nothing
+    assert compiles[1:] == compiles[:1] * 3, f"backend compilations after each call: {compiles}"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("module", ["RNN", "RNNCell"])
+def test_autocast_bf16_on_cpu(module):
+    torch.manual_seed(0)
+    m = mmrnn_ext.RNN(I, H, image_size=V) if module == "RNN" else mmrnn_ext.RNNCell(I, H, image_size=V)
+    x = torch.randn(6, 3, I) if module == "RNN" else torch.randn(3, I)
+    img = torch.randn(3, V)
+    y32 = m(x, image=img)
+    y32 = y32[0] if module == "RNN" else y32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x, image=img)
+        y = y[0] if module == "RNN" else y
+    assert y.dtype == torch.bfloat16
+    rel = ((y.double() - y32.double()).norm() / y32.double().norm()).item()
+    print(f"bf16 autocast vs float32: relative error {rel:.2e}")
+    assert rel <= 1e-2
+    y.float().sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        assert torch.isfinite(p.grad).all(), name
+
+
+def test_autocast_matches_torch_rnn_dtype():
+    ref, ours = torch.nn.RNN(I, H), mmrnn_ext.RNN(I, H)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 2, I)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_r, h_r = ref(x)
+        out_o, h_o = ours(x)
+    assert out_o.dtype == out_r.dtype and h_o.dtype == h_r.dtype
+
+
+# --- DistributedDataParallel, 2 processes, gloo -------------------------------------------------
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, path, backend):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = Tagger(backend).double()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    x, img, lens = (t.double() if t.is_floating_point() else t for t in _inputs(B=4, T=6))
+    rows = slice(2 * rank, 2 * rank + 2)
+    loss = ddp(x[rows], img[rows], lens[rows]).square().mean()
+    loss.backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters()}, path)
+    dist.destroy_process_group()
+
+
+def test_ddp_gloo_two_processes_match_single_process(cpu_backend, tmp_path):
+    path = str(tmp_path / "grads.pt")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), path, cpu_backend), nprocs=2, join=True)
+    ddp_grads = torch.load(path, weights_only=True)
+    torch.manual_seed(0)
+    model = Tagger(cpu_backend).double()
+    x, img, lens = (t.double() if t.is_floating_point() else t for t in _inputs(B=4, T=6))
+    model(x, img, lens).square().mean().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ddp_grads[name], p.grad, atol=1e-10, rtol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+# --- the same on a GPU (bench/gpu_check.sh runs these) ------------------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("image", [None, "static", "step"], ids=["noimg", "static", "step"])
+def test_gpu_opcheck(image):
+    xp, w, h0, img, lens = make_inputs(4, 3, 32, image, torch.float32, device="cuda", lengths=True)
+    torch.library.opcheck(torch.ops.mmrnn.rnn_fwd.default, (xp, w, h0, img, lens.cuda(), "tanh", "triton"))
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_fullgraph_compile_matches_eager():
+    torch.manual_seed(0)
+    model = Tagger("triton").cuda()
+    x, img, lens = (t.cuda() for t in _inputs())
+    explanation = torch._dynamo.explain(model)(x, img, lens)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x, img, lens), model(x, img, lens),
+                               atol=1e-4, rtol=1e-4)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_autocast(dtype):
+    torch.manual_seed(0)
+    m = mmrnn_ext.RNN(I, H, image_size=V).cuda()
+    x, img = torch.randn(6, 3, I, device="cuda"), torch.randn(3, V, device="cuda")
+    y32, _ = m(x, image=img)
+    with torch.autocast("cuda", dtype=dtype):
+        y, _ = m(x, image=img)
+    assert y.dtype == dtype
+    assert ((y.double() - y32.double()).norm() / y32.double().norm()).item() <= 1e-2
+    y.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def _nccl_worker(rank, world, port, path):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("nccl", rank=rank, world_size=world)
+    torch.cuda.set_device(rank)
+    torch.manual_seed(0)
+    model = Tagger("triton").cuda()
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank])
+    x, img, lens = (t.cuda() for t in _inputs(B=4, T=6))
+    ddp(x, img, lens).square().mean().backward()
+    if rank == 0:
+        torch.save({n: p.grad.cpu() for n, p in model.named_parameters()}, path)
+    dist.destroy_process_group()
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_ddp_nccl(tmp_path):
+    """One process per GPU (a single-GPU machine runs a world of one: NCCL cannot put two ranks on one device)."""
+    world = torch.cuda.device_count()
+    path = str(tmp_path / "grads.pt")
+    mp.spawn(_nccl_worker, args=(world, _free_port(), path), nprocs=world, join=True)
+    grads = torch.load(path, weights_only=True)
+    torch.manual_seed(0)
+    model = Tagger("triton").cuda()
+    x, img, lens = (t.cuda() for t in _inputs(B=4, T=6))
+    model(x, img, lens).square().mean().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad.cpu(), atol=1e-5, rtol=1e-5)
