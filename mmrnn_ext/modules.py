@@ -256,7 +256,7 @@ class RNN(nn.Module):
             # the op checks too, but the input GEMM below runs first (values: eagerly only, since
             # reading them is a host sync that would break a compiled graph)
             check_lengths(lengths, B, T, check_values=not compiling)
-            lengths = lengths.to(device=x.device, dtype=torch.int64)
+            lengths = lengths.to(device=x.device, dtype=torch.int64).contiguous()
         if not compiling:
             _backends.select(self.backend, x.device, amp or x.dtype)  # an unavailable backend fails before any GEMM
 

@@ -162,5 +162,5 @@ def rnn_recurrence(xp, w_hh, h0=None, image_term=None, lengths=None, nonlinearit
     if not compiling:
         _backends.select(backend, xp.device, xp.dtype)
     if lengths is not None:
-        lengths = lengths.to(device=xp.device, dtype=torch.int64)
+        lengths = lengths.to(device=xp.device, dtype=torch.int64).contiguous()
     return torch.ops.mmrnn.rnn_fwd(xp, w_hh, h0, image_term, lengths, nonlinearity, backend)

@@ -1,0 +1,86 @@
+"""MultimodalClassifier: token embedding -> mmrnn_ext.RNN whose steps see the image -> a head.
+
+Fusion modes (so that users can compare):
+    add         image features enter every step's pre-activation (W_img v): the fused kernel's path
+    concat      image features concatenated onto every input step
+    init        image features projected into the initial state h0 only
+    late        image features concatenated with the final text state before the head
+    text_only   no image (a baseline)
+    image_only  no text: the head sees the image features alone (a baseline)
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .modules import RNN
+
+FUSIONS = ("add", "concat", "init", "late", "text_only", "image_only")
+
+
+class DigitEncoder(nn.Module):
+    """A small encoder for the built-in task's 8x8 digits, given as 64 pixel intensities."""
+
+    def __init__(self, in_dim: int = 64, out_dim: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, 128), nn.ReLU(), nn.Linear(128, out_dim), nn.ReLU())
+
+    def forward(self, pixels):
+        return self.net(pixels)
+
+
+class MultimodalClassifier(nn.Module):
+    """forward(tokens [N, L], lengths [N], image [N, image_dim]) -> logits [N, num_classes].
+
+    image_encoder: "digits" (a DigitEncoder trained with the model) or None (the given image
+    features are used as they are, e.g. precomputed by any image model)."""
+
+    def __init__(self, vocab_size: int, num_classes: int, image_dim: int, *, embed_dim: int = 32, hidden_size: int = 64,
+                 num_layers: int = 1, bidirectional: bool = False, dropout: float = 0.0, fusion: str = "add",
+                 image_encoder: str | None = None, image_features: int = 64, backend: str = "auto"):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion: expected one of {FUSIONS}, got {fusion!r}")
+        if image_encoder not in (None, "digits"):
+            raise ValueError(f"image_encoder: expected None or 'digits', got {image_encoder!r}")
+        self.fusion = fusion
+        self.encoder = DigitEncoder(image_dim, image_features) if image_encoder == "digits" else None
+        feat = image_features if self.encoder is not None else image_dim
+        D = 2 if bidirectional else 1
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
+        self.rnn = None
+        if fusion != "image_only":
+            in_size = embed_dim + (feat if fusion == "concat" else 0)
+            self.rnn = RNN(in_size, hidden_size, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0,
+                           bidirectional=bidirectional, image_size=feat if fusion == "add" else None, backend=backend)
+        if fusion == "init":
+            self.init_proj = nn.Linear(feat, num_layers * D * hidden_size)
+        head_in = {"image_only": feat, "late": 2 * D * hidden_size + feat}.get(fusion, 2 * D * hidden_size)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(head_in, num_classes))
+
+    def features(self, image):
+        return self.encoder(image) if self.encoder is not None else image
+
+    def forward(self, tokens, lengths, image):
+        return self.forward_embedded(self.embed(tokens), lengths, image)
+
+    def forward_embedded(self, x, lengths, image):
+        """forward() from token embeddings x [N, L, E] (what attribution methods perturb)."""
+        v = self.features(image)
+        if self.fusion == "image_only":
+            return self.head(v)
+        hx, img = None, None
+        if self.fusion == "add":
+            img = v
+        elif self.fusion == "concat":
+            x = torch.cat([x, v.unsqueeze(1).expand(-1, x.shape[1], -1)], dim=-1)
+        elif self.fusion == "init":
+            L, D, H = self.rnn.num_layers, 2 if self.rnn.bidirectional else 1, self.rnn.hidden_size
+            hx = torch.tanh(self.init_proj(v)).view(-1, L * D, H).transpose(0, 1).contiguous()
+        out, h_n = self.rnn(x, hx, image=img, lengths=lengths)
+        D = 2 if self.rnn.bidirectional else 1
+        last = h_n[-D:].transpose(0, 1).reshape(x.shape[0], -1)  # last layer, every direction
+        mask = (torch.arange(out.shape[1], device=out.device)[None, :] < lengths[:, None]).unsqueeze(-1)
+        pooled = (out * mask).sum(1) / lengths.clamp(min=1)[:, None].to(out.dtype)  # mean over valid steps
+        feats = torch.cat([last, pooled] + ([v] if self.fusion == "late" else []), dim=-1)
+        return self.head(feats)

@@ -1,0 +1,177 @@
+"""The multimodal classifier, its data and the mmrnn-train CLI."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mmrnn_ext import data, train
+from mmrnn_ext.models import FUSIONS, MultimodalClassifier
+
+
+@pytest.fixture(scope="module")
+def task():
+    return data.digits_task(seed=0)
+
+
+def test_task_balance_per_template_and_digit(task):
+    """For every statement template and every digit class, half the pairs are true."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits().target
+    for split in (task.train, task.val, task.test):
+        balance = data.template_balance(split, digits)
+        assert len(balance) == len(data.TEMPLATES) * 10
+        for (ti, d), (n_true, n) in balance.items():
+            # labels alternate within each (template, digit): an odd count leaves one extra true
+            assert 2 * n_true - n in (0, 1), (data.TEMPLATES[ti][0], d, n_true, n)
+
+
+def test_splits_share_no_image(task):
+    sets = [set(s.image_ids.tolist()) for s in (task.train, task.val, task.test)]
+    assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+
+
+def test_text_alone_is_near_chance(task):
+    """The best text-only rule (each test text's majority label in training) stays near chance."""
+    from collections import Counter, defaultdict
+
+    stats = defaultdict(Counter)
+    for t, y in zip(task.train.texts, task.train.labels.tolist()):
+        stats[t][y] += 1
+    hits = [(stats[t].most_common(1)[0][0] if t in stats else 1) == y
+            for t, y in zip(task.test.texts, task.test.labels.tolist())]
+    assert np.mean(hits) <= 0.6
+
+
+def test_tokenizer_and_unknown_words():
+    vocab = data.build_vocab(["The digit is SEVEN"])
+    ids, lens = data.encode(["the digit is eleven", "seven"], vocab)
+    assert vocab[:2] == [data.PAD, data.UNK]
+    assert ids[0, 3].item() == 1 and lens.tolist() == [4, 1]
+    with pytest.raises(ValueError, match="empty"):
+        data.encode(["the digit", "   "], vocab)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_every_fusion_trains_a_few_steps(task, fusion):
+    torch.manual_seed(0)
+    model = MultimodalClassifier(len(task.vocab), 2, task.image_dim, fusion=fusion, image_encoder="digits",
+                                 bidirectional=fusion == "add", num_layers=2 if fusion == "concat" else 1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    batch = slice(0, 256)
+    args = (task.train.tokens[batch], task.train.lengths[batch], task.train.images[batch])
+    # a target each variant can learn from what it sees: negation in the text, or the digit's parity
+    if fusion == "text_only":
+        y = torch.tensor([int(" not " in t) for t in task.train.texts[batch]])
+    else:
+        from sklearn.datasets import load_digits
+
+        y = torch.from_numpy(load_digits().target[task.train.image_ids[batch]] % 2)
+    first = torch.nn.functional.cross_entropy(model(*args), y).item()
+    for _ in range(40):
+        loss = torch.nn.functional.cross_entropy(model(*args), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first * 0.8, (first, loss.item())
+
+
+def _args(**kw):
+    return train.parse_args(sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in kw.items()), []))
+
+
+def test_backend_parity_of_the_loss_curve(task):
+    """The same seed trains to the same loss curve with the reference backend and the default one."""
+    curves = []
+    for backend in ("reference", "auto"):
+        config = {"vocab_size": len(task.vocab), "num_classes": 2, "image_dim": 64, "embed_dim": 16, "hidden_size": 32,
+                  "num_layers": 1, "bidirectional": True, "dropout": 0.0, "fusion": "add", "image_encoder": "digits",
+                  "backend": backend, "seed": 0, "lr": 3e-3, "batch_size": 64, "epochs": 1, "patience": 1}
+        _, _, steps = train.train(task, config, _args(max_steps=50), torch.device("cpu"), progress=False)
+        curves.append(np.array(steps))
+    assert len(curves[0]) == 50
+    print(f"max |loss difference| over 50 steps: {np.abs(curves[0] - curves[1]).max():.2e}")
+    np.testing.assert_allclose(curves[1], curves[0], rtol=1e-4, atol=1e-5)
+
+
+def test_cli_trains_saves_reloads_and_explains(tmp_path, capsys):
+    out = tmp_path / "run"
+    metrics = tmp_path / "m.json"
+    assert train.main(["--max-steps", "40", "--epochs", "1", "--explain", "1", "--out", str(out), "--json", str(metrics)]) == 0
+    result = json.loads(metrics.read_text())
+    assert set(result) == {"add"}
+    assert 0 <= result["add"]["test_accuracy"] <= 1 and len(result["add"]["confusion_matrix"]) == 2
+    for name in ("model.pt", "curves.png", "confusion.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert any(p.name.startswith("explain_") for p in out.iterdir())
+    share = result["add"]["explanations"][0]["modality_share"]
+    assert abs(share["text"] + share["image"] - 1) < 1e-6
+    capsys.readouterr()
+    # the checkpoint round trip gives identical predictions
+    model, config, vocab, labels = train.load_checkpoint(str(out / "model.pt"))
+    ds = data.digits_task(0)
+    again = train.evaluate(model, ds.test, torch.device("cpu"))
+    assert again["accuracy"] == result["add"]["test_accuracy"]
+    assert train.main(["--eval", str(out / "model.pt"), "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["add"]["confusion_matrix"] == result["add"]["confusion_matrix"]
+
+
+def test_ablation_json_keys(tmp_path):
+    path = tmp_path / "a.json"
+    assert train.main(["--ablate", "--max-steps", "5", "--epochs", "1", "--out", str(tmp_path / "r"), "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert set(result) == {"add", "concat", "init", "late", "text_only", "image_only"}
+    assert all("test_accuracy" in v and "macro_f1" in v for v in result.values())
+
+
+def test_bad_checkpoints_get_clear_errors(tmp_path, capsys):
+    bad = tmp_path / "truncated.pt"
+    good = tmp_path / "run"
+    train.main(["--max-steps", "2", "--epochs", "1", "--out", str(good)])
+    raw = (good / "model.pt").read_bytes()
+    bad.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="cannot be read"):
+        train.load_checkpoint(str(bad))
+    assert train.main(["--eval", str(bad)]) == 2
+    assert "cannot be read" in capsys.readouterr().err
+    pickled = tmp_path / "code.pt"
+    torch.save({"format": train.CHECKPOINT_FORMAT, "payload": os.system}, pickled)  # not data
+    with pytest.raises(ValueError, match="cannot be read"):
+        train.load_checkpoint(str(pickled))
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"format": "something-else"}, wrong)
+    with pytest.raises(ValueError, match="expected format"):
+        train.load_checkpoint(str(wrong))
+
+
+def _user_data(tmp_path, n_images=30, width=6, extra=None):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "f.npy", rng.normal(size=(n_images, width)).astype(np.float32))
+    rows = [{"text": f"sample {'good' if i % 2 else 'bad'} text", "label": "pos" if i % 2 else "neg",
+             "image_index": i % n_images} for i in range(90)]
+    rows += extra or []
+    with open(tmp_path / "d.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(tmp_path / "d.jsonl"), str(tmp_path / "f.npy")
+
+
+def test_user_data_trains_and_rejects_bad_records(tmp_path):
+    d, f = _user_data(tmp_path)
+    assert train.main(["--data", d, "--features", f, "--epochs", "2", "--out", str(tmp_path / "r"),
+                       "--json", str(tmp_path / "m.json")]) == 0
+    ds = data.load_user_data(d, f)
+    assert ds.labels == ["neg", "pos"] and ds.image_dim == 6
+    with pytest.raises(ValueError, match="image_index 99"):
+        data.load_user_data(*_user_data(tmp_path, extra=[{"text": "x", "label": "pos", "image_index": 99}]))
+    with pytest.raises(ValueError, match="empty"):
+        data.load_user_data(*_user_data(tmp_path, extra=[{"text": " ", "label": "pos", "image_index": 0, "split": "train"}] ))
+
+
+def test_feature_width_must_match_checkpoint(tmp_path, capsys):
+    d, f = _user_data(tmp_path)
+    train.main(["--data", d, "--features", f, "--epochs", "1", "--out", str(tmp_path / "r")])
+    np.save(tmp_path / "f.npy", np.zeros((30, 9), dtype=np.float32))
+    with pytest.raises(SystemExit, match="6-wide"):
+        train.main(["--eval", str(tmp_path / "r" / "model.pt"), "--data", d, "--features", f])
