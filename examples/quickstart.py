@@ -4,23 +4,16 @@ The stock way concatenates the image features onto every input step and feeds nn
 takes the image separately and adds W_img v inside its fused recurrence. With the same weights the
 two compute the same function; this prints the largest difference and each one's time.
 """
-import time
-
 import torch
 
 import mmrnn_ext
+from mmrnn_ext.bench import time_ms
 
 T, B, I, V, H = 128, 32, 128, 128, 256  # seq, batch, input, image features, hidden
 
 
-def median_ms(fn, repeats=7):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
+def median_ms(fn):
+    return time_ms(fn, torch.device("cpu"), repeats=7)
 
 
 def main():

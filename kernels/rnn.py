@@ -139,16 +139,22 @@ def rnn_bwd_step_kernel(d_next_ptr, w_ptr, gy_ptr, ghl_ptr, h_ptr, len_ptr, dst_
 
 
 @triton.jit
+def _row_tile(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """This program's batch rows x the full hidden row: (rows, hidden, row mask, tile mask, offsets)."""
+    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rh = tl.arange(0, BLOCK_H)
+    mb, mh = rb < B, rh < H
+    return rb, rh, mb, mh, rb[:, None] * H + rh[None, :]
+
+
+@triton.jit
 def rnn_fwd_persistent_kernel(xp_ptr, w_ptr, h0_ptr, img_ptr, len_ptr, out_ptr, T, B, H,
                               HAS_IMG: tl.constexpr, IMG_PER_STEP: tl.constexpr, HAS_LEN: tl.constexpr,
                               RELU: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
                               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     """All T steps for one batch tile: W_hh^T loaded once, h carried in registers."""
-    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    rh = tl.arange(0, BLOCK_H)
-    mb, mh = rb < B, rh < H
+    rb, rh, mb, mh, offs = _row_tile(B, H, BLOCK_B, BLOCK_H)
     m = mb[:, None] & mh[None, :]
-    offs = rb[:, None] * H + rh[None, :]
     wt = tl.load(w_ptr + rh[None, :] * H + rh[:, None], mask=mh[:, None] & mh[None, :], other=0.0)  # [K, N] = W^T
     h = tl.load(h0_ptr + offs, mask=m, other=0.0).to(tl.float32)
     if HAS_LEN:
@@ -183,11 +189,8 @@ def rnn_bwd_persistent_kernel(gy_ptr, ghl_ptr, out_ptr, w_ptr, len_ptr, dA_ptr, 
                               HAS_LEN: tl.constexpr, RELU: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
                               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     """All T reverse steps of BPTT for one batch tile: W_hh loaded once, dL/dh carried in registers."""
-    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    rh = tl.arange(0, BLOCK_H)
-    mb, mh = rb < B, rh < H
+    rb, rh, mb, mh, offs = _row_tile(B, H, BLOCK_B, BLOCK_H)
     m = mb[:, None] & mh[None, :]
-    offs = rb[:, None] * H + rh[None, :]
     w = tl.load(w_ptr + rh[:, None] * H + rh[None, :], mask=mh[:, None] & mh[None, :], other=0.0)  # [K, N] = W
     if HAS_LEN:
         lens = tl.load(len_ptr + rb, mask=mb, other=0)

@@ -376,7 +376,8 @@ def markdown_table(result: dict) -> str:
     """The README table from a results JSON."""
     rows = result["rows"]
     providers = [p for p in dict.fromkeys(r["provider"] for r in rows) if p != OURS]
-    head = "| shape (B,T,I,V,H) | dtype | pass | mmrnn_ext ms | " + " | ".join(f"{p} ms (x)" for p in providers) + " |"
+    head = ("| shape (B,T,I,V,H) | dtype | pass | mmrnn_ext ms (saved MB) | "
+            + " | ".join(f"{p} ms (x, saved MB)" for p in providers) + " |")
     lines = [head, "|" + " --- |" * (4 + len(providers))]
     key = lambda r: (tuple(r["shape"]), r["dtype"], r["pass"])  # noqa: E731
     for k in dict.fromkeys(key(r) for r in rows):
@@ -384,8 +385,11 @@ def markdown_table(result: dict) -> str:
         cells = []
         for p in providers:
             r = group.get(p)
-            cells.append("skipped" if r is None else f"{r['ms']:.2f} ({r['speedup_of_mmrnn_ext']:.2f}x)")
-        lines.append(f"| {','.join(map(str, k[0]))} | {k[1]} | {k[2]} | {group[OURS]['ms']:.2f} | " + " | ".join(cells) + " |")
+            cells.append("skipped" if r is None else
+                         f"{r['ms']:.2f} ({r['speedup_of_mmrnn_ext']:.2f}x, {r['saved_activations_mb']:.1f})")
+        ours = group[OURS]
+        lines.append(f"| {','.join(map(str, k[0]))} | {k[1]} | {k[2]} | {ours['ms']:.2f} ({ours['saved_activations_mb']:.1f}) | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -292,8 +292,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--bidirectional", action="store_true")
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--epochs", type=int, default=None, help="at most this many epochs (default 60, --quick 40)")
-    p.add_argument("--patience", type=int, default=None, help="early stopping: epochs without validation gain (default 8, --quick 6)")
+    p.add_argument("--epochs", type=int, default=None, help="at most this many epochs (default 60, --quick 30)")
+    p.add_argument("--patience", type=int, default=None, help="early stopping: epochs without validation gain (default 8, --quick 5)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimisation steps (0: no limit)")
@@ -355,8 +355,8 @@ def main(argv=None) -> int:
                                      "confusion_matrix": metrics["confusion_matrix"]}
     else:
         ds, encoder = _load_data(args)
-        epochs = args.epochs or (40 if args.quick else 60)
-        patience = args.patience or (6 if args.quick else 8)
+        epochs = args.epochs or (30 if args.quick else 60)
+        patience = args.patience or (5 if args.quick else 8)
         variants = ABLATION if args.ablate else (args.fusion,)
         for fusion in variants:
             config = {"vocab_size": len(ds.vocab), "num_classes": len(ds.labels), "image_dim": ds.image_dim,

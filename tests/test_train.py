@@ -175,3 +175,18 @@ def test_feature_width_must_match_checkpoint(tmp_path, capsys):
     np.save(tmp_path / "f.npy", np.zeros((30, 9), dtype=np.float32))
     with pytest.raises(SystemExit, match="6-wide"):
         train.main(["--eval", str(tmp_path / "r" / "model.pt"), "--data", d, "--features", f])
+
+
+def test_torchrun_launches_distributed_training(tmp_path):
+    """mmrnn-train under torchrun: 2 CPU processes (gloo), DistributedDataParallel."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "mmrnn_ext.train", "--max-steps", "6", "--epochs", "1", "--out", str(tmp_path / "r"),
+           "--json", str(tmp_path / "m.json")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("test accuracy") == 1  # rank 0 alone reports
+    assert (tmp_path / "r" / "model.pt").exists() and json.loads((tmp_path / "m.json").read_text())["add"]
