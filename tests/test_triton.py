@@ -10,7 +10,7 @@ import torch
 
 import mmrnn_ext
 from conftest import require
-from op_cases import compare_with_reference, forward_and_grads, make_inputs, reference_fn
+from op_cases import compare_with_reference, make_inputs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="interpreter twin of the GPU tests: needs TRITON_INTERPRET=1")
