@@ -5,7 +5,7 @@
 The CPU performance section (between <!-- cpu-table:start/end -->) from bench/results/cpu.json:
 the machine, the table (mmrnn-bench --markdown), the recurrence-vs-torch.mm figures and the plot.
 The training results (between <!-- train-table:start/end -->) from
-examples/results/train_quick_ablate.json (mmrnn-train --quick --ablate --json ...)."""
+bench/results/train_quick_ablate.json (mmrnn-train --quick --ablate --json ...)."""
 import json
 import os
 import sys
@@ -70,7 +70,7 @@ def main():
     with open(readme_path) as f:
         text = f.read()
     text = _replace(text, START, END, section(result, rel, os.path.splitext(rel)[0] + ".png"))
-    train_path = os.path.join(ROOT, "examples", "results", "train_quick_ablate.json")
+    train_path = os.path.join(ROOT, "bench", "results", "train_quick_ablate.json")
     if os.path.exists(train_path):
         with open(train_path) as f:
             trained = json.load(f)
