@@ -18,12 +18,14 @@ The form is chosen by size; MMRNN_TRITON_FORM=step|persistent (or form=...) over
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-FORMS = ("auto", "step", "persistent")
+FORMS = ("auto", "step", "persistent", "cooperative")
+PERSISTENT_MAX_AUTO_H = 128  # auto picks the persistent form up to this hidden size (where it fits)
 _MIN_DOT = 16  # tl.dot needs every dimension >= 16
 
 
@@ -70,28 +72,30 @@ def _dot(a, b, acc, IEEE: tl.constexpr, DOT_FP32: tl.constexpr):
         return tl.dot(a, b, acc, input_precision="tf32")
 
 
-@triton.jit(do_not_specialize=["t"])
-def rnn_fwd_step_kernel(h_prev_ptr, w_ptr, xp_ptr, img_ptr, len_ptr, out_ptr, t, B, H,
-                        HAS_IMG: tl.constexpr, HAS_LEN: tl.constexpr, RELU: tl.constexpr,
-                        IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
-                        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out_t[b, n] = f(sum_k h_prev[b, k] W[n, k] + xp_t[b, n] + img[b, n]) for one [BLOCK_B, BLOCK_N] tile.
-    xp_ptr, img_ptr (per step) and out_ptr point at step t's [B, H] slice."""
-    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+@triton.jit
+def _fwd_tile(h_prev_ptr, w_ptr, xp_ptr, img_ptr, len_ptr, out_ptr, t, B, H, pid_b, pid_n,
+              HAS_IMG: tl.constexpr, HAS_LEN: tl.constexpr, RELU: tl.constexpr,
+              IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+              BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out_t[b, n] = f(sum_k h_prev[b, k] W[n, k] + xp_t[b, n] + img[b, n]) for the tile
+    (pid_b, pid_n) of [BLOCK_B, BLOCK_N]. xp_ptr, img_ptr (per step) and out_ptr point at step t's
+    [B, H] slice. h_prev is read through L2 (.cg): another program may have written it this launch."""
+    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mb, mn = rb < B, rn < H
-    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    offs = rb[:, None] * H + rn[None, :]
+    m = mb[:, None] & mn[None, :]
+    # the addends do not depend on h_prev: their loads go first, off the step's critical path
+    acc = tl.load(xp_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_IMG:
+        acc += tl.load(img_ptr + offs, mask=m, other=0.0).to(tl.float32)
     for k0 in range(0, H, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         mk = rk < H
-        a = tl.load(h_prev_ptr + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
+        a = tl.load(h_prev_ptr + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0,
+                    cache_modifier=".cg")
         wt = tl.load(w_ptr + rn[None, :] * H + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
         acc = _dot(a, wt, acc, IEEE, DOT_FP32)
-    offs = rb[:, None] * H + rn[None, :]
-    m = mb[:, None] & mn[None, :]
-    acc += tl.load(xp_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    if HAS_IMG:
-        acc += tl.load(img_ptr + offs, mask=m, other=0.0).to(tl.float32)
     h = _activation(acc, RELU)
     if HAS_LEN:
         lens = tl.load(len_ptr + rb, mask=mb, other=0)
@@ -99,43 +103,135 @@ def rnn_fwd_step_kernel(h_prev_ptr, w_ptr, xp_ptr, img_ptr, len_ptr, out_ptr, t,
     tl.store(out_ptr + offs, h.to(out_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit(do_not_specialize=["t"])
-def rnn_bwd_step_kernel(d_next_ptr, w_ptr, gy_ptr, ghl_ptr, h_ptr, len_ptr, dst_ptr, t, T, B, H,
-                        HAS_NEXT: tl.constexpr, HAS_LEN: tl.constexpr, FINAL: tl.constexpr, RELU: tl.constexpr,
-                        IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
-                        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One reverse step of BPTT for a [BLOCK_B, BLOCK_N] tile:
+@triton.jit
+def _bwd_tile(d_next_ptr, w_ptr, gy_ptr, ghl_ptr, h_ptr, len_ptr, dst_ptr, t, T, B, H, pid_b, pid_n,
+              HAS_NEXT: tl.constexpr, HAS_LEN: tl.constexpr, FINAL: tl.constexpr, RELU: tl.constexpr,
+              IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+              BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One reverse step of BPTT for the tile (pid_b, pid_n) of [BLOCK_B, BLOCK_N]:
         g = dA_{t+1} @ W_hh           (dL/dh_t from step t+1; absent at the last step)
         g = ghl where t == len - 1    (a row's h_last is h_{len-1}: its gradient enters there)
         dA_t = (dY_t + g) * f'(h_t), zero where t >= len
-    FINAL (t = -1): writes dh0 = g instead (ghl for rows of length 0)."""
-    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    FINAL (t = -1): writes dh0 = g instead (ghl for rows of length 0). dA_{t+1} is read through L2."""
+    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mb, mn = rb < B, rn < H
-    g = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    if HAS_NEXT:
-        for k0 in range(0, H, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            mk = rk < H
-            d = tl.load(d_next_ptr + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
-            w = tl.load(w_ptr + rk[:, None] * H + rn[None, :], mask=mk[:, None] & mn[None, :], other=0.0)
-            g = _dot(d, w, g, IEEE, DOT_FP32)
     offs = rb[:, None] * H + rn[None, :]
     m = mb[:, None] & mn[None, :]
+    # everything but dA_{t+1} is loaded first, off the step's critical path
     if HAS_LEN:
         lens = tl.load(len_ptr + rb, mask=mb, other=0)
     else:
         lens = tl.full((BLOCK_B,), T, dtype=tl.int32)
     ghl = tl.load(ghl_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    h = tl.load(h_ptr + offs, mask=m, other=0.0).to(tl.float32)  # (FINAL: step 0's, unused)
+    gy = tl.load(gy_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    g = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    if HAS_NEXT:
+        for k0 in range(0, H, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            mk = rk < H
+            d = tl.load(d_next_ptr + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0,
+                        cache_modifier=".cg")
+            w = tl.load(w_ptr + rk[:, None] * H + rn[None, :], mask=mk[:, None] & mn[None, :], other=0.0)
+            g = _dot(d, w, g, IEEE, DOT_FP32)
     g = tl.where((t == lens - 1)[:, None], ghl, g)
     if FINAL:
         tl.store(dst_ptr + offs, g.to(dst_ptr.dtype.element_ty), mask=m)
     else:
-        h = tl.load(h_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        gy = tl.load(gy_ptr + offs, mask=m, other=0.0).to(tl.float32)
         d = (gy + g) * _activation_grad_from_output(h, RELU)
         d = tl.where((t < lens)[:, None], d, 0.0)
         tl.store(dst_ptr + offs, d.to(dst_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["t"])
+def rnn_fwd_step_kernel(h_prev_ptr, w_ptr, xp_ptr, img_ptr, len_ptr, out_ptr, t, B, H,
+                        HAS_IMG: tl.constexpr, HAS_LEN: tl.constexpr, RELU: tl.constexpr,
+                        IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Step form, forward: one launch per step, one tile per program."""
+    _fwd_tile(h_prev_ptr, w_ptr, xp_ptr, img_ptr, len_ptr, out_ptr, t, B, H, tl.program_id(0), tl.program_id(1),
+              HAS_IMG, HAS_LEN, RELU, IEEE, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
+
+
+@triton.jit(do_not_specialize=["t"])
+def rnn_bwd_step_kernel(d_next_ptr, w_ptr, gy_ptr, ghl_ptr, h_ptr, len_ptr, dst_ptr, t, T, B, H,
+                        HAS_NEXT: tl.constexpr, HAS_LEN: tl.constexpr, FINAL: tl.constexpr, RELU: tl.constexpr,
+                        IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Step form, backward: one launch per reverse step, one tile per program."""
+    _bwd_tile(d_next_ptr, w_ptr, gy_ptr, ghl_ptr, h_ptr, len_ptr, dst_ptr, t, T, B, H,
+              tl.program_id(0), tl.program_id(1),
+              HAS_NEXT, HAS_LEN, FINAL, RELU, IEEE, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _grid_barrier(count_ptr, generation):
+    """Wait until every program of the launch has arrived here `generation` times (count starts at 0).
+    The stores before it are visible to every program after it: the CTA barrier orders this program's
+    stores before the release increment; the acquire read orders the loads after. Correct only when
+    all programs are resident at once (the launcher caps the grid at the SM count)."""
+    tl.debug_barrier()
+    target = generation * tl.num_programs(0)
+    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel") + 1
+    while arrived < target:
+        arrived = tl.atomic_add(count_ptr, 0, sem="acquire")
+    tl.debug_barrier()
+
+
+@triton.jit
+def rnn_fwd_coop_kernel(xp_ptr, w_ptr, h0_ptr, img_ptr, len_ptr, out_ptr, count_ptr, T, B, H,
+                        HAS_IMG: tl.constexpr, IMG_PER_STEP: tl.constexpr, HAS_LEN: tl.constexpr,
+                        RELU: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Cooperative form, forward: ONE launch for all T steps; the [B, H] state is split in tiles
+    over all programs (each takes tiles pid, pid + P, ...), h_{t-1} is read from L2 and a grid
+    barrier separates the steps."""
+    pid, nprog = tl.program_id(0), tl.num_programs(0)
+    n_tb = tl.cdiv(B, BLOCK_B)
+    n_tiles = n_tb * tl.cdiv(H, BLOCK_N)
+    step = B * H
+    for t in range(T):
+        h_prev = out_ptr + (t - 1) * step
+        if t == 0:
+            h_prev = h0_ptr
+        img_t = img_ptr
+        if IMG_PER_STEP:
+            img_t = img_ptr + t * step
+        for tile in range(pid, n_tiles, nprog):
+            _fwd_tile(h_prev, w_ptr, xp_ptr + t * step, img_t, len_ptr, out_ptr + t * step, t, B, H,
+                      tile % n_tb, tile // n_tb,
+                      HAS_IMG, HAS_LEN, RELU, IEEE, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
+        _grid_barrier(count_ptr, t + 1)
+
+
+@triton.jit
+def rnn_bwd_coop_kernel(gy_ptr, ghl_ptr, out_ptr, w_ptr, len_ptr, dA_ptr, dh0_ptr, count_ptr, T, B, H,
+                        HAS_LEN: tl.constexpr, RELU: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Cooperative form, backward: ONE launch for all T reverse steps and dh0, a grid barrier
+    between steps (see rnn_fwd_coop_kernel)."""
+    pid, nprog = tl.program_id(0), tl.num_programs(0)
+    n_tb = tl.cdiv(B, BLOCK_B)
+    n_tiles = n_tb * tl.cdiv(H, BLOCK_N)
+    step = B * H
+    last = (T - 1) * step
+    for tile in range(pid, n_tiles, nprog):  # step T - 1: nothing flows in from a later step
+        _bwd_tile(dA_ptr, w_ptr, gy_ptr + last, ghl_ptr, out_ptr + last, len_ptr, dA_ptr + last, T - 1, T, B, H,
+                  tile % n_tb, tile // n_tb,
+                  False, HAS_LEN, False, RELU, IEEE, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
+    _grid_barrier(count_ptr, 1)
+    for i in range(1, T):
+        t = T - 1 - i
+        for tile in range(pid, n_tiles, nprog):
+            _bwd_tile(dA_ptr + (t + 1) * step, w_ptr, gy_ptr + t * step, ghl_ptr, out_ptr + t * step, len_ptr,
+                      dA_ptr + t * step, t, T, B, H, tile % n_tb, tile // n_tb,
+                      True, HAS_LEN, False, RELU, IEEE, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
+        _grid_barrier(count_ptr, i + 1)
+    for tile in range(pid, n_tiles, nprog):  # dh0 = dA_0 @ W_hh (ghl for rows of length 0)
+        _bwd_tile(dA_ptr, w_ptr, gy_ptr, ghl_ptr, out_ptr, len_ptr, dh0_ptr, -1, T, B, H,
+                  tile % n_tb, tile // n_tb,
+                  True, HAS_LEN, True, RELU, IEEE, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -164,14 +260,14 @@ def rnn_fwd_persistent_kernel(xp_ptr, w_ptr, h0_ptr, img_ptr, len_ptr, out_ptr, 
     step = B * H
     xp_t, out_t, img_t = xp_ptr, out_ptr, img_ptr
     for t in range(T):
-        acc = _dot(h.to(wt.dtype), wt, tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32), IEEE, DOT_FP32)
-        acc += tl.load(xp_t + offs, mask=m, other=0.0).to(tl.float32)
+        acc = tl.load(xp_t + offs, mask=m, other=0.0).to(tl.float32)  # loads first: off the h chain
         if HAS_IMG:
             if IMG_PER_STEP:
                 acc += tl.load(img_t + offs, mask=m, other=0.0).to(tl.float32)
                 img_t += step
             else:
                 acc += img
+        acc = _dot(h.to(wt.dtype), wt, acc, IEEE, DOT_FP32)
         h_new = _activation(acc, RELU)
         if HAS_LEN:
             live = (t < lens)[:, None]
@@ -240,19 +336,74 @@ def persistent_fits(H: int, dtype: torch.dtype) -> bool:
     return triton.next_power_of_2(H) <= (128 if dtype == torch.float32 else 256)
 
 
-def choose_form(H: int, dtype: torch.dtype, form: str | None = None) -> str:
+def choose_form(H: int, dtype: torch.dtype, form: str | None = None, B: int | None = None) -> str:
+    """auto: persistent where W_hh fits on chip, the hidden size is small and the dot runs on tensor
+    cores (one program per batch tile runs the whole chain without a grid barrier; a full-precision
+    float32 dot would keep W_hh in registers and spill), else cooperative. step only on request."""
     form = form or os.environ.get("MMRNN_TRITON_FORM", "auto")
     if form not in FORMS:
         raise ValueError(f"form: expected one of {FORMS} (or MMRNN_TRITON_FORM unset), got {form!r}")
     if form == "auto":
-        return "persistent" if persistent_fits(H, dtype) else "step"
+        small = persistent_fits(H, dtype) and H <= PERSISTENT_MAX_AUTO_H and not ieee_dot(dtype)
+        return "persistent" if small else "cooperative"
     return form
 
 
-def _step_blocks(H: int):
-    block_n = max(_MIN_DOT, min(64, triton.next_power_of_2(H)))
-    block_k = max(_MIN_DOT, min(32, triton.next_power_of_2(H)))
-    return _MIN_DOT, block_n, block_k
+class Config(NamedTuple):
+    """Tile of the step and cooperative forms: [block_b, block_n] outputs per program, K loop of
+    block_k; programs = the launch's grid size (cooperative form: at most the SM count)."""
+    block_b: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    programs: int = 0  # 0: one per tile (step form) / min(tiles, SMs) (cooperative form)
+
+
+def _resident_programs(device: torch.device) -> int:
+    """How many programs of the cooperative form may run at once: one per SM on a GPU; one under
+    Triton's interpreter, which runs programs one after another (a grid barrier would never open)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_config(B: int, H: int, dtype: torch.dtype, device: torch.device, form: str) -> Config:
+    block_k = max(_MIN_DOT, min(32 if dtype == torch.float32 else 64, triton.next_power_of_2(H)))
+    if form == "persistent":  # block_n = the whole (padded) hidden row; 8 warps keep W_hh^T out of local memory
+        block_h = max(_MIN_DOT, triton.next_power_of_2(H))
+        return Config(_MIN_DOT, block_h, block_h, 8 if block_h * block_h * (4 if dtype == torch.float32 else 2) > 32768 else 4)
+    if form == "step":
+        return Config(_MIN_DOT, max(_MIN_DOT, min(64, triton.next_power_of_2(H))), block_k)
+    # cooperative: the smallest tiles whose count still fits the resident programs
+    slots = _resident_programs(device)
+    block_b = max(_MIN_DOT, min(64, triton.next_power_of_2(B)))
+    n_tb = triton.cdiv(B, block_b)
+    block_n, widest = _MIN_DOT, min(128, max(_MIN_DOT, triton.next_power_of_2(H)))
+    while block_n < widest and n_tb * triton.cdiv(H, block_n) > slots:
+        block_n *= 2
+    return Config(block_b, block_n, block_k)
+
+
+def _launch_options(device: torch.device) -> dict:
+    """The cooperative form asks the driver for a cooperative launch where this Triton offers it: the
+    launch then fails, rather than hangs, if its programs could not all be resident at once."""
+    if device.type != "cuda":
+        return {}
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return {}
+    return {"launch_cooperative_grid": True} if "launch_cooperative_grid" in CUDAOptions.__dataclass_fields__ else {}
+
+
+def _grid(cfg: Config, B: int, H: int, device: torch.device, form: str):
+    tiles_b, tiles_n = triton.cdiv(B, cfg.block_b), triton.cdiv(H, cfg.block_n)
+    if form == "step":
+        return (tiles_b, tiles_n)
+    slots = _resident_programs(device)
+    programs = min(tiles_b * tiles_n, slots, cfg.programs or slots)
+    return (programs,)
 
 
 def _check_int32_offsets(t: torch.Tensor) -> None:
@@ -260,8 +411,9 @@ def _check_int32_offsets(t: torch.Tensor) -> None:
         raise ValueError(f"xp: the Triton kernels index with 32-bit offsets; got {t.numel()} elements (>= 2**31)")
 
 
-def rnn_forward(xp, w_hh, h0, image_term, lengths, nonlinearity, form=None):
-    """-> out [T, B, H]. Inputs contiguous, on one device, of one dtype (the op layer ensures it)."""
+def rnn_forward(xp, w_hh, h0, image_term, lengths, nonlinearity, form=None, config=None):
+    """-> out [T, B, H]. Inputs contiguous, on one device, of one dtype (the op layer ensures it).
+    form / config override the choice by size (tuning scripts and tests)."""
     T, B, H = xp.shape
     out = torch.empty_like(xp)
     if T == 0 or B == 0:
@@ -272,25 +424,30 @@ def rnn_forward(xp, w_hh, h0, image_term, lengths, nonlinearity, form=None):
     per_step = has_img and image_term.dim() == 3
     img = image_term if has_img else xp  # never read when absent
     lens = lengths if has_len else xp
-    if choose_form(H, xp.dtype, form) == "persistent":
-        block_b = _MIN_DOT
-        block_h = max(_MIN_DOT, triton.next_power_of_2(H))
-        rnn_fwd_persistent_kernel[(triton.cdiv(B, block_b),)](
-            xp, w_hh, h0, img, lens, out, T, B, H,
-            HAS_IMG=has_img, IMG_PER_STEP=per_step, HAS_LEN=has_len, RELU=relu, IEEE=ieee, DOT_FP32=dot32,
-            BLOCK_B=block_b, BLOCK_H=block_h, num_warps=4)
+    form = choose_form(H, xp.dtype, form, B)
+    flags = dict(HAS_IMG=has_img, HAS_LEN=has_len, RELU=relu, IEEE=ieee, DOT_FP32=dot32)
+    cfg = config or default_config(B, H, xp.dtype, xp.device, form)
+    if form == "persistent":
+        rnn_fwd_persistent_kernel[(triton.cdiv(B, cfg.block_b),)](
+            xp, w_hh, h0, img, lens, out, T, B, H, IMG_PER_STEP=per_step, **flags,
+            BLOCK_B=cfg.block_b, BLOCK_H=max(_MIN_DOT, triton.next_power_of_2(H)), num_warps=cfg.num_warps)
         return out
-    block_b, block_n, block_k = _step_blocks(H)
-    grid = (triton.cdiv(B, block_b), triton.cdiv(H, block_n))
+    grid = _grid(cfg, B, H, xp.device, form)
+    blocks = dict(BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+    if form == "cooperative":
+        count = torch.zeros(1, dtype=torch.int32, device=xp.device)
+        rnn_fwd_coop_kernel[grid](xp, w_hh, h0, img, lens, out, count, T, B, H, IMG_PER_STEP=per_step,
+                                  **flags, **blocks, **_launch_options(xp.device))
+        return out
     for t in range(T):
         rnn_fwd_step_kernel[grid](
             h0 if t == 0 else out[t - 1], w_hh, xp[t], img[t] if per_step else img, lens, out[t], t, B, H,
-            HAS_IMG=has_img, HAS_LEN=has_len, RELU=relu, IEEE=ieee, DOT_FP32=dot32,
-            BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+            **flags, **blocks)
     return out
 
 
-def rnn_backward(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity, form=None):
+def rnn_backward(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity, form=None, config=None):
     """-> (dA [T, B, H], dh0 [B, H])."""
     T, B, H = out.shape
     dA = torch.empty_like(out)
@@ -303,22 +460,27 @@ def rnn_backward(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity, fo
     relu, ieee, dot32 = nonlinearity == "relu", ieee_dot(out.dtype), dot_in_fp32(out.dtype)
     has_len = lengths is not None
     lens = lengths if has_len else out
-    if choose_form(H, out.dtype, form) == "persistent":
-        block_b = _MIN_DOT
-        block_h = max(_MIN_DOT, triton.next_power_of_2(H))
-        rnn_bwd_persistent_kernel[(triton.cdiv(B, block_b),)](
-            grad_out, grad_h_last, out, w_hh, lens, dA, dh0, T, B, H,
-            HAS_LEN=has_len, RELU=relu, IEEE=ieee, DOT_FP32=dot32, BLOCK_B=block_b, BLOCK_H=block_h, num_warps=4)
+    form = choose_form(H, out.dtype, form, B)
+    flags = dict(HAS_LEN=has_len, RELU=relu, IEEE=ieee, DOT_FP32=dot32)
+    cfg = config or default_config(B, H, out.dtype, out.device, form)
+    if form == "persistent":
+        rnn_bwd_persistent_kernel[(triton.cdiv(B, cfg.block_b),)](
+            grad_out, grad_h_last, out, w_hh, lens, dA, dh0, T, B, H, **flags,
+            BLOCK_B=cfg.block_b, BLOCK_H=max(_MIN_DOT, triton.next_power_of_2(H)), num_warps=cfg.num_warps)
         return dA, dh0
-    block_b, block_n, block_k = _step_blocks(H)
-    grid = (triton.cdiv(B, block_b), triton.cdiv(H, block_n))
-    common = dict(HAS_LEN=has_len, RELU=relu, IEEE=ieee, DOT_FP32=dot32, BLOCK_B=block_b, BLOCK_N=block_n,
-                  BLOCK_K=block_k, num_warps=4)
+    grid = _grid(cfg, B, H, out.device, form)
+    blocks = dict(BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+    if form == "cooperative":
+        count = torch.zeros(1, dtype=torch.int32, device=out.device)
+        rnn_bwd_coop_kernel[grid](grad_out, grad_h_last, out, w_hh, lens, dA, dh0, count, T, B, H,
+                                  **flags, **blocks, **_launch_options(out.device))
+        return dA, dh0
     for t in range(T - 1, -1, -1):
         rnn_bwd_step_kernel[grid](
             dA[t + 1] if t + 1 < T else dA[t], w_hh, grad_out[t], grad_h_last, out[t], lens, dA[t], t, T, B, H,
-            HAS_NEXT=t + 1 < T, FINAL=False, **common)
+            HAS_NEXT=t + 1 < T, FINAL=False, **flags, **blocks)
     rnn_bwd_step_kernel[grid](
         dA[0], w_hh, grad_out[0], grad_h_last, out[0], lens, dh0, -1, T, B, H,
-        HAS_NEXT=True, FINAL=True, **common)
+        HAS_NEXT=True, FINAL=True, **flags, **blocks)
     return dA, dh0

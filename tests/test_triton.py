@@ -24,11 +24,12 @@ def form(request, monkeypatch):
     return request.param
 
 
+FORMS = ["step", "persistent", "cooperative"]
 GRID = list(itertools.product([1, 3, 17], [1, 4], [16, 48, 80]))
 
 
 @needs_interpreter
-@pytest.mark.parametrize("form", ["step", "persistent"], indirect=True)
+@pytest.mark.parametrize("form", FORMS, indirect=True)
 @pytest.mark.parametrize("B,T,H", GRID, ids=[f"B{b}-T{t}-H{h}" for b, t, h in GRID])
 @pytest.mark.parametrize("image", [None, "static", "step"], ids=["noimg", "static", "step"])
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
@@ -38,7 +39,7 @@ def test_interpreted_kernels_match_reference(form, B, T, H, image, nonlinearity,
 
 
 @needs_interpreter
-@pytest.mark.parametrize("form", ["step", "persistent"], indirect=True)
+@pytest.mark.parametrize("form", FORMS, indirect=True)
 def test_interpreted_noncontiguous(form):
     compare_with_reference("triton", 4, 3, 16, "step", torch.float32, lengths=True, noncontig=True)
 
@@ -59,7 +60,7 @@ def _relative_check(rel_tol):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("form", ["step", "persistent"], indirect=True)
+@pytest.mark.parametrize("form", FORMS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_interpreted_low_precision(form, dtype):
     compare_with_reference("triton", 4, 17, 48, "static", dtype, "tanh", lengths=True,
@@ -72,16 +73,66 @@ def test_forms_agree_and_choice_by_size():
     from mmrnn_ext import kernels
 
     assert kernels.choose_form(128, torch.float32) == "persistent"
-    assert kernels.choose_form(256, torch.float32) == "step"
-    assert kernels.choose_form(256, torch.bfloat16) == "persistent"
-    assert kernels.choose_form(512, torch.bfloat16) == "step"
+    assert kernels.choose_form(256, torch.float32) == "cooperative"
+    assert kernels.choose_form(512, torch.bfloat16) == "cooperative"
     assert kernels.choose_form(512, torch.bfloat16, "persistent") == "persistent"
+    assert kernels.choose_form(512, torch.bfloat16, "step") == "step"
     with pytest.raises(ValueError, match="form"):
         kernels.choose_form(64, torch.float32, "fastest")
     args = make_inputs(4, 3, 48, "step", torch.float32, lengths=True)
-    outs = [kernels.rnn_forward(*[None if a is None else a.detach() for a in args], "tanh", form=f)
-            for f in ("step", "persistent")]
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)
+    outs = [kernels.rnn_forward(*[None if a is None else a.detach() for a in args], "tanh", form=f) for f in FORMS]
+    for other in outs[1:]:
+        torch.testing.assert_close(other, outs[0], atol=1e-6, rtol=1e-6)
+
+
+def triton_next_pow2(n):
+    return 1 << (n - 1).bit_length()
+
+
+def test_cooperative_tiles_fit_the_resident_programs(monkeypatch):
+    """The cooperative form's grid never exceeds the programs that can be resident at once (its
+    grid barrier would never open otherwise), and its tiles cover [B, H]."""
+    require("triton")
+    from mmrnn_ext import kernels
+    from mmrnn_ext.kernels import rnn
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(rnn, "_resident_programs", lambda device: 132 if device.type == "cuda" else 1)
+    for B, H in [(1, 256), (16, 128), (64, 256), (64, 512), (256, 1024), (1000, 4096), (3, 80)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            cfg = kernels.default_config(B, H, dtype, cuda, "cooperative")
+            tiles = -(-B // cfg.block_b) * -(-H // cfg.block_n)
+            (programs,) = rnn._grid(cfg, B, H, cuda, "cooperative")
+            assert 1 <= programs <= min(132, tiles), (B, H, cfg, programs)
+            assert cfg.block_b >= 16 and cfg.block_n >= 16 and cfg.block_k >= 16
+            if cfg.block_n < min(128, triton_next_pow2(H)):
+                assert tiles <= 132, (B, H, cfg)  # widened only as far as needed
+            assert cfg.block_n <= max(16, triton_next_pow2(H))
+    assert rnn._grid(kernels.default_config(256, 1024, torch.float32, torch.device("cpu"), "cooperative"),
+                     256, 1024, torch.device("cpu"), "cooperative") == (1,)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("block_b,block_n", [(16, 16), (16, 32), (32, 16)])
+def test_interpreted_cooperative_tile_loop(block_b, block_n):
+    """One program walks every [block_b, block_n] tile of every step (several batch and hidden tiles,
+    ragged edges), forward and backward."""
+    require("triton")
+    from mmrnn_ext import kernels
+
+    cfg = kernels.Config(block_b, block_n, 16)
+    xp, w, h0, img, lens = [None if a is None else a.detach() for a in make_inputs(3, 37, 50, "step", torch.float32,
+                                                                                   lengths=True, seed=3)]
+    from mmrnn_ext.reference import reference_backward, reference_forward
+
+    out = kernels.rnn_forward(xp, w, h0, img, lens, "tanh", form="cooperative", config=cfg)
+    ref = reference_forward(xp, w, h0, img, lens, "tanh")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    gy, ghl = torch.randn_like(out), torch.randn_like(h0)
+    dA, dh0 = kernels.rnn_backward(gy, ghl, out, h0, w, lens, "tanh", form="cooperative", config=cfg)
+    r_dA, r_dh0 = reference_backward(gy, ghl, out, h0, w, lens, "tanh")
+    torch.testing.assert_close(dA, r_dA, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dh0, r_dh0, atol=1e-5, rtol=1e-5)
 
 
 @needs_interpreter
@@ -107,22 +158,27 @@ def test_interpreted_module_matches_torch(bidirectional):
 
 # --- compiled kernels on a GPU ----------------------------------------------------------------
 
-GPU_SHAPES = [(7, 3, 48), (33, 17, 128), (9, 65, 256), (5, 3, 512)]
+GPU_SHAPES = [(7, 3, 48), (33, 17, 128), (9, 65, 256), (5, 3, 512), (40, 130, 1024)]
+GPU_INPUTS = [("static", False), ("step", True)]
 
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", ["step", "persistent"], indirect=True)
+@pytest.mark.parametrize("form", FORMS, indirect=True)
 @pytest.mark.parametrize("T,B,H", GPU_SHAPES, ids=[f"T{t}-B{b}-H{h}" for t, b, h in GPU_SHAPES])
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "fp16"])
-@pytest.mark.parametrize("image", ["static", "step"])
-@pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("image,lengths", GPU_INPUTS, ids=["static-full", "step-lengths"])
 def test_gpu_kernels_match_fp64_reference(form, T, B, H, precision, image, lengths, monkeypatch):
+    """Forward and every gradient against float64. The cooperative form runs many programs here
+    (up to 130 at hidden 1024), so its grid barrier is exercised; the step form is skipped past
+    hidden 512 (one launch per step: slow, and the same tile code as the cooperative form)."""
     from mmrnn_ext import kernels
 
     dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if form == "persistent" and not kernels.persistent_fits(H, dtype):
         pytest.skip(f"hidden {H} does not fit the persistent form in {dtype}")
+    if form == "step" and H > 512:
+        pytest.skip("the step form is covered up to hidden 512")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", precision == "tf32")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", precision == "tf32")
     assert kernels.allow_tf32(dtype) == (precision == "tf32")
@@ -133,20 +189,70 @@ def test_gpu_kernels_match_fp64_reference(form, T, B, H, precision, image, lengt
 
 @gpu
 @pytest.mark.gpu
-def test_gpu_step_form_captures_in_cuda_graph(monkeypatch):
+@pytest.mark.parametrize("form", FORMS, indirect=True)
+def test_gpu_relu(form):
+    compare_with_reference("triton", 9, 33, 256, "static", torch.bfloat16, "relu", True, device="cuda",
+                           tol=_relative_check(1e-2), ref_dtype=torch.float64)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_cooperative_repeatable():
+    """The same inputs give bit-identical results on every run (a race would move them)."""
+    require("triton")
+    from mmrnn_ext import kernels
+
+    args = [None if a is None else a.detach() for a in make_inputs(64, 96, 512, "static", torch.bfloat16, "cuda")]
+    first = kernels.rnn_forward(*args, "tanh", form="cooperative")
+    gy = torch.randn_like(first)
+    d_first = kernels.rnn_backward(gy, args[2], first, args[2], args[1], None, "tanh", form="cooperative")
+    for _ in range(20):
+        assert torch.equal(kernels.rnn_forward(*args, "tanh", form="cooperative"), first)
+        d = kernels.rnn_backward(gy, args[2], first, args[2], args[1], None, "tanh", form="cooperative")
+        assert torch.equal(d[0], d_first[0]) and torch.equal(d[1], d_first[1])
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", FORMS)
+def test_gpu_forward_captures_in_cuda_graph(form):
     require("triton")
     from mmrnn_ext import kernels
 
     args = [None if a is None else a.detach() for a in make_inputs(16, 8, 256, "static", torch.bfloat16, "cuda")]
-    eager = kernels.rnn_forward(*args, "tanh", form="step")
+    eager = kernels.rnn_forward(*args, "tanh", form=form)
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        kernels.rnn_forward(*args, "tanh", form="step")  # warm-up compiles outside the capture
+        kernels.rnn_forward(*args, "tanh", form=form)  # warm-up compiles outside the capture
     torch.cuda.current_stream().wait_stream(stream)
     with torch.cuda.graph(graph):
-        captured = kernels.rnn_forward(*args, "tanh", form="step")
+        captured = kernels.rnn_forward(*args, "tanh", form=form)
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(captured, eager, atol=0, rtol=0)
+
+
+@needs_interpreter
+def test_gpu_sweep_script_runs_through_the_interpreter(tmp_path):
+    """bench/gpu_sweep.py (the device run's kernel sweep) on a tiny shape: every variant it tries
+    agrees with the float64 reference, and its JSON names form, tiles and times."""
+    require("triton")
+    import importlib.util
+    import json
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_sweep.py")
+    spec = importlib.util.spec_from_file_location("gpu_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    out = tmp_path / "sweep.json"
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        assert sweep.main([str(out), "--device", "cpu", "--shape", "3,2,0,0,20", "--dtype", "bfloat16,float32-ieee"]) == 0
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["form"] for r in rows} == {"persistent", "cooperative"}
+    assert all(r["ok"] and r["forward_ms"] > 0 and r["backward_ms"] > 0 for r in rows)
+    assert sum(r["auto"] for r in rows if r["dtype"] == "bfloat16") == 1
