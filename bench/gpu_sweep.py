@@ -33,21 +33,22 @@ DTYPES = {"bfloat16": (torch.bfloat16, 1e-2), "float16": (torch.float16, 1e-2), 
 
 
 def variants(kernels, B, H, dtype, device, wide):
-    """(form, Config or None) pairs to try at this size; wide: more tile configs."""
+    """(form, Config) pairs to try at this size; wide: more tile configs, and the exact tanh."""
     out = []
     if kernels.persistent_fits(H, dtype):
         pbase = kernels.default_config(B, H, dtype, device, "persistent")
         out.append(("persistent", pbase))
         if wide:
-            out.append(("persistent", pbase._replace(num_warps=12 - pbase.num_warps)))
+            out += [("persistent", pbase._replace(num_warps=8)), ("persistent", pbase._replace(fast_tanh=False))]
     base = kernels.default_config(B, H, dtype, device, "cooperative")
     tries = [base]
     if wide:
         tries += [base._replace(block_n=base.block_n * 2), base._replace(block_b=max(16, base.block_b // 2)),
-                  base._replace(num_warps=8), base._replace(block_k=base.block_k * 2), base._replace(num_stages=1)]
+                  base._replace(block_k=max(16, base.block_k // 2)), base._replace(fast_tanh=False)]
     seen = set()
     for cfg in tries:
-        if cfg not in seen and cfg.block_n <= max(16, triton.next_power_of_2(H)) and cfg.block_k <= max(16, triton.next_power_of_2(H)):
+        hp = max(16, triton.next_power_of_2(H))
+        if cfg not in seen and cfg.block_n <= hp and cfg.block_k <= hp:
             seen.add(cfg)
             out.append(("cooperative", cfg))
     return out
@@ -134,9 +135,10 @@ def main(argv=None) -> int:
                        "config": None if cfg is None else cfg._asdict(), "programs": programs,
                        "forward_ms": fwd_ms, "backward_ms": bwd_ms, "forward_us_per_step": 1e3 * fwd_ms / T,
                        "backward_us_per_step": 1e3 * bwd_ms / T, "relative_error": err, "relative_errors": errs, "ok": ok,
-                       "auto": kernels.choose_form(H, dtype) == form and cfg == kernels.default_config(B, H, dtype, dev, form)}
+                       "auto": kernels.choose_form(H, dtype, None, dev.type) == form and cfg == kernels.default_config(B, H, dtype, dev, form)}
                 rows.append(row)
-                c = f"b{cfg.block_b} n{cfg.block_n} k{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} p{programs}"
+                c = (f"b{cfg.block_b} n{cfg.block_n} k{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} p{programs}"
+                     + (" exact-tanh" if cfg.fast_tanh is False else ""))
                 print(f"{B},{T},{H} {dname:8s} {form:11s} {c:24s} fwd {fwd_ms:7.3f} ms ({row['forward_us_per_step']:5.2f} us/step)"
                       f"  bwd {bwd_ms:7.3f} ms  err {err:.1e}{'' if ok else '  FAILED'}{'  [auto]' if row['auto'] else ''}",
                       flush=True)

@@ -25,7 +25,6 @@ import triton
 import triton.language as tl
 
 FORMS = ("auto", "step", "persistent", "cooperative")
-PERSISTENT_MAX_AUTO_H = 128  # auto picks the persistent form up to this hidden size (where it fits)
 _MIN_DOT = 16  # tl.dot needs every dimension >= 16
 
 
@@ -46,9 +45,12 @@ def _tanh(a):
 
 
 @triton.jit
-def _activation(a, RELU: tl.constexpr):
+def _activation(a, RELU: tl.constexpr, FAST_TANH: tl.constexpr):
     if RELU:
         return tl.where(a < 0.0, 0.0, a)  # NaN passes through, as torch.relu
+    elif FAST_TANH:  # the GPU's tanh.approx.f32 (max relative error ~2^-11), for 16-bit outputs only
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [a], dtype=tl.float32,
+                                         is_pure=True, pack=1)
     else:
         return _tanh(a)
 
@@ -62,20 +64,32 @@ def _activation_grad_from_output(h, RELU: tl.constexpr):
 
 
 @triton.jit
+def _round_tf32(x):
+    """float32 -> the nearest TF32 value (10 mantissa bits, ties away from zero), kept in float32.
+    The tensor cores read a float32 operand's top 19 bits, i.e. truncate it; rounding first halves
+    the error and removes its bias (cuBLAS and cuDNN round too). NaN stays NaN."""
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, rounded)
+
+
+@triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr, DOT_FP32: tl.constexpr):
     if DOT_FP32:  # exact: a bf16 x bf16 product is representable in float32
         a = a.to(tl.float32)
         b = b.to(tl.float32)
+        return tl.dot(a, b, acc, input_precision="ieee")
     if IEEE:  # float32 operands, TF32 not allowed: full-precision dot
         return tl.dot(a, b, acc, input_precision="ieee")
-    else:  # 16-bit operands (tensor cores), or float32 where TF32 is allowed
-        return tl.dot(a, b, acc, input_precision="tf32")
+    if a.dtype == tl.float32:  # float32 where TF32 is allowed: round, then TF32 tensor cores
+        return tl.dot(_round_tf32(a), _round_tf32(b), acc, input_precision="tf32")
+    return tl.dot(a, b, acc)  # 16-bit operands: tensor cores, float32 accumulation
 
 
 @triton.jit
 def _fwd_tile(h_prev_ptr, w_ptr, xp_ptr, img_ptr, len_ptr, out_ptr, t, B, H, pid_b, pid_n,
               HAS_IMG: tl.constexpr, HAS_LEN: tl.constexpr, RELU: tl.constexpr,
-              IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+              IEEE: tl.constexpr, DOT_FP32: tl.constexpr, FAST_TANH: tl.constexpr,
               BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out_t[b, n] = f(sum_k h_prev[b, k] W[n, k] + xp_t[b, n] + img[b, n]) for the tile
     (pid_b, pid_n) of [BLOCK_B, BLOCK_N]. xp_ptr, img_ptr (per step) and out_ptr point at step t's
@@ -96,7 +110,7 @@ def _fwd_tile(h_prev_ptr, w_ptr, xp_ptr, img_ptr, len_ptr, out_ptr, t, B, H, pid
                     cache_modifier=".cg")
         wt = tl.load(w_ptr + rn[None, :] * H + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
         acc = _dot(a, wt, acc, IEEE, DOT_FP32)
-    h = _activation(acc, RELU)
+    h = _activation(acc, RELU, FAST_TANH)
     if HAS_LEN:
         lens = tl.load(len_ptr + rb, mask=mb, other=0)
         h = tl.where((t < lens)[:, None], h, 0.0)
@@ -123,7 +137,8 @@ def _bwd_tile(d_next_ptr, w_ptr, gy_ptr, ghl_ptr, h_ptr, len_ptr, dst_ptr, t, T,
         lens = tl.load(len_ptr + rb, mask=mb, other=0)
     else:
         lens = tl.full((BLOCK_B,), T, dtype=tl.int32)
-    ghl = tl.load(ghl_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    enters = (t == lens - 1)[:, None]  # rows whose h_last is h_t: only they read grad_h_last
+    ghl = tl.load(ghl_ptr + offs, mask=m & enters, other=0.0).to(tl.float32)
     h = tl.load(h_ptr + offs, mask=m, other=0.0).to(tl.float32)  # (FINAL: step 0's, unused)
     gy = tl.load(gy_ptr + offs, mask=m, other=0.0).to(tl.float32)
     g = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
@@ -135,7 +150,7 @@ def _bwd_tile(d_next_ptr, w_ptr, gy_ptr, ghl_ptr, h_ptr, len_ptr, dst_ptr, t, T,
                         cache_modifier=".cg")
             w = tl.load(w_ptr + rk[:, None] * H + rn[None, :], mask=mk[:, None] & mn[None, :], other=0.0)
             g = _dot(d, w, g, IEEE, DOT_FP32)
-    g = tl.where((t == lens - 1)[:, None], ghl, g)
+    g = tl.where(enters, ghl, g)
     if FINAL:
         tl.store(dst_ptr + offs, g.to(dst_ptr.dtype.element_ty), mask=m)
     else:
@@ -147,11 +162,11 @@ def _bwd_tile(d_next_ptr, w_ptr, gy_ptr, ghl_ptr, h_ptr, len_ptr, dst_ptr, t, T,
 @triton.jit(do_not_specialize=["t"])
 def rnn_fwd_step_kernel(h_prev_ptr, w_ptr, xp_ptr, img_ptr, len_ptr, out_ptr, t, B, H,
                         HAS_IMG: tl.constexpr, HAS_LEN: tl.constexpr, RELU: tl.constexpr,
-                        IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+                        IEEE: tl.constexpr, DOT_FP32: tl.constexpr, FAST_TANH: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Step form, forward: one launch per step, one tile per program."""
     _fwd_tile(h_prev_ptr, w_ptr, xp_ptr, img_ptr, len_ptr, out_ptr, t, B, H, tl.program_id(0), tl.program_id(1),
-              HAS_IMG, HAS_LEN, RELU, IEEE, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
+              HAS_IMG, HAS_LEN, RELU, IEEE, DOT_FP32, FAST_TANH, BLOCK_B, BLOCK_N, BLOCK_K)
 
 
 @triton.jit(do_not_specialize=["t"])
@@ -182,7 +197,7 @@ def _grid_barrier(count_ptr, generation):
 @triton.jit
 def rnn_fwd_coop_kernel(xp_ptr, w_ptr, h0_ptr, img_ptr, len_ptr, out_ptr, count_ptr, T, B, H,
                         HAS_IMG: tl.constexpr, IMG_PER_STEP: tl.constexpr, HAS_LEN: tl.constexpr,
-                        RELU: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+                        RELU: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr, FAST_TANH: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Cooperative form, forward: ONE launch for all T steps; the [B, H] state is split in tiles
     over all programs (each takes tiles pid, pid + P, ...), h_{t-1} is read from L2 and a grid
@@ -201,7 +216,7 @@ def rnn_fwd_coop_kernel(xp_ptr, w_ptr, h0_ptr, img_ptr, len_ptr, out_ptr, count_
         for tile in range(pid, n_tiles, nprog):
             _fwd_tile(h_prev, w_ptr, xp_ptr + t * step, img_t, len_ptr, out_ptr + t * step, t, B, H,
                       tile % n_tb, tile // n_tb,
-                      HAS_IMG, HAS_LEN, RELU, IEEE, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
+                      HAS_IMG, HAS_LEN, RELU, IEEE, DOT_FP32, FAST_TANH, BLOCK_B, BLOCK_N, BLOCK_K)
         _grid_barrier(count_ptr, t + 1)
 
 
@@ -247,7 +262,7 @@ def _row_tile(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
 def rnn_fwd_persistent_kernel(xp_ptr, w_ptr, h0_ptr, img_ptr, len_ptr, out_ptr, T, B, H,
                               HAS_IMG: tl.constexpr, IMG_PER_STEP: tl.constexpr, HAS_LEN: tl.constexpr,
                               RELU: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
-                              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+                              FAST_TANH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     """All T steps for one batch tile: W_hh^T loaded once, h carried in registers."""
     rb, rh, mb, mh, offs = _row_tile(B, H, BLOCK_B, BLOCK_H)
     m = mb[:, None] & mh[None, :]
@@ -268,7 +283,7 @@ def rnn_fwd_persistent_kernel(xp_ptr, w_ptr, h0_ptr, img_ptr, len_ptr, out_ptr, 
             else:
                 acc += img
         acc = _dot(h.to(wt.dtype), wt, acc, IEEE, DOT_FP32)
-        h_new = _activation(acc, RELU)
+        h_new = _activation(acc, RELU, FAST_TANH)
         if HAS_LEN:
             live = (t < lens)[:, None]
             h = tl.where(live, h_new, h)
@@ -316,19 +331,31 @@ def rnn_bwd_persistent_kernel(gy_ptr, ghl_ptr, out_ptr, w_ptr, len_ptr, dA_ptr, 
 
 # --- launchers ----------------------------------------------------------------------------------
 
-def allow_tf32(dtype: torch.dtype) -> bool:
-    """TF32 dots for float32 only where the user allowed TF32 to torch (as nn.RNN does via cuDNN)."""
-    return dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def ieee_dot(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 and not allow_tf32(dtype)
+def allow_tf32(dtype: torch.dtype, device_type: str = "cuda") -> bool:
+    """TF32 dots for float32 CUDA tensors only where the user allowed TF32 to torch (as nn.RNN does
+    via cuDNN). CPU tensors (Triton's interpreter) have no TF32: full precision."""
+    return (dtype == torch.float32 and device_type == "cuda"
+            and bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32))
+
+
+def ieee_dot(dtype: torch.dtype, device_type: str = "cuda") -> bool:
+    return dtype == torch.float32 and not allow_tf32(dtype, device_type)
 
 
 def dot_in_fp32(dtype: torch.dtype) -> bool:
     """Under TRITON_INTERPRET, Triton's interpreter (3.9) multiplies the raw uint16 bits of bfloat16
     dot operands; upcasting them to float32 first computes the same exact products."""
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return dtype == torch.bfloat16 and _interpreting()
+
+
+def fast_tanh(dtype: torch.dtype, device_type: str = "cuda") -> bool:
+    """tanh.approx.f32 (relative error ~2^-11, under the 2^-8 of a bfloat16 and the 2^-11 of a
+    float16 output rounding) for 16-bit outputs on a GPU; float32 keeps the exact tanh."""
+    return dtype in (torch.bfloat16, torch.float16) and device_type == "cuda" and not _interpreting()
 
 
 def persistent_fits(H: int, dtype: torch.dtype) -> bool:
@@ -336,28 +363,30 @@ def persistent_fits(H: int, dtype: torch.dtype) -> bool:
     return triton.next_power_of_2(H) <= (128 if dtype == torch.float32 else 256)
 
 
-def choose_form(H: int, dtype: torch.dtype, form: str | None = None, B: int | None = None) -> str:
-    """auto: persistent where W_hh fits on chip, the hidden size is small and the dot runs on tensor
-    cores (one program per batch tile runs the whole chain without a grid barrier; a full-precision
-    float32 dot would keep W_hh in registers and spill), else cooperative. step only on request."""
+def choose_form(H: int, dtype: torch.dtype, form: str | None = None, device_type: str = "cuda") -> str:
+    """auto: persistent wherever W_hh fits on chip and the dot runs on tensor cores (one program per
+    batch tile runs the whole chain with no grid barrier: faster than the cooperative form at every
+    such size measured, bench/NOTES.md), else cooperative. A full-precision float32 dot would keep
+    W_hh in registers and spill (35 us per step at hidden 128): cooperative. step only on request."""
     form = form or os.environ.get("MMRNN_TRITON_FORM", "auto")
     if form not in FORMS:
         raise ValueError(f"form: expected one of {FORMS} (or MMRNN_TRITON_FORM unset), got {form!r}")
     if form == "auto":
-        small = persistent_fits(H, dtype) and H <= PERSISTENT_MAX_AUTO_H and not ieee_dot(dtype)
-        return "persistent" if small else "cooperative"
+        return "persistent" if persistent_fits(H, dtype) and not ieee_dot(dtype, device_type) else "cooperative"
     return form
 
 
 class Config(NamedTuple):
-    """Tile of the step and cooperative forms: [block_b, block_n] outputs per program, K loop of
-    block_k; programs = the launch's grid size (cooperative form: at most the SM count)."""
+    """Tile of a form: [block_b, block_n] outputs per program (persistent: block_n = the padded
+    hidden row), K loop of block_k; programs = the launch's grid size (cooperative form: at most the
+    SM count); fast_tanh: None = by dtype and device (see fast_tanh)."""
     block_b: int
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
     programs: int = 0  # 0: one per tile (step form) / min(tiles, SMs) (cooperative form)
+    fast_tanh: bool | None = None
 
 
 def _resident_programs(device: torch.device) -> int:
@@ -369,17 +398,18 @@ def _resident_programs(device: torch.device) -> int:
 
 
 def default_config(B: int, H: int, dtype: torch.dtype, device: torch.device, form: str) -> Config:
-    block_k = max(_MIN_DOT, min(32 if dtype == torch.float32 else 64, triton.next_power_of_2(H)))
-    if form == "persistent":  # block_n = the whole (padded) hidden row; 8 warps keep W_hh^T out of local memory
-        block_h = max(_MIN_DOT, triton.next_power_of_2(H))
-        return Config(_MIN_DOT, block_h, block_h, 8 if block_h * block_h * (4 if dtype == torch.float32 else 2) > 32768 else 4)
+    """The tiles the sweep on an H100 chose (bench/NOTES.md, bench/results/gpu_sweep_h100.json)."""
+    hp = max(_MIN_DOT, triton.next_power_of_2(H))
+    if form == "persistent":  # 4 warps: faster than 8 at hidden 128 and 256 in both passes
+        return Config(_MIN_DOT, hp, hp, 4)
+    block_k = min(64 if dtype == torch.float32 else 128, hp)  # fewer, longer dots per step
     if form == "step":
-        return Config(_MIN_DOT, max(_MIN_DOT, min(64, triton.next_power_of_2(H))), block_k)
+        return Config(_MIN_DOT, min(64, hp), block_k)
     # cooperative: the smallest tiles whose count still fits the resident programs
     slots = _resident_programs(device)
     block_b = max(_MIN_DOT, min(64, triton.next_power_of_2(B)))
     n_tb = triton.cdiv(B, block_b)
-    block_n, widest = _MIN_DOT, min(128, max(_MIN_DOT, triton.next_power_of_2(H)))
+    block_n, widest = _MIN_DOT, min(128, hp)
     while block_n < widest and n_tb * triton.cdiv(H, block_n) > slots:
         block_n *= 2
     return Config(block_b, block_n, block_k)
@@ -419,14 +449,16 @@ def rnn_forward(xp, w_hh, h0, image_term, lengths, nonlinearity, form=None, conf
     if T == 0 or B == 0:
         return out
     _check_int32_offsets(xp)
-    relu, ieee, dot32 = nonlinearity == "relu", ieee_dot(xp.dtype), dot_in_fp32(xp.dtype)
+    dev = xp.device.type
+    relu, ieee, dot32 = nonlinearity == "relu", ieee_dot(xp.dtype, dev), dot_in_fp32(xp.dtype)
     has_img, has_len = image_term is not None, lengths is not None
     per_step = has_img and image_term.dim() == 3
     img = image_term if has_img else xp  # never read when absent
     lens = lengths if has_len else xp
-    form = choose_form(H, xp.dtype, form, B)
-    flags = dict(HAS_IMG=has_img, HAS_LEN=has_len, RELU=relu, IEEE=ieee, DOT_FP32=dot32)
+    form = choose_form(H, xp.dtype, form, dev)
     cfg = config or default_config(B, H, xp.dtype, xp.device, form)
+    tanh_approx = fast_tanh(xp.dtype, dev) if cfg.fast_tanh is None else cfg.fast_tanh
+    flags = dict(HAS_IMG=has_img, HAS_LEN=has_len, RELU=relu, IEEE=ieee, DOT_FP32=dot32, FAST_TANH=tanh_approx)
     if form == "persistent":
         rnn_fwd_persistent_kernel[(triton.cdiv(B, cfg.block_b),)](
             xp, w_hh, h0, img, lens, out, T, B, H, IMG_PER_STEP=per_step, **flags,
@@ -457,10 +489,10 @@ def rnn_backward(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity, fo
     if T == 0:
         return dA, grad_h_last.clone()
     _check_int32_offsets(out)
-    relu, ieee, dot32 = nonlinearity == "relu", ieee_dot(out.dtype), dot_in_fp32(out.dtype)
+    relu, ieee, dot32 = nonlinearity == "relu", ieee_dot(out.dtype, out.device.type), dot_in_fp32(out.dtype)
     has_len = lengths is not None
     lens = lengths if has_len else out
-    form = choose_form(H, out.dtype, form, B)
+    form = choose_form(H, out.dtype, form, out.device.type)
     flags = dict(HAS_LEN=has_len, RELU=relu, IEEE=ieee, DOT_FP32=dot32)
     cfg = config or default_config(B, H, out.dtype, out.device, form)
     if form == "persistent":

@@ -68,12 +68,34 @@ def test_interpreted_low_precision(form, dtype):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("form", FORMS, indirect=True)
+def test_interpreted_tf32_rounding(form, monkeypatch):
+    """The TF32 path (float32 operands rounded to TF32, then the tensor-core dot): under the
+    interpreter the dot of rounded operands is exact, i.e. what the GPU computes; it must stay within
+    the TF32 tolerance of float64 and visibly differ from full precision."""
+    from mmrnn_ext.kernels import rnn
+
+    monkeypatch.setattr(rnn, "allow_tf32", lambda dtype, device_type="cuda": dtype == torch.float32)
+    compare_with_reference("triton", 6, 17, 80, "step", torch.float32, "tanh", True,
+                           tol=_relative_check(5e-4), ref_dtype=torch.float64)
+    xp, w, h0, img, lens = [None if a is None else a.detach() for a in make_inputs(6, 17, 80, "step", torch.float32)]
+    tf32_out = rnn.rnn_forward(xp, w, h0, img, None, "tanh")
+    monkeypatch.setattr(rnn, "allow_tf32", lambda dtype, device_type="cuda": False)
+    full = rnn.rnn_forward(xp, w, h0, img, None, "tanh")
+    rel = ((tf32_out - full).norm() / full.norm()).item()
+    assert 1e-5 < rel < 5e-4, rel
+
+
+@needs_interpreter
 def test_forms_agree_and_choice_by_size():
     require("triton")
     from mmrnn_ext import kernels
 
-    assert kernels.choose_form(128, torch.float32) == "persistent"
+    tf32 = kernels.allow_tf32(torch.float32)
+    assert kernels.choose_form(128, torch.float32) == ("persistent" if tf32 else "cooperative")
+    assert kernels.choose_form(128, torch.float32, device_type="cpu") == "cooperative"  # no TF32 on CPU tensors
     assert kernels.choose_form(256, torch.float32) == "cooperative"
+    assert kernels.choose_form(256, torch.bfloat16) == "persistent"
     assert kernels.choose_form(512, torch.bfloat16) == "cooperative"
     assert kernels.choose_form(512, torch.bfloat16, "persistent") == "persistent"
     assert kernels.choose_form(512, torch.bfloat16, "step") == "step"
@@ -190,9 +212,29 @@ def test_gpu_kernels_match_fp64_reference(form, T, B, H, precision, image, lengt
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("form", FORMS, indirect=True)
-def test_gpu_relu(form):
-    compare_with_reference("triton", 9, 33, 256, "static", torch.bfloat16, "relu", True, device="cuda",
-                           tol=_relative_check(1e-2), ref_dtype=torch.float64)
+def test_gpu_relu(form, monkeypatch):
+    """relu in float32 (TF32 off), forward and every gradient at 1e-5. (In bfloat16 the rounding of h
+    moves entries across 0, where relu' jumps, so a float64 gradient differs by whole entries: the
+    16-bit dot path is checked with tanh above, and bfloat16 relu forward below.)"""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    compare_with_reference("triton", 9, 33, 128, "static", torch.float32, "relu", True, device="cuda",
+                           tol=_relative_check(1e-5), ref_dtype=torch.float64)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", FORMS, indirect=True)
+def test_gpu_relu_bf16_forward(form):
+    from mmrnn_ext import kernels
+    from mmrnn_ext.reference import reference_forward
+
+    xp, w, h0, img, lens = [None if a is None else a.detach() for a in
+                            make_inputs(9, 33, 256, "step", torch.bfloat16, "cuda", lengths=True)]
+    lens = lens.cuda()
+    out = kernels.rnn_forward(xp, w, h0, img, lens, "relu")
+    ref = reference_forward(xp.double(), w.double(), h0.double(), img.double(), lens, "relu")
+    _relative_check(1e-2)(out, ref, torch.bfloat16, "out")
 
 
 @gpu
