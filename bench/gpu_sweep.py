@@ -32,16 +32,19 @@ DTYPES = {"bfloat16": (torch.bfloat16, 1e-2), "float16": (torch.float16, 1e-2), 
           "float32-ieee": (torch.float32, 1e-5)}
 
 
-def variants(kernels, B, H, dtype, device, wide):
-    """(form, Config) pairs to try at this size; wide: more tile configs, and the exact tanh."""
+def variants(kernels, B, H, dtype, device, wide, x3=False):
+    """(form, Config) pairs to try at this size; wide: more tile configs, and the exact tanh;
+    x3: float32 with TF32 off also through Triton's three-pass TF32 dot."""
     out = []
     if kernels.persistent_fits(H, dtype):
         pbase = kernels.default_config(B, H, dtype, device, "persistent")
         out.append(("persistent", pbase))
         if wide:
             out += [("persistent", pbase._replace(num_warps=8)), ("persistent", pbase._replace(fast_tanh=False))]
+        if x3:
+            out.append(("persistent", pbase._replace(fp32_dot="tf32x3")))
     base = kernels.default_config(B, H, dtype, device, "cooperative")
-    tries = [base]
+    tries = [base] + ([base._replace(fp32_dot="tf32x3")] if x3 else [])
     if wide:
         tries += [base._replace(block_n=base.block_n * 2), base._replace(block_b=max(16, base.block_b // 2)),
                   base._replace(block_k=max(16, base.block_k // 2)), base._replace(fast_tanh=False)]
@@ -108,7 +111,7 @@ def main(argv=None) -> int:
             wide = dtype == torch.bfloat16
             xp, w, h0, img, gy, ghl = (t.to(dtype) for t in (xp64, w64, h064, img64, gy64, ghl64))
             if args.part:  # a compile worker: run each of its variants once
-                for form, cfg in variants(kernels, B, H, dtype, dev, wide):
+                for form, cfg in variants(kernels, B, H, dtype, dev, wide, x3=not tf32):
                     index += 1
                     if index % parts == part:
                         out = kernels.rnn_forward(xp, w, h0, img, None, "tanh", form=form, config=cfg)
@@ -119,7 +122,7 @@ def main(argv=None) -> int:
             out_ref = out64.to(dtype)  # the backward kernels and their reference read the same rounded h
             dA64, dh064 = reference_backward(gy.double(), ghl.double(), out_ref.double(), h0.double(), w.double(),
                                              None, "tanh")
-            for form, cfg in variants(kernels, B, H, dtype, dev, wide):
+            for form, cfg in variants(kernels, B, H, dtype, dev, wide, x3=not tf32):
                 fwd = lambda: kernels.rnn_forward(xp, w, h0, img, None, "tanh", form=form, config=cfg)  # noqa: E731
                 bwd = lambda: kernels.rnn_backward(gy, ghl, out_ref, h0, w, None, "tanh", form=form, config=cfg)  # noqa: E731
                 out = fwd()
@@ -138,7 +141,7 @@ def main(argv=None) -> int:
                        "auto": kernels.choose_form(H, dtype, None, dev.type) == form and cfg == kernels.default_config(B, H, dtype, dev, form)}
                 rows.append(row)
                 c = (f"b{cfg.block_b} n{cfg.block_n} k{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} p{programs}"
-                     + (" exact-tanh" if cfg.fast_tanh is False else ""))
+                     + (" exact-tanh" if cfg.fast_tanh is False else "") + (" tf32x3" if cfg.fp32_dot else ""))
                 print(f"{B},{T},{H} {dname:8s} {form:11s} {c:24s} fwd {fwd_ms:7.3f} ms ({row['forward_us_per_step']:5.2f} us/step)"
                       f"  bwd {bwd_ms:7.3f} ms  err {err:.1e}{'' if ok else '  FAILED'}{'  [auto]' if row['auto'] else ''}",
                       flush=True)

@@ -74,22 +74,25 @@ def _round_tf32(x):
 
 
 @triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr, DOT_FP32: tl.constexpr):
+def _dot(a, b, acc, FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """acc + a @ b, accumulated in float32. b is always W_hh (or its transpose).
+    16-bit operands: tensor cores. float32 operands by FP32_DOT: "ieee" full precision; "tf32"
+    (TF32 allowed): a is rounded to TF32 here and b arrives rounded (the launcher rounds W_hh once),
+    so the tensor cores' truncation of the low bits is exact; "tf32x3": Triton's three-pass TF32
+    split, about float32's accuracy on tensor cores."""
     if DOT_FP32:  # exact: a bf16 x bf16 product is representable in float32
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-        return tl.dot(a, b, acc, input_precision="ieee")
-    if IEEE:  # float32 operands, TF32 not allowed: full-precision dot
-        return tl.dot(a, b, acc, input_precision="ieee")
-    if a.dtype == tl.float32:  # float32 where TF32 is allowed: round, then TF32 tensor cores
-        return tl.dot(_round_tf32(a), _round_tf32(b), acc, input_precision="tf32")
-    return tl.dot(a, b, acc)  # 16-bit operands: tensor cores, float32 accumulation
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if a.dtype == tl.float32:
+        if FP32_DOT == "tf32":
+            return tl.dot(_round_tf32(a), b, acc, input_precision="tf32")
+        return tl.dot(a, b, acc, input_precision=FP32_DOT)
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
 def _fwd_tile(h_prev_ptr, w_ptr, xp_ptr, img_ptr, len_ptr, out_ptr, t, B, H, pid_b, pid_n,
               HAS_IMG: tl.constexpr, HAS_LEN: tl.constexpr, RELU: tl.constexpr,
-              IEEE: tl.constexpr, DOT_FP32: tl.constexpr, FAST_TANH: tl.constexpr,
+              FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr, FAST_TANH: tl.constexpr,
               BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out_t[b, n] = f(sum_k h_prev[b, k] W[n, k] + xp_t[b, n] + img[b, n]) for the tile
     (pid_b, pid_n) of [BLOCK_B, BLOCK_N]. xp_ptr, img_ptr (per step) and out_ptr point at step t's
@@ -109,7 +112,7 @@ def _fwd_tile(h_prev_ptr, w_ptr, xp_ptr, img_ptr, len_ptr, out_ptr, t, B, H, pid
         a = tl.load(h_prev_ptr + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0,
                     cache_modifier=".cg")
         wt = tl.load(w_ptr + rn[None, :] * H + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
-        acc = _dot(a, wt, acc, IEEE, DOT_FP32)
+        acc = _dot(a, wt, acc, FP32_DOT, DOT_FP32)
     h = _activation(acc, RELU, FAST_TANH)
     if HAS_LEN:
         lens = tl.load(len_ptr + rb, mask=mb, other=0)
@@ -120,7 +123,7 @@ def _fwd_tile(h_prev_ptr, w_ptr, xp_ptr, img_ptr, len_ptr, out_ptr, t, B, H, pid
 @triton.jit
 def _bwd_tile(d_next_ptr, w_ptr, gy_ptr, ghl_ptr, h_ptr, len_ptr, dst_ptr, t, T, B, H, pid_b, pid_n,
               HAS_NEXT: tl.constexpr, HAS_LEN: tl.constexpr, FINAL: tl.constexpr, RELU: tl.constexpr,
-              IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+              FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
               BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One reverse step of BPTT for the tile (pid_b, pid_n) of [BLOCK_B, BLOCK_N]:
         g = dA_{t+1} @ W_hh           (dL/dh_t from step t+1; absent at the last step)
@@ -149,7 +152,7 @@ def _bwd_tile(d_next_ptr, w_ptr, gy_ptr, ghl_ptr, h_ptr, len_ptr, dst_ptr, t, T,
             d = tl.load(d_next_ptr + rb[:, None] * H + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0,
                         cache_modifier=".cg")
             w = tl.load(w_ptr + rk[:, None] * H + rn[None, :], mask=mk[:, None] & mn[None, :], other=0.0)
-            g = _dot(d, w, g, IEEE, DOT_FP32)
+            g = _dot(d, w, g, FP32_DOT, DOT_FP32)
     g = tl.where(enters, ghl, g)
     if FINAL:
         tl.store(dst_ptr + offs, g.to(dst_ptr.dtype.element_ty), mask=m)
@@ -162,22 +165,22 @@ def _bwd_tile(d_next_ptr, w_ptr, gy_ptr, ghl_ptr, h_ptr, len_ptr, dst_ptr, t, T,
 @triton.jit(do_not_specialize=["t"])
 def rnn_fwd_step_kernel(h_prev_ptr, w_ptr, xp_ptr, img_ptr, len_ptr, out_ptr, t, B, H,
                         HAS_IMG: tl.constexpr, HAS_LEN: tl.constexpr, RELU: tl.constexpr,
-                        IEEE: tl.constexpr, DOT_FP32: tl.constexpr, FAST_TANH: tl.constexpr,
+                        FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr, FAST_TANH: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Step form, forward: one launch per step, one tile per program."""
     _fwd_tile(h_prev_ptr, w_ptr, xp_ptr, img_ptr, len_ptr, out_ptr, t, B, H, tl.program_id(0), tl.program_id(1),
-              HAS_IMG, HAS_LEN, RELU, IEEE, DOT_FP32, FAST_TANH, BLOCK_B, BLOCK_N, BLOCK_K)
+              HAS_IMG, HAS_LEN, RELU, FP32_DOT, DOT_FP32, FAST_TANH, BLOCK_B, BLOCK_N, BLOCK_K)
 
 
 @triton.jit(do_not_specialize=["t"])
 def rnn_bwd_step_kernel(d_next_ptr, w_ptr, gy_ptr, ghl_ptr, h_ptr, len_ptr, dst_ptr, t, T, B, H,
                         HAS_NEXT: tl.constexpr, HAS_LEN: tl.constexpr, FINAL: tl.constexpr, RELU: tl.constexpr,
-                        IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+                        FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Step form, backward: one launch per reverse step, one tile per program."""
     _bwd_tile(d_next_ptr, w_ptr, gy_ptr, ghl_ptr, h_ptr, len_ptr, dst_ptr, t, T, B, H,
               tl.program_id(0), tl.program_id(1),
-              HAS_NEXT, HAS_LEN, FINAL, RELU, IEEE, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
+              HAS_NEXT, HAS_LEN, FINAL, RELU, FP32_DOT, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -197,7 +200,7 @@ def _grid_barrier(count_ptr, generation):
 @triton.jit
 def rnn_fwd_coop_kernel(xp_ptr, w_ptr, h0_ptr, img_ptr, len_ptr, out_ptr, count_ptr, T, B, H,
                         HAS_IMG: tl.constexpr, IMG_PER_STEP: tl.constexpr, HAS_LEN: tl.constexpr,
-                        RELU: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr, FAST_TANH: tl.constexpr,
+                        RELU: tl.constexpr, FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr, FAST_TANH: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Cooperative form, forward: ONE launch for all T steps; the [B, H] state is split in tiles
     over all programs (each takes tiles pid, pid + P, ...), h_{t-1} is read from L2 and a grid
@@ -216,13 +219,13 @@ def rnn_fwd_coop_kernel(xp_ptr, w_ptr, h0_ptr, img_ptr, len_ptr, out_ptr, count_
         for tile in range(pid, n_tiles, nprog):
             _fwd_tile(h_prev, w_ptr, xp_ptr + t * step, img_t, len_ptr, out_ptr + t * step, t, B, H,
                       tile % n_tb, tile // n_tb,
-                      HAS_IMG, HAS_LEN, RELU, IEEE, DOT_FP32, FAST_TANH, BLOCK_B, BLOCK_N, BLOCK_K)
+                      HAS_IMG, HAS_LEN, RELU, FP32_DOT, DOT_FP32, FAST_TANH, BLOCK_B, BLOCK_N, BLOCK_K)
         _grid_barrier(count_ptr, t + 1)
 
 
 @triton.jit
 def rnn_bwd_coop_kernel(gy_ptr, ghl_ptr, out_ptr, w_ptr, len_ptr, dA_ptr, dh0_ptr, count_ptr, T, B, H,
-                        HAS_LEN: tl.constexpr, RELU: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+                        HAS_LEN: tl.constexpr, RELU: tl.constexpr, FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Cooperative form, backward: ONE launch for all T reverse steps and dh0, a grid barrier
     between steps (see rnn_fwd_coop_kernel)."""
@@ -234,19 +237,19 @@ def rnn_bwd_coop_kernel(gy_ptr, ghl_ptr, out_ptr, w_ptr, len_ptr, dA_ptr, dh0_pt
     for tile in range(pid, n_tiles, nprog):  # step T - 1: nothing flows in from a later step
         _bwd_tile(dA_ptr, w_ptr, gy_ptr + last, ghl_ptr, out_ptr + last, len_ptr, dA_ptr + last, T - 1, T, B, H,
                   tile % n_tb, tile // n_tb,
-                  False, HAS_LEN, False, RELU, IEEE, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
+                  False, HAS_LEN, False, RELU, FP32_DOT, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
     _grid_barrier(count_ptr, 1)
     for i in range(1, T):
         t = T - 1 - i
         for tile in range(pid, n_tiles, nprog):
             _bwd_tile(dA_ptr + (t + 1) * step, w_ptr, gy_ptr + t * step, ghl_ptr, out_ptr + t * step, len_ptr,
                       dA_ptr + t * step, t, T, B, H, tile % n_tb, tile // n_tb,
-                      True, HAS_LEN, False, RELU, IEEE, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
+                      True, HAS_LEN, False, RELU, FP32_DOT, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
         _grid_barrier(count_ptr, i + 1)
     for tile in range(pid, n_tiles, nprog):  # dh0 = dA_0 @ W_hh (ghl for rows of length 0)
         _bwd_tile(dA_ptr, w_ptr, gy_ptr, ghl_ptr, out_ptr, len_ptr, dh0_ptr, -1, T, B, H,
                   tile % n_tb, tile // n_tb,
-                  True, HAS_LEN, True, RELU, IEEE, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
+                  True, HAS_LEN, True, RELU, FP32_DOT, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -261,7 +264,7 @@ def _row_tile(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
 @triton.jit
 def rnn_fwd_persistent_kernel(xp_ptr, w_ptr, h0_ptr, img_ptr, len_ptr, out_ptr, T, B, H,
                               HAS_IMG: tl.constexpr, IMG_PER_STEP: tl.constexpr, HAS_LEN: tl.constexpr,
-                              RELU: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+                              RELU: tl.constexpr, FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
                               FAST_TANH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     """All T steps for one batch tile: W_hh^T loaded once, h carried in registers."""
     rb, rh, mb, mh, offs = _row_tile(B, H, BLOCK_B, BLOCK_H)
@@ -282,7 +285,7 @@ def rnn_fwd_persistent_kernel(xp_ptr, w_ptr, h0_ptr, img_ptr, len_ptr, out_ptr, 
                 img_t += step
             else:
                 acc += img
-        acc = _dot(h.to(wt.dtype), wt, acc, IEEE, DOT_FP32)
+        acc = _dot(h.to(wt.dtype), wt, acc, FP32_DOT, DOT_FP32)
         h_new = _activation(acc, RELU, FAST_TANH)
         if HAS_LEN:
             live = (t < lens)[:, None]
@@ -297,7 +300,7 @@ def rnn_fwd_persistent_kernel(xp_ptr, w_ptr, h0_ptr, img_ptr, len_ptr, out_ptr, 
 
 @triton.jit
 def rnn_bwd_persistent_kernel(gy_ptr, ghl_ptr, out_ptr, w_ptr, len_ptr, dA_ptr, dh0_ptr, T, B, H,
-                              HAS_LEN: tl.constexpr, RELU: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
+                              HAS_LEN: tl.constexpr, RELU: tl.constexpr, FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
                               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     """All T reverse steps of BPTT for one batch tile: W_hh loaded once, dL/dh carried in registers."""
     rb, rh, mb, mh, offs = _row_tile(B, H, BLOCK_B, BLOCK_H)
@@ -321,7 +324,7 @@ def rnn_bwd_persistent_kernel(gy_ptr, ghl_ptr, out_ptr, w_ptr, len_ptr, dA_ptr, 
         d = tl.where((t < lens)[:, None], d, 0.0)
         d_store = d.to(dA_ptr.dtype.element_ty)
         tl.store(dA_t + offs, d_store, mask=m)
-        g = _dot(d_store.to(w.dtype), w, tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32), IEEE, DOT_FP32)
+        g = _dot(d_store.to(w.dtype), w, tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32), FP32_DOT, DOT_FP32)
         gy_t -= step
         h_t -= step
         dA_t -= step
@@ -344,6 +347,22 @@ def allow_tf32(dtype: torch.dtype, device_type: str = "cuda") -> bool:
 
 def ieee_dot(dtype: torch.dtype, device_type: str = "cuda") -> bool:
     return dtype == torch.float32 and not allow_tf32(dtype, device_type)
+
+
+def round_tf32(t: torch.Tensor) -> torch.Tensor:
+    """float32 -> nearest TF32 value (ties away from zero), as float32; the same rounding as the
+    kernels' _round_tf32. NaN stays NaN."""
+    bits = t.contiguous().view(torch.int32)
+    rounded = ((bits + 0x1000) & -8192).view(torch.float32)
+    return torch.where(torch.isnan(t), t, rounded)
+
+
+def _fp32_dot(dtype: torch.dtype, device_type: str, cfg: "Config") -> str:
+    if dtype != torch.float32:
+        return "ieee"  # unused: 16-bit operands
+    if allow_tf32(dtype, device_type):
+        return "tf32"
+    return cfg.fp32_dot or "ieee"
 
 
 def dot_in_fp32(dtype: torch.dtype) -> bool:
@@ -387,6 +406,7 @@ class Config(NamedTuple):
     num_stages: int = 3
     programs: int = 0  # 0: one per tile (step form) / min(tiles, SMs) (cooperative form)
     fast_tanh: bool | None = None
+    fp32_dot: str | None = None  # float32 with TF32 off: None/"ieee" (FMA), or "tf32x3"
 
 
 def _resident_programs(device: torch.device) -> int:
@@ -450,7 +470,7 @@ def rnn_forward(xp, w_hh, h0, image_term, lengths, nonlinearity, form=None, conf
         return out
     _check_int32_offsets(xp)
     dev = xp.device.type
-    relu, ieee, dot32 = nonlinearity == "relu", ieee_dot(xp.dtype, dev), dot_in_fp32(xp.dtype)
+    relu, dot32 = nonlinearity == "relu", dot_in_fp32(xp.dtype)
     has_img, has_len = image_term is not None, lengths is not None
     per_step = has_img and image_term.dim() == 3
     img = image_term if has_img else xp  # never read when absent
@@ -458,7 +478,10 @@ def rnn_forward(xp, w_hh, h0, image_term, lengths, nonlinearity, form=None, conf
     form = choose_form(H, xp.dtype, form, dev)
     cfg = config or default_config(B, H, xp.dtype, xp.device, form)
     tanh_approx = fast_tanh(xp.dtype, dev) if cfg.fast_tanh is None else cfg.fast_tanh
-    flags = dict(HAS_IMG=has_img, HAS_LEN=has_len, RELU=relu, IEEE=ieee, DOT_FP32=dot32, FAST_TANH=tanh_approx)
+    fp32_dot = _fp32_dot(xp.dtype, dev, cfg)
+    if fp32_dot == "tf32":
+        w_hh = round_tf32(w_hh)
+    flags = dict(HAS_IMG=has_img, HAS_LEN=has_len, RELU=relu, FP32_DOT=fp32_dot, DOT_FP32=dot32, FAST_TANH=tanh_approx)
     if form == "persistent":
         rnn_fwd_persistent_kernel[(triton.cdiv(B, cfg.block_b),)](
             xp, w_hh, h0, img, lens, out, T, B, H, IMG_PER_STEP=per_step, **flags,
@@ -489,12 +512,15 @@ def rnn_backward(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity, fo
     if T == 0:
         return dA, grad_h_last.clone()
     _check_int32_offsets(out)
-    relu, ieee, dot32 = nonlinearity == "relu", ieee_dot(out.dtype, out.device.type), dot_in_fp32(out.dtype)
+    relu, dot32 = nonlinearity == "relu", dot_in_fp32(out.dtype)
     has_len = lengths is not None
     lens = lengths if has_len else out
     form = choose_form(H, out.dtype, form, out.device.type)
-    flags = dict(HAS_LEN=has_len, RELU=relu, IEEE=ieee, DOT_FP32=dot32)
     cfg = config or default_config(B, H, out.dtype, out.device, form)
+    fp32_dot = _fp32_dot(out.dtype, out.device.type, cfg)
+    if fp32_dot == "tf32":
+        w_hh = round_tf32(w_hh)
+    flags = dict(HAS_LEN=has_len, RELU=relu, FP32_DOT=fp32_dot, DOT_FP32=dot32)
     if form == "persistent":
         rnn_bwd_persistent_kernel[(triton.cdiv(B, cfg.block_b),)](
             grad_out, grad_h_last, out, w_hh, lens, dA, dh0, T, B, H, **flags,

@@ -88,7 +88,10 @@ def _h_last(out, h0, lengths):
 def rnn_fwd(xp: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, image_term: Optional[torch.Tensor],
             lengths: Optional[torch.Tensor], nonlinearity: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (out [T, B, H], h_last [B, H])."""
-    be = _backends.select(backend, xp.device, xp.dtype)
+    return _forward(_backends.select(backend, xp.device, xp.dtype), xp, w_hh, h0, image_term, lengths, nonlinearity)
+
+
+def _forward(be, xp, w_hh, h0, image_term, lengths, nonlinearity):
     h0 = h0.contiguous()
     out = be.forward(xp.contiguous(), w_hh.contiguous(), h0, None if image_term is None else image_term.contiguous(),
                      lengths, nonlinearity)
@@ -123,11 +126,17 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_h_last):
+    return _input_grads(ctx, grad_out, grad_h_last, torch.ops.mmrnn.rnn_bwd)
+
+
+def _input_grads(ctx, grad_out, grad_h_last, bptt):
+    """The gradients of (xp, w_hh, h0, image_term) from BPTT's dA = dL/da and dh0; bptt is the
+    mmrnn::rnn_bwd op (compiled graphs) or the backend's backward called directly (eager)."""
     out, w_hh, h0, lengths = ctx.saved_tensors
     T, B, H = out.shape
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out
     grad_h_last = torch.zeros_like(h0) if grad_h_last is None else grad_h_last
-    dA, dh0 = torch.ops.mmrnn.rnn_bwd(grad_out, grad_h_last, out, h0, w_hh, lengths, ctx.nonlinearity, ctx.backend)
+    dA, dh0 = bptt(grad_out, grad_h_last, out, h0, w_hh, lengths, ctx.nonlinearity, ctx.backend)
     d_xp = d_w = d_h0 = d_img = None
     need_xp, need_w, need_h0, need_img = ctx.needs_input_grad[:4]
     if need_xp:
@@ -148,6 +157,27 @@ def _backward(ctx, grad_out, grad_h_last):
 rnn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerRecurrence(torch.autograd.Function):
+    """The same forward and backward as mmrnn::rnn_fwd and its registered autograd, for eager calls:
+    the custom op's dispatch costs some 0.5 ms of host time per training step, which a small GPU
+    problem cannot hide. torch.compile traces the custom op instead (see rnn_recurrence)."""
+
+    @staticmethod
+    def forward(ctx, xp, w_hh, h0, image_term, lengths, nonlinearity, backend):
+        be = _backends.select(backend, xp.device, xp.dtype)
+        out, h_last = _forward(be, xp, w_hh, h0, image_term, lengths, nonlinearity)
+        _setup_context(ctx, (xp, w_hh, h0, image_term, lengths, nonlinearity, backend), (out, h_last))
+        ctx.be = be
+        return out, h_last
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_h_last):
+        def bptt(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity, backend):
+            return ctx.be.backward(grad_out.contiguous(), grad_h_last.contiguous(), out, h0, w_hh, lengths, nonlinearity)
+
+        return _input_grads(ctx, grad_out, grad_h_last, bptt)
+
+
 def rnn_recurrence(xp, w_hh, h0=None, image_term=None, lengths=None, nonlinearity="tanh", backend="auto"):
     """The fused recurrence over a whole time-major sequence; differentiable in xp, w_hh, h0 and
     image_term. Returns (out [T, B, H], h_last [B, H]).
@@ -159,8 +189,8 @@ def rnn_recurrence(xp, w_hh, h0=None, image_term=None, lengths=None, nonlinearit
         h0 = xp.new_zeros(xp.shape[1], xp.shape[2])
     compiling = torch.compiler.is_compiling()
     check_recurrence_args(xp, w_hh, h0, image_term, lengths, nonlinearity, check_values=not compiling)
-    if not compiling:
-        _backends.select(backend, xp.device, xp.dtype)
     if lengths is not None:
         lengths = lengths.to(device=xp.device, dtype=torch.int64).contiguous()
-    return torch.ops.mmrnn.rnn_fwd(xp, w_hh, h0, image_term, lengths, nonlinearity, backend)
+    if compiling:
+        return torch.ops.mmrnn.rnn_fwd(xp, w_hh, h0, image_term, lengths, nonlinearity, backend)
+    return _EagerRecurrence.apply(xp, w_hh, h0, image_term, lengths, nonlinearity, backend)
