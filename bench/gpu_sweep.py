@@ -27,14 +27,14 @@ from mmrnn_ext import _backends  # noqa: E402
 from mmrnn_ext.bench import GPU_GRID, QUICK_GPU_GRID, machine_info  # noqa: E402
 from mmrnn_ext.reference import reference_backward, reference_forward  # noqa: E402
 
-# float32 runs with TF32 as torch has it by default (allowed); "float32-ieee" with TF32 off
+# float32 runs with TF32 as torch has it by default (allowed); "float32-notf32" with TF32 off
 DTYPES = {"bfloat16": (torch.bfloat16, 1e-2), "float16": (torch.float16, 1e-2), "float32": (torch.float32, 5e-4),
-          "float32-ieee": (torch.float32, 1e-5)}
+          "float32-notf32": (torch.float32, 1e-5)}
 
 
 def variants(kernels, B, H, dtype, device, wide, x3=False):
     """(form, Config) pairs to try at this size; wide: more tile configs, and the exact tanh;
-    x3: float32 with TF32 off also through Triton's three-pass TF32 dot."""
+    x3: float32 with TF32 off also through the FMA dot ("ieee"; the default splits by size)."""
     out = []
     if kernels.persistent_fits(H, dtype):
         pbase = kernels.default_config(B, H, dtype, device, "persistent")
@@ -42,9 +42,9 @@ def variants(kernels, B, H, dtype, device, wide, x3=False):
         if wide:
             out += [("persistent", pbase._replace(num_warps=8)), ("persistent", pbase._replace(fast_tanh=False))]
         if x3:
-            out.append(("persistent", pbase._replace(fp32_dot="tf32x3")))
+            out.append(("persistent", pbase._replace(fp32_dot="ieee")))
     base = kernels.default_config(B, H, dtype, device, "cooperative")
-    tries = [base] + ([base._replace(fp32_dot="tf32x3")] if x3 else [])
+    tries = [base] + ([base._replace(fp32_dot="ieee")] if x3 else [])
     if wide:
         tries += [base._replace(block_n=base.block_n * 2), base._replace(block_b=max(16, base.block_b // 2)),
                   base._replace(block_k=max(16, base.block_k // 2)), base._replace(fast_tanh=False)]
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("json")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--dtype", default="bfloat16,float16,float32,float32-ieee",
+    p.add_argument("--dtype", default="bfloat16,float16,float32,float32-notf32",
                    help="comma-separated; only bfloat16 tries the wider set of tile configs")
     p.add_argument("--shape", action="append", metavar="B,T,I,V,H", help="instead of the GPU grid (repeatable)")
     p.add_argument("--device", default="cuda", help="cuda; cpu runs the kernels through TRITON_INTERPRET=1 (a test)")
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         ghl64 = torch.randn(B, H, generator=g, dtype=torch.float64).to(dev)
         for dname in args.dtype.split(","):
             dtype, tol = DTYPES[dname]
-            tf32 = dname != "float32-ieee"
+            tf32 = dname != "float32-notf32"
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
             wide = dtype == torch.bfloat16
             xp, w, h0, img, gy, ghl = (t.to(dtype) for t in (xp64, w64, h064, img64, gy64, ghl64))
@@ -138,10 +138,10 @@ def main(argv=None) -> int:
                        "config": None if cfg is None else cfg._asdict(), "programs": programs,
                        "forward_ms": fwd_ms, "backward_ms": bwd_ms, "forward_us_per_step": 1e3 * fwd_ms / T,
                        "backward_us_per_step": 1e3 * bwd_ms / T, "relative_error": err, "relative_errors": errs, "ok": ok,
-                       "auto": kernels.choose_form(H, dtype, None, dev.type) == form and cfg == kernels.default_config(B, H, dtype, dev, form)}
+                       "auto": kernels.choose_form(H, dtype) == form and cfg == kernels.default_config(B, H, dtype, dev, form)}
                 rows.append(row)
                 c = (f"b{cfg.block_b} n{cfg.block_n} k{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} p{programs}"
-                     + (" exact-tanh" if cfg.fast_tanh is False else "") + (" tf32x3" if cfg.fp32_dot else ""))
+                     + (" exact-tanh" if cfg.fast_tanh is False else "") + (f" {cfg.fp32_dot}" if cfg.fp32_dot else ""))
                 print(f"{B},{T},{H} {dname:8s} {form:11s} {c:24s} fwd {fwd_ms:7.3f} ms ({row['forward_us_per_step']:5.2f} us/step)"
                       f"  bwd {bwd_ms:7.3f} ms  err {err:.1e}{'' if ok else '  FAILED'}{'  [auto]' if row['auto'] else ''}",
                       flush=True)

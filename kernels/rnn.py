@@ -357,12 +357,20 @@ def round_tf32(t: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(t), t, rounded)
 
 
-def _fp32_dot(dtype: torch.dtype, device_type: str, cfg: "Config") -> str:
+def _fp32_dot(dtype: torch.dtype, device_type: str, cfg: "Config", B: int, H: int, backward: bool) -> str:
+    """How float32 dots run: "tf32" where torch allows TF32; otherwise float32 accuracy either as
+    "tf32x3" (Triton's three-pass TF32 split on tensor cores: 3e-7 relative vs float64 at every
+    benchmark shape, like the FMA path, and 1.4-4.6x faster in the forward) or "ieee" (FMA), which
+    the backward keeps below 64x256 outputs per step, where it measured faster (bench/NOTES.md)."""
     if dtype != torch.float32:
         return "ieee"  # unused: 16-bit operands
     if allow_tf32(dtype, device_type):
         return "tf32"
-    return cfg.fp32_dot or "ieee"
+    if cfg.fp32_dot:
+        return cfg.fp32_dot
+    if device_type != "cuda":
+        return "ieee"
+    return "ieee" if backward and B * H < 64 * 256 else "tf32x3"
 
 
 def dot_in_fp32(dtype: torch.dtype) -> bool:
@@ -382,16 +390,15 @@ def persistent_fits(H: int, dtype: torch.dtype) -> bool:
     return triton.next_power_of_2(H) <= (128 if dtype == torch.float32 else 256)
 
 
-def choose_form(H: int, dtype: torch.dtype, form: str | None = None, device_type: str = "cuda") -> str:
-    """auto: persistent wherever W_hh fits on chip and the dot runs on tensor cores (one program per
-    batch tile runs the whole chain with no grid barrier: faster than the cooperative form at every
-    such size measured, bench/NOTES.md), else cooperative. A full-precision float32 dot would keep
-    W_hh in registers and spill (35 us per step at hidden 128): cooperative. step only on request."""
+def choose_form(H: int, dtype: torch.dtype, form: str | None = None) -> str:
+    """auto: persistent wherever W_hh fits on chip (one program per batch tile runs the whole chain
+    with no grid barrier: faster than the cooperative form at every such size measured,
+    bench/NOTES.md), else cooperative. step only on request."""
     form = form or os.environ.get("MMRNN_TRITON_FORM", "auto")
     if form not in FORMS:
         raise ValueError(f"form: expected one of {FORMS} (or MMRNN_TRITON_FORM unset), got {form!r}")
     if form == "auto":
-        return "persistent" if persistent_fits(H, dtype) and not ieee_dot(dtype, device_type) else "cooperative"
+        return "persistent" if persistent_fits(H, dtype) else "cooperative"
     return form
 
 
@@ -406,7 +413,7 @@ class Config(NamedTuple):
     num_stages: int = 3
     programs: int = 0  # 0: one per tile (step form) / min(tiles, SMs) (cooperative form)
     fast_tanh: bool | None = None
-    fp32_dot: str | None = None  # float32 with TF32 off: None/"ieee" (FMA), or "tf32x3"
+    fp32_dot: str | None = None  # float32 with TF32 off: None (by size, see _fp32_dot), "ieee" or "tf32x3"
 
 
 def _resident_programs(device: torch.device) -> int:
@@ -475,10 +482,10 @@ def rnn_forward(xp, w_hh, h0, image_term, lengths, nonlinearity, form=None, conf
     per_step = has_img and image_term.dim() == 3
     img = image_term if has_img else xp  # never read when absent
     lens = lengths if has_len else xp
-    form = choose_form(H, xp.dtype, form, dev)
+    form = choose_form(H, xp.dtype, form)
     cfg = config or default_config(B, H, xp.dtype, xp.device, form)
     tanh_approx = fast_tanh(xp.dtype, dev) if cfg.fast_tanh is None else cfg.fast_tanh
-    fp32_dot = _fp32_dot(xp.dtype, dev, cfg)
+    fp32_dot = _fp32_dot(xp.dtype, dev, cfg, B, H, backward=False)
     if fp32_dot == "tf32":
         w_hh = round_tf32(w_hh)
     flags = dict(HAS_IMG=has_img, HAS_LEN=has_len, RELU=relu, FP32_DOT=fp32_dot, DOT_FP32=dot32, FAST_TANH=tanh_approx)
@@ -515,9 +522,9 @@ def rnn_backward(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity, fo
     relu, dot32 = nonlinearity == "relu", dot_in_fp32(out.dtype)
     has_len = lengths is not None
     lens = lengths if has_len else out
-    form = choose_form(H, out.dtype, form, out.device.type)
+    form = choose_form(H, out.dtype, form)
     cfg = config or default_config(B, H, out.dtype, out.device, form)
-    fp32_dot = _fp32_dot(out.dtype, out.device.type, cfg)
+    fp32_dot = _fp32_dot(out.dtype, out.device.type, cfg, B, H, backward=True)
     if fp32_dot == "tf32":
         w_hh = round_tf32(w_hh)
     flags = dict(HAS_LEN=has_len, RELU=relu, FP32_DOT=fp32_dot, DOT_FP32=dot32)

@@ -91,9 +91,7 @@ def test_forms_agree_and_choice_by_size():
     require("triton")
     from mmrnn_ext import kernels
 
-    tf32 = kernels.allow_tf32(torch.float32)
-    assert kernels.choose_form(128, torch.float32) == ("persistent" if tf32 else "cooperative")
-    assert kernels.choose_form(128, torch.float32, device_type="cpu") == "cooperative"  # no TF32 on CPU tensors
+    assert kernels.choose_form(128, torch.float32) == "persistent"
     assert kernels.choose_form(256, torch.float32) == "cooperative"
     assert kernels.choose_form(256, torch.bfloat16) == "persistent"
     assert kernels.choose_form(512, torch.bfloat16) == "cooperative"
@@ -291,7 +289,7 @@ def test_gpu_sweep_script_runs_through_the_interpreter(tmp_path):
     out = tmp_path / "sweep.json"
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
-        assert sweep.main([str(out), "--device", "cpu", "--shape", "3,2,0,0,20", "--dtype", "bfloat16,float32-ieee"]) == 0
+        assert sweep.main([str(out), "--device", "cpu", "--shape", "3,2,0,0,20", "--dtype", "bfloat16,float32-notf32"]) == 0
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     rows = json.loads(out.read_text())["rows"]
