@@ -1,54 +1,119 @@
-"""The GPU issue's targets from the two bench JSONs that bench/gpu_check.sh writes:
+"""The GPU issue's tables from the JSONs that bench/gpu_check.sh writes:
 
-    python3 bench/gpu_summary.py DIR     (DIR holds bench_default.json and bench_tf32_off.json)
+    python3 bench/gpu_summary.py DIR [PREFIX]
 
-bf16: >= 5x PyTorch's bf16 nn.RNN and >= 1.0x cuDNN fp16; fp32: >= 1.0x cuDNN fp32 at the same TF32
-setting; batch 1 (1,1024,64,64,256): <= 1.5 us per step, bf16 forward. Every cell as measured."""
+DIR holds PREFIXbench_default.json, PREFIXbench_tf32_off.json and (optionally) PREFIXsweep.json;
+the committed copies are bench/results/gpu_h100_*.json (PREFIX gpu_h100_). Prints three markdown
+tables: every provider side by side (ms), the targets as ratios, and the kernels alone per step.
+
+Targets: bf16 >= 5x PyTorch's bf16 nn.RNN and >= 1.0x cuDNN fp16; fp32 >= 1.0x cuDNN fp32 at the same
+TF32 setting; batch 1 (1,1024,64,64,256): <= 1.5 us per step, bf16 forward. Every cell as measured."""
 import json
 import os
 import sys
 
+STOCK = "nn.RNN(concat)"
+OURS = "mmrnn_ext"
+BATCH1 = (1, 1024, 64, 64, 256)
 
-def _ms(rows, shape, dtype, provider, pass_name):
-    for r in rows:
+
+def load(directory: str, prefix: str = "") -> dict:
+    def read(name):
+        path = os.path.join(directory, prefix + name)
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+    return {"default": read("bench_default.json"), "off": read("bench_tf32_off.json"), "sweep": read("sweep.json")}
+
+
+def _ms(result, shape, dtype, provider, pass_name):
+    if result is None:
+        return None
+    for r in result["rows"]:
         if tuple(r["shape"]) == shape and r["dtype"] == dtype and r["provider"] == provider and r["pass"] == pass_name:
             return r["ms"]
     return None
 
 
-def summarize(directory):
-    lines = []
-    with open(os.path.join(directory, "bench_default.json")) as f:
-        default = json.load(f)
-    off_path = os.path.join(directory, "bench_tf32_off.json")
-    off = json.load(open(off_path)) if os.path.exists(off_path) else None
-    rows = default["rows"]
-    lines.append(f"device: {default['machine']['device']}; torch {default['machine']['torch']}, "
-                 f"triton {default['machine'].get('triton')}, cuDNN {default['machine'].get('cudnn')}")
-    shapes = list(dict.fromkeys(tuple(r["shape"]) for r in rows))
-    lines.append("| shape | pass | bf16 ours ms | vs PyTorch bf16 (>=5x) | vs cuDNN fp16 (>=1x) | fp32 ours ms (TF32 default) | vs cuDNN fp32 (>=1x) | fp32 ours ms (TF32 off) | vs cuDNN fp32 TF32 off (>=1x) |")
-    lines.append("|" + " --- |" * 9)
+def _fmt(v):
+    return "n/a" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
 
-    def ratio(a, b):
-        return f"{b / a:.2f}x" if a and b else "n/a"
 
+def _ratio(ours, theirs, target):
+    if not ours or not theirs:
+        return "n/a"
+    x = theirs / ours
+    return f"{x:.2f}x" + ("" if x >= target else " (missed)")
+
+
+def header(data: dict) -> str:
+    m = data["default"]["machine"]
+    return (f"{m['device']}; torch {m['torch']}, triton {m.get('triton')}, cuDNN {m.get('cudnn')}; "
+            f"{m['date'][:10]}; median ms of triton.testing.do_bench, all providers in one process")
+
+
+def side_by_side(data: dict) -> str:
+    d, off = data["default"], data["off"]
+    shapes = list(dict.fromkeys(tuple(r["shape"]) for r in d["rows"]))
+    lines = ["| shape (B,T,I,V,H) | pass | cuDNN fp32 (TF32 default) | ours fp32 (TF32 default) | cuDNN fp32 (TF32 off) "
+             "| ours fp32 (TF32 off) | cuDNN fp16 | ours fp16 | PyTorch bf16 | ours bf16 | eager loop fp32 |",
+             "|" + " --- |" * 11]
     for shape in shapes:
         for p in ("forward", "forward+backward"):
-            bf = _ms(rows, shape, "bfloat16", "mmrnn_ext", p)
-            torch_bf = _ms(rows, shape, "bfloat16", "nn.RNN(concat)", p)
-            cudnn_h = _ms(rows, shape, "float16", "nn.RNN(concat)", p)
-            f32 = _ms(rows, shape, "float32", "mmrnn_ext", p)
-            cudnn_f = _ms(rows, shape, "float32", "nn.RNN(concat)", p)
-            f32_off = _ms(off["rows"], shape, "float32", "mmrnn_ext", p) if off else None
-            cudnn_off = _ms(off["rows"], shape, "float32", "nn.RNN(concat)", p) if off else None
-            fmt = lambda v: f"{v:.3f}" if v else "n/a"  # noqa: E731
-            lines.append(f"| {','.join(map(str, shape))} | {p} | {fmt(bf)} | {ratio(bf, torch_bf)} | {ratio(bf, cudnn_h)} | "
-                         f"{fmt(f32)} | {ratio(f32, cudnn_f)} | {fmt(f32_off)} | {ratio(f32_off, cudnn_off)} |")
-    b1 = _ms(rows, (1, 1024, 64, 64, 256), "bfloat16", "mmrnn_ext", "forward")
-    if b1:
-        lines.append(f"\nbatch 1 (1,1024,64,64,256) bf16 forward: {1000 * b1 / 1024:.2f} us per step (target <= 1.5)")
+            cells = [_ms(d, shape, "float32", STOCK, p), _ms(d, shape, "float32", OURS, p),
+                     _ms(off, shape, "float32", STOCK, p), _ms(off, shape, "float32", OURS, p),
+                     _ms(d, shape, "float16", STOCK, p), _ms(d, shape, "float16", OURS, p),
+                     _ms(d, shape, "bfloat16", STOCK, p), _ms(d, shape, "bfloat16", OURS, p),
+                     _ms(d, shape, "float32", "eager loop", p)]
+            lines.append(f"| {','.join(map(str, shape))} | {p} | " + " | ".join(_fmt(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
+def targets(data: dict) -> str:
+    d, off = data["default"], data["off"]
+    shapes = list(dict.fromkeys(tuple(r["shape"]) for r in d["rows"]))
+    lines = ["| shape (B,T,I,V,H) | pass | bf16 vs PyTorch bf16 (>= 5x) | bf16 vs cuDNN fp16 (>= 1x) "
+             "| fp32 vs cuDNN fp32, TF32 default (>= 1x) | fp32 vs cuDNN fp32, TF32 off (>= 1x) |",
+             "|" + " --- |" * 6]
+    for shape in shapes:
+        for p in ("forward", "forward+backward"):
+            bf = _ms(d, shape, "bfloat16", OURS, p)
+            lines.append(f"| {','.join(map(str, shape))} | {p} | "
+                         f"{_ratio(bf, _ms(d, shape, 'bfloat16', STOCK, p), 5.0)} | "
+                         f"{_ratio(bf, _ms(d, shape, 'float16', STOCK, p), 1.0)} | "
+                         f"{_ratio(_ms(d, shape, 'float32', OURS, p), _ms(d, shape, 'float32', STOCK, p), 1.0)} | "
+                         f"{_ratio(_ms(off, shape, 'float32', OURS, p), _ms(off, shape, 'float32', STOCK, p), 1.0)} |")
+    b1 = _ms(d, BATCH1, "bfloat16", OURS, "forward")
+    if b1:
+        per_step = 1000 * b1 / BATCH1[1]
+        lines += ["", f"Batch 1 {BATCH1}, bf16 forward (whole module): {per_step:.2f} us per step "
+                      f"(target <= 1.5: {'met' if per_step <= 1.5 else 'missed'})."]
+    return "\n".join(lines)
+
+
+def kernels_alone(data: dict) -> str:
+    sweep = data["sweep"]
+    if not sweep:
+        return ""
+    lines = ["| shape (B,T,H) | dtype | form (auto) | programs | fwd us/step | bwd us/step | rel. error vs fp64 |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sweep["rows"]:
+        if not r["auto"]:
+            continue
+        B, T, _, _, H = r["shape"]
+        lines.append(f"| {B},{T},{H} | {r['dtype']} | {r['form']} | {r['programs']} | "
+                     f"{r['forward_us_per_step']:.2f} | {r['backward_us_per_step']:.2f} | {r['relative_error']:.1e} |")
+    return "\n".join(lines)
+
+
+def summarize(data: dict) -> str:
+    parts = [header(data), "", side_by_side(data), "", targets(data)]
+    alone = kernels_alone(data)
+    if alone:
+        parts += ["", "The kernels alone (bench/gpu_sweep.py, default choice per size):", "", alone]
+    return "\n".join(parts)
+
+
 if __name__ == "__main__":
-    print(summarize(sys.argv[1] if len(sys.argv) > 1 else "."))
+    print(summarize(load(sys.argv[1] if len(sys.argv) > 1 else ".", sys.argv[2] if len(sys.argv) > 2 else "")))

@@ -5,7 +5,9 @@
 The CPU performance section (between <!-- cpu-table:start/end -->) from bench/results/cpu.json:
 the machine, the table (mmrnn-bench --markdown), the recurrence-vs-torch.mm figures and the plot.
 The training results (between <!-- train-table:start/end -->) from
-bench/results/train_quick_ablate.json (mmrnn-train --quick --ablate --json ...)."""
+bench/results/train_quick_ablate.json (mmrnn-train --quick --ablate --json ...).
+The GPU section (between <!-- gpu-table:start/end -->) from bench/results/gpu_h100_*.json, the
+files bench/gpu_check.sh wrote on a lent H100 (tables by bench/gpu_summary.py)."""
 import json
 import os
 import sys
@@ -17,6 +19,36 @@ from mmrnn_ext.bench import markdown_table  # noqa: E402
 
 START, END = "<!-- cpu-table:start -->", "<!-- cpu-table:end -->"
 TRAIN_START, TRAIN_END = "<!-- train-table:start -->", "<!-- train-table:end -->"
+GPU_START, GPU_END = "<!-- gpu-table:start -->", "<!-- gpu-table:end -->"
+GPU_PREFIX = "gpu_h100_"
+
+GPU_NOTES = """Where the time goes, per step of the recurrence (the kernels-alone table; FLOPs = 2·B·H²):
+
+- **Small hidden sizes (hidden 128/256, persistent form) are latency-bound.** At (16,·,·,·,128) a step is
+  0.5 MFLOP and 8 KB — nanoseconds of arithmetic and bandwidth — yet takes 1.1 µs (bf16): the chain
+  dot → tanh → re-layout of h into the next dot's operand → next dot, inside one program. cuDNN's
+  persistent small-hidden kernel runs the same step in about 0.8 µs (fp16, input GEMM included), hence
+  the misses against cuDNN fp16 and fp32 at hidden 128/256; against PyTorch's bf16 (a per-step op loop)
+  it is 6.6–17×. In forward+backward the rest of a training step (autograd, the projections' GEMMs and
+  their launches) weighs on these short problems: at (16,256,·,·,128) bf16 the two recurrence kernels
+  alone take 0.44 ms of the 1.15 ms step.
+- **Large hidden sizes (cooperative form) are bound by L2 traffic and the grid barrier.** At
+  (256,·,·,·,1024) bf16 each of 128 programs re-reads its 64 rows of h_{t-1} (128 KB) and its 32 columns
+  of W_hh (64 KB) from L2 every step: 24.6 MB per step, which at the ~5 TB/s L2 bandwidth is the 5.0 µs
+  measured; the arithmetic (0.54 GFLOP) would take 0.7 µs on the tensor cores and the HBM floor (read
+  x_t, write h_t) is 0.35 µs. The barrier and the chain cost ~2 µs per step on their own (the smallest cooperative problem,
+  (16,·,·,·,128) bf16, took 2.0 µs). That is the miss against PyTorch's bf16 at the largest shape: its
+  per-step loop runs full-size cuBLAS GEMMs there. Keeping W_hh on chip across steps would cut a third of the traffic;
+  Triton places a loaded W_hh in registers (it spills beyond 128 KB), so that needs a different kernel.
+- **float32** moves twice the bytes of bf16 through the same chain; with TF32 allowed cuDNN's fp32 RNN
+  is the strongest anchor at small hidden sizes (0.14 ms at (16,256,·,·,128)).
+
+Run-to-run spread: three device runs timed the same bf16 kernels (bench/NOTES.md; the host path of
+eager calls got lighter after the first). Cells bound by host work, or by the PyTorch baseline's own
+per-step loop, moved: bf16 vs PyTorch bf16 at (64,256,512,1024,512) 4.5–6.3× forward and 4.4–6.0×
+forward+backward (so neither 5× is robust), at (256,128,1024,2048,1024) 2.4–3.7×; bf16 vs cuDNN fp16 at
+hidden 128/256 0.43–0.82×. bf16 vs cuDNN fp16 at hidden 512/1024 and at batch 1 (1.16–3.3×), bf16 vs
+PyTorch bf16 at hidden 128/256 (5.5× and more) and the batch-1 step time (1.40–1.41 µs) held in every run."""
 
 
 def section(result: dict, json_rel: str, png_rel: str) -> str:
@@ -55,6 +87,29 @@ def train_section(result: dict, json_rel: str, machine: str) -> str:
     return "\n".join(lines)
 
 
+def gpu_section() -> str | None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_summary", os.path.join(ROOT, "bench", "gpu_summary.py"))
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    data = summary.load(os.path.join(ROOT, "bench", "results"), GPU_PREFIX)
+    if data["default"] is None:
+        return None
+    files = ", ".join(f"`bench/results/{GPU_PREFIX}{n}`" for n in ("bench_default.json", "bench_tf32_off.json",
+                                                                     "sweep.json", "check.log"))
+    lines = [f"Measured on {summary.header(data)}. Sources: {files} — written by `bash bench/gpu_check.sh` "
+             "(GPU tests, kernel sweep, both benchmark runs, in one call), tables by "
+             f"`python bench/gpu_summary.py bench/results {GPU_PREFIX}`. \"cuDNN\" = nn.RNN on the input "
+             "concatenated with the image (cuDNN's RNN; in bf16, which cuDNN does not take, PyTorch's per-step "
+             "fallback). Milliseconds:", "",
+             summary.side_by_side(data), "", "The issue's targets (x = their time / ours):", "",
+             summary.targets(data), "", "The kernels alone (`bench/gpu_sweep.py`: the size rule's choice, each "
+             "checked against float64 at the benchmark shape before timing):", "", summary.kernels_alone(data), "",
+             GPU_NOTES, "", f"![GPU speedups](bench/results/{GPU_PREFIX}bench.png)"]
+    return "\n".join(lines)
+
+
 def _replace(text: str, start: str, end: str, body: str) -> str:
     head, rest = text.split(start)
     _, tail = rest.split(end)
@@ -76,6 +131,9 @@ def main():
             trained = json.load(f)
         machine = f"{result['machine']['device']}, {result['machine']['cpu_cores']} cores"
         text = _replace(text, TRAIN_START, TRAIN_END, train_section(trained, os.path.relpath(train_path, ROOT), machine))
+    gpu = gpu_section()
+    if gpu:
+        text = _replace(text, GPU_START, GPU_END, gpu)
     with open(readme_path, "w") as f:
         f.write(text)
 

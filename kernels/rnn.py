@@ -1,19 +1,25 @@
-"""Triton kernels of the fused recurrence, forward and BPTT backward, in two forms:
+"""Triton kernels of the fused recurrence, forward and BPTT backward, in three forms of one step
+(h_{t-1} @ W_hh^T + projected input + image term, tanh/relu, lengths mask):
 
-* step form: one launch per time step, grid over (batch tiles, hidden tiles); each program does
-  its tile of h_{t-1} @ W_hh^T, adds the projected input and image term, applies the nonlinearity
-  and the lengths mask, and writes h_t. The host loop allocates nothing and never syncs, so the
-  whole sequence can be captured in one CUDA graph.
-* persistent form: ONE launch for all T steps; each program owns a batch tile and the full hidden
-  row, loads W_hh once before the time loop and carries h on chip between steps. Chosen when W_hh
-  fits on chip: hidden <= 256 in 16-bit dtypes, <= 128 in float32 (beyond that Triton's shared
-  memory for the loaded W_hh exceeds a Hopper SM's 227 KB).
+* persistent form: ONE launch for all T steps; each program owns 16 batch rows and the full hidden
+  row, loads W_hh once before the time loop and carries h in registers between steps. Chosen
+  wherever W_hh fits on chip: hidden <= 256 in 16-bit dtypes, <= 128 in float32 (beyond that
+  Triton's shared memory for the loaded W_hh exceeds a Hopper SM's 227 KB).
+* cooperative form: ONE launch for all T steps; the [B, H] state is split in [block_b, block_n]
+  tiles over at most one program per SM (all resident at once: a cooperative launch where Triton
+  offers it), each step reads h_{t-1} from L2 and a grid barrier (an atomic counter) separates the
+  steps. Chosen for every size the persistent form cannot hold.
+* step form: one launch per time step, grid over (batch tiles, hidden tiles), the same tile code
+  as the cooperative form. The host loop allocates nothing and never syncs, so the whole sequence
+  can be captured in one CUDA graph. Only on request (launch-bound otherwise).
 
 Contract (time-major; see mmrnn_ext/reference.py): rnn_forward -> out [T, B, H];
 rnn_backward -> (dA [T, B, H], dh0 [B, H]). Dots accumulate in float32. For float32 inputs the
 dots use TF32 only where the user allowed TF32 to torch (torch.backends.cudnn.allow_tf32, which
-nn.RNN follows through cuDNN, or torch.backends.cuda.matmul.allow_tf32); otherwise full precision.
-The form is chosen by size; MMRNN_TRITON_FORM=step|persistent (or form=...) overrides it.
+nn.RNN follows through cuDNN, or torch.backends.cuda.matmul.allow_tf32), with the operands rounded
+to TF32 first; otherwise float32 accuracy (see _fp32_dot). The form is chosen by size;
+MMRNN_TRITON_FORM=persistent|cooperative|step (or form=...) overrides it. The tile choices were
+measured on an H100 (bench/NOTES.md, bench/results/gpu_h100_sweep.json).
 """
 from __future__ import annotations
 
@@ -359,9 +365,10 @@ def round_tf32(t: torch.Tensor) -> torch.Tensor:
 
 def _fp32_dot(dtype: torch.dtype, device_type: str, cfg: "Config", B: int, H: int, backward: bool) -> str:
     """How float32 dots run: "tf32" where torch allows TF32; otherwise float32 accuracy either as
-    "tf32x3" (Triton's three-pass TF32 split on tensor cores: 3e-7 relative vs float64 at every
-    benchmark shape, like the FMA path, and 1.4-4.6x faster in the forward) or "ieee" (FMA), which
-    the backward keeps below 64x256 outputs per step, where it measured faster (bench/NOTES.md)."""
+    "tf32x3" (Triton's three-pass TF32 split on tensor cores: 2.4-3.5e-7 relative vs float64 at the
+    benchmark shapes, no worse than FMA's 2.4-6.9e-7, and 1.1-4.7x faster in the forward) or "ieee"
+    (FMA), which the backward keeps below 64x256 outputs per step, where it measured faster
+    (bench/NOTES.md)."""
     if dtype != torch.float32:
         return "ieee"  # unused: 16-bit operands
     if allow_tf32(dtype, device_type):
@@ -425,7 +432,7 @@ def _resident_programs(device: torch.device) -> int:
 
 
 def default_config(B: int, H: int, dtype: torch.dtype, device: torch.device, form: str) -> Config:
-    """The tiles the sweep on an H100 chose (bench/NOTES.md, bench/results/gpu_sweep_h100.json)."""
+    """The tiles the sweep on an H100 chose (bench/NOTES.md, bench/results/gpu_h100_sweep.json)."""
     hp = max(_MIN_DOT, triton.next_power_of_2(H))
     if form == "persistent":  # 4 warps: faster than 8 at hidden 128 and 256 in both passes
         return Config(_MIN_DOT, hp, hp, 4)
