@@ -351,10 +351,6 @@ def allow_tf32(dtype: torch.dtype, device_type: str = "cuda") -> bool:
             and bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32))
 
 
-def ieee_dot(dtype: torch.dtype, device_type: str = "cuda") -> bool:
-    return dtype == torch.float32 and not allow_tf32(dtype, device_type)
-
-
 def round_tf32(t: torch.Tensor) -> torch.Tensor:
     """float32 -> nearest TF32 value (ties away from zero), as float32; the same rounding as the
     kernels' _round_tf32. NaN stays NaN."""

@@ -296,3 +296,36 @@ def test_gpu_sweep_script_runs_through_the_interpreter(tmp_path):
     assert {r["form"] for r in rows} == {"persistent", "cooperative"}
     assert all(r["ok"] and r["forward_ms"] > 0 and r["backward_ms"] > 0 for r in rows)
     assert sum(r["auto"] for r in rows if r["dtype"] == "bfloat16") == 1
+
+
+@needs_interpreter
+def test_tf32_rounding_host_and_kernel_agree():
+    """W_hh is rounded on the host, h in the kernel: both must give the same TF32 value — the nearest
+    (ties away from zero), within 2^-11 relative — and keep NaN and infinities."""
+    require("triton")
+    import triton
+    import triton.language as tl
+    from mmrnn_ext.kernels import rnn
+
+    globals()["_round_tf32"] = rnn._round_tf32  # a jit function resolves names in its module's globals
+
+    @triton.jit
+    def round_kernel(x_ptr, y_ptr, N: tl.constexpr):
+        r = tl.arange(0, N)
+        tl.store(y_ptr + r, _round_tf32(tl.load(x_ptr + r)))  # noqa: F821
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(256, generator=g) * torch.logspace(-30, 30, 256)
+    x[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 1 + 2 ** -11, -(1 + 2 ** -11)])
+    host = rnn.round_tf32(x)
+    dev = torch.empty_like(x)
+    round_kernel[(1,)](x, dev, N=256)
+    assert torch.equal(host.isnan(), x.isnan()) and torch.equal(dev.isnan(), x.isnan())
+    finite = x.isfinite()
+    assert torch.equal(host[~x.isnan()], dev[~x.isnan()])
+    assert host[1] == float("inf") and host[2] == -float("inf")
+    assert host[4] == 1 + 2 ** -10 and host[5] == -(1 + 2 ** -10)  # a tie rounds away from zero
+    rel = ((host[finite] - x[finite]).abs() / x[finite].abs().clamp_min(1e-38))
+    assert rel.max() <= 2 ** -11
+    mantissa_low = host[finite].view(torch.int32) & 0x1FFF
+    assert (mantissa_low == 0).all()  # exactly representable in TF32
