@@ -403,8 +403,11 @@ def plot(result: dict, path: str) -> None:
     rows = result["rows"]
     others = [p for p in dict.fromkeys(r["provider"] for r in rows) if p != OURS]
     labels = list(dict.fromkeys((tuple(r["shape"]), r["dtype"]) for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(labels) * 2), 4.8), sharey=True)
+    fig, axes = plt.subplots(2, 1, figsize=(min(18, max(8, 1.1 * len(labels) + 3)), 9), sharey=True)
     width = 0.8 / max(1, len(others))
+    speedups = [r["speedup_of_mmrnn_ext"] for r in rows if r["provider"] != OURS] or [1.0]
+    ticks = [t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500)
+             if min(speedups) / 2 <= t <= max(speedups) * 2]
     for ax, pass_name in zip(axes, PASSES):
         for i, p in enumerate(others):
             ys = []
@@ -415,14 +418,18 @@ def plot(result: dict, path: str) -> None:
             ax.bar([j + i * width for j in range(len(labels))], ys, width, label=p)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.grid(axis="y", linewidth=0.3)
         ax.set_title(pass_name)
         ax.set_xticks([j + width * (len(others) - 1) / 2 for j in range(len(labels))])
-        ax.set_xticklabels([f"{','.join(map(str, s))}\n{d}" for s, d in labels], fontsize=7)
-        ax.set_xlabel("shape (B,T,I,V,H), dtype")
-    axes[0].set_ylabel("speedup of mmrnn_ext (provider time / ours)")
-    axes[1].legend(fontsize=8)
+        ax.set_xticklabels([f"{','.join(map(str, s[:3]))},\n{','.join(map(str, s[3:]))}\n{d}" for s, d in labels],
+                           fontsize=7)
+    axes[1].set_xlabel("shape (B,T,I,V,H), dtype")
+    for ax in axes:
+        ax.set_ylabel("provider time / mmrnn_ext's")
+    axes[0].legend(fontsize=8)
     fig.suptitle(f"mmrnn_ext speedup — {result['machine']['device']}, torch {result['machine']['torch']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
