@@ -53,37 +53,40 @@ def header(data: dict) -> str:
             f"{m['date'][:10]}; median ms of triton.testing.do_bench, all providers in one process")
 
 
+def _cells(data: dict):
+    """(shape, pass) for every benchmark row, in the order they ran."""
+    for shape in dict.fromkeys(tuple(r["shape"]) for r in data["default"]["rows"]):
+        for p in ("forward", "forward+backward"):
+            yield shape, p
+
+
 def side_by_side(data: dict) -> str:
     d, off = data["default"], data["off"]
-    shapes = list(dict.fromkeys(tuple(r["shape"]) for r in d["rows"]))
     lines = ["| shape (B,T,I,V,H) | pass | cuDNN fp32 (TF32 default) | ours fp32 (TF32 default) | cuDNN fp32 (TF32 off) "
              "| ours fp32 (TF32 off) | cuDNN fp16 | ours fp16 | PyTorch bf16 | ours bf16 | eager loop fp32 |",
              "|" + " --- |" * 11]
-    for shape in shapes:
-        for p in ("forward", "forward+backward"):
-            cells = [_ms(d, shape, "float32", STOCK, p), _ms(d, shape, "float32", OURS, p),
-                     _ms(off, shape, "float32", STOCK, p), _ms(off, shape, "float32", OURS, p),
-                     _ms(d, shape, "float16", STOCK, p), _ms(d, shape, "float16", OURS, p),
-                     _ms(d, shape, "bfloat16", STOCK, p), _ms(d, shape, "bfloat16", OURS, p),
-                     _ms(d, shape, "float32", "eager loop", p)]
-            lines.append(f"| {','.join(map(str, shape))} | {p} | " + " | ".join(_fmt(c) for c in cells) + " |")
+    for shape, p in _cells(data):
+        cells = [_ms(d, shape, "float32", STOCK, p), _ms(d, shape, "float32", OURS, p),
+                 _ms(off, shape, "float32", STOCK, p), _ms(off, shape, "float32", OURS, p),
+                 _ms(d, shape, "float16", STOCK, p), _ms(d, shape, "float16", OURS, p),
+                 _ms(d, shape, "bfloat16", STOCK, p), _ms(d, shape, "bfloat16", OURS, p),
+                 _ms(d, shape, "float32", "eager loop", p)]
+        lines.append(f"| {','.join(map(str, shape))} | {p} | " + " | ".join(_fmt(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
 def targets(data: dict) -> str:
     d, off = data["default"], data["off"]
-    shapes = list(dict.fromkeys(tuple(r["shape"]) for r in d["rows"]))
     lines = ["| shape (B,T,I,V,H) | pass | bf16 vs PyTorch bf16 (>= 5x) | bf16 vs cuDNN fp16 (>= 1x) "
              "| fp32 vs cuDNN fp32, TF32 default (>= 1x) | fp32 vs cuDNN fp32, TF32 off (>= 1x) |",
              "|" + " --- |" * 6]
-    for shape in shapes:
-        for p in ("forward", "forward+backward"):
-            bf = _ms(d, shape, "bfloat16", OURS, p)
-            lines.append(f"| {','.join(map(str, shape))} | {p} | "
-                         f"{_ratio(bf, _ms(d, shape, 'bfloat16', STOCK, p), 5.0)} | "
-                         f"{_ratio(bf, _ms(d, shape, 'float16', STOCK, p), 1.0)} | "
-                         f"{_ratio(_ms(d, shape, 'float32', OURS, p), _ms(d, shape, 'float32', STOCK, p), 1.0)} | "
-                         f"{_ratio(_ms(off, shape, 'float32', OURS, p), _ms(off, shape, 'float32', STOCK, p), 1.0)} |")
+    for shape, p in _cells(data):
+        bf = _ms(d, shape, "bfloat16", OURS, p)
+        lines.append(f"| {','.join(map(str, shape))} | {p} | "
+                     f"{_ratio(bf, _ms(d, shape, 'bfloat16', STOCK, p), 5.0)} | "
+                     f"{_ratio(bf, _ms(d, shape, 'float16', STOCK, p), 1.0)} | "
+                     f"{_ratio(_ms(d, shape, 'float32', OURS, p), _ms(d, shape, 'float32', STOCK, p), 1.0)} | "
+                     f"{_ratio(_ms(off, shape, 'float32', OURS, p), _ms(off, shape, 'float32', STOCK, p), 1.0)} |")
     b1 = _ms(d, BATCH1, "bfloat16", OURS, "forward")
     if b1:
         per_step = 1000 * b1 / BATCH1[1]

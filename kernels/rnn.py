@@ -23,6 +23,7 @@ measured on an H100 (bench/NOTES.md, bench/results/gpu_h100_sweep.json).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -407,14 +408,12 @@ def choose_form(H: int, dtype: torch.dtype, form: str | None = None) -> str:
 
 class Config(NamedTuple):
     """Tile of a form: [block_b, block_n] outputs per program (persistent: block_n = the padded
-    hidden row), K loop of block_k; programs = the launch's grid size (cooperative form: at most the
-    SM count); fast_tanh: None = by dtype and device (see fast_tanh)."""
+    hidden row), K loop of block_k; fast_tanh: None = by dtype and device (see fast_tanh)."""
     block_b: int
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
-    programs: int = 0  # 0: one per tile (step form) / min(tiles, SMs) (cooperative form)
     fast_tanh: bool | None = None
     fp32_dot: str | None = None  # float32 with TF32 off: None (by size, see _fp32_dot), "ieee" or "tf32x3"
 
@@ -445,25 +444,26 @@ def default_config(B: int, H: int, dtype: torch.dtype, device: torch.device, for
     return Config(block_b, block_n, block_k)
 
 
-def _launch_options(device: torch.device) -> dict:
-    """The cooperative form asks the driver for a cooperative launch where this Triton offers it: the
-    launch then fails, rather than hangs, if its programs could not all be resident at once."""
-    if device.type != "cuda":
-        return {}
+@functools.lru_cache(maxsize=None)
+def _cooperative_launch_supported() -> bool:
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
     except ImportError:
-        return {}
-    return {"launch_cooperative_grid": True} if "launch_cooperative_grid" in CUDAOptions.__dataclass_fields__ else {}
+        return False
+    return "launch_cooperative_grid" in CUDAOptions.__dataclass_fields__
+
+
+def _launch_options(device: torch.device) -> dict:
+    """The cooperative form asks the driver for a cooperative launch where this Triton offers it: the
+    launch then fails, rather than hangs, if its programs could not all be resident at once."""
+    return {"launch_cooperative_grid": True} if device.type == "cuda" and _cooperative_launch_supported() else {}
 
 
 def _grid(cfg: Config, B: int, H: int, device: torch.device, form: str):
     tiles_b, tiles_n = triton.cdiv(B, cfg.block_b), triton.cdiv(H, cfg.block_n)
     if form == "step":
         return (tiles_b, tiles_n)
-    slots = _resident_programs(device)
-    programs = min(tiles_b * tiles_n, slots, cfg.programs or slots)
-    return (programs,)
+    return (min(tiles_b * tiles_n, _resident_programs(device)),)
 
 
 def _check_int32_offsets(t: torch.Tensor) -> None:

@@ -108,7 +108,11 @@ def rnn_bwd(grad_out: torch.Tensor, grad_h_last: torch.Tensor, out: torch.Tensor
             w_hh: torch.Tensor, lengths: Optional[torch.Tensor], nonlinearity: str,
             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """BPTT -> (dA [T, B, H], dh0 [B, H]), dA_t = dL/da_t."""
-    be = _backends.select(backend, out.device, out.dtype)
+    return _bptt(_backends.select(backend, out.device, out.dtype), grad_out, grad_h_last, out, h0, w_hh, lengths,
+                 nonlinearity)
+
+
+def _bptt(be, grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity):
     return be.backward(grad_out.contiguous(), grad_h_last.contiguous(), out, h0, w_hh, lengths, nonlinearity)
 
 
@@ -174,7 +178,7 @@ class _EagerRecurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_h_last):
         def bptt(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity, backend):
-            return ctx.be.backward(grad_out.contiguous(), grad_h_last.contiguous(), out, h0, w_hh, lengths, nonlinearity)
+            return _bptt(ctx.be, grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity)
 
         return _input_grads(ctx, grad_out, grad_h_last, bptt)
 
