@@ -35,7 +35,9 @@ def _extensions():
         cxx = ["-O3", "-fno-trapping-math", "-fno-math-errno"] + ([] if _flag("MMRNN_PORTABLE") else ["-march=native"])
     ext = CppExtension(
         name="mmrnn_ext._C",
-        sources=[os.path.relpath(os.path.join(ROOT, "csrc", "rnn_cpu.cpp"), ROOT)],
+        sources=[os.path.relpath(os.path.join(ROOT, "csrc", name), ROOT)
+                 for name in ("module.cpp", "rnn_cpu.cpp", "lstm_cpu.cpp", "gru_cpu.cpp")],
+        depends=[os.path.relpath(os.path.join(ROOT, "csrc", "common.h"), ROOT)],
         extra_compile_args={"cxx": cxx + ["-std=c++17"]},
     )
     return [ext], {"build_ext": BuildExtension}
@@ -44,7 +46,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["mmrnn_ext", "mmrnn_ext.kernels"],
+    packages=["mmrnn_ext", "mmrnn_ext.ops", "mmrnn_ext.kernels"],
     package_dir={"mmrnn_ext": "mmrnn_ext", "mmrnn_ext.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,12 +1,16 @@
-"""The one place that chooses a backend for the fused recurrence.
+"""The one place that chooses a backend for the fused recurrences: one table keyed by cell and backend.
 
-A backend is an object with
+A backend holds, for each cell it implements ("rnn", "lstm", "gru"), a forward and a backward on
+the time-major contract documented in ``mmrnn_ext.reference``:
 
-    forward(xp, w_hh, h0, image_term, lengths, nonlinearity) -> out [T, B, H]
-    backward(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity) -> (dA [T, B, H], dh0 [B, H])
+    rnn   forward(xp, w_hh, h0, image_term, lengths, nonlinearity) -> out
+          backward(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity) -> (dA, dh0)
+    lstm  forward(xp, w_hh, h0, c0, image_term, lengths) -> (out, c_all, gates)
+          backward(grad_out, grad_h_last, grad_c_last, out, c_all, gates, h0, c0, w_hh, lengths) -> (dG, dh0, dc0)
+    gru   forward(xp, w_hh, b_hn, h0, image_term, lengths) -> (out, gates)
+          backward(grad_out, grad_h_last, out, gates, h0, w_hh, lengths) -> (dGx, dhn, dh0)
 
-on the time-major contract documented in ``mmrnn_ext.reference``. Nothing outside this module
-branches on the backend.
+Nothing outside this module branches on the backend.
 """
 from __future__ import annotations
 
@@ -23,14 +27,20 @@ import torch
 from . import reference
 
 BACKEND_NAMES = ("cpp", "triton", "reference")
+CELLS = ("rnn", "lstm", "gru")
 _BUILD_COMMAND = "pip install --no-build-isolation -e .  (from the mmrnn_ext source tree, with torch installed)"
+
+
+@dataclass(frozen=True)
+class CellImpl:
+    forward: Callable
+    backward: Callable
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str
-    forward: Callable
-    backward: Callable
+    cells: dict  # cell name -> CellImpl, for the cells this backend implements
     dtypes: tuple  # dtypes it computes natively
     devices: tuple  # device types it runs on
 
@@ -46,7 +56,8 @@ def _load_cpp() -> tuple[ModuleType | None, str]:
         mod = importlib.import_module("mmrnn_ext._C")
     except ImportError as exc:
         return None, f"the C++ extension mmrnn_ext._C is not built ({exc}); build it with: {_BUILD_COMMAND}"
-    return mod, "built; float32 and float64 on CPU tensors (bfloat16/float16 go to 'reference')"
+    return mod, ("built; rnn, lstm, gru in float32 and float64 on CPU tensors (bfloat16/float16 go to 'reference'; "
+                 "LSTM with proj_size > 0 runs the reference step loop)")
 
 
 def _load_kernels() -> tuple[ModuleType | None, str]:
@@ -97,68 +108,90 @@ def _triton_status() -> tuple[bool, str]:
         return True, "TRITON_INTERPRET=1: the Triton kernels run on CPU tensors through the interpreter (slow; for testing)"
     if not torch.cuda.is_available():
         return False, "no CUDA device is visible to torch (set TRITON_INTERPRET=1 to run the kernels on CPU tensors for testing)"
-    return True, "CUDA tensors; float32 (TF32 dots only where torch allows TF32), bfloat16, float16"
+    return True, ("rnn only (LSTM and GRU on CUDA run the 'reference' backend until their Triton kernels land); "
+                  "CUDA tensors; float32 (TF32 dots only where torch allows TF32), bfloat16, float16")
+
+
+_CELLS_OF = {"cpp": CELLS, "triton": ("rnn",), "reference": CELLS}
 
 
 def backends() -> dict:
-    """{name: {"available": bool, "detail": str}} for "cpp", "triton" and "reference": what runs
-    here and, for what does not, why not and what provides it."""
+    """{name: {"available": bool, "cells": tuple, "detail": str}} for "cpp", "triton" and "reference":
+    what runs here, for which cells, and, for what does not, why not and what provides it."""
     cpp_mod, cpp_why = _cpp()
     tri_ok, tri_why = _triton_status()
     return {
-        "cpp": {"available": cpp_mod is not None, "detail": cpp_why},
-        "triton": {"available": tri_ok, "detail": tri_why},
-        "reference": {"available": True, "detail": "plain PyTorch step loop, any device and dtype (low precision computed in float32)"},
+        "cpp": {"available": cpp_mod is not None, "cells": _CELLS_OF["cpp"], "detail": cpp_why},
+        "triton": {"available": tri_ok, "cells": _CELLS_OF["triton"], "detail": tri_why},
+        "reference": {"available": True, "cells": _CELLS_OF["reference"],
+                      "detail": "plain PyTorch step loop, any device and dtype (low precision computed in float32)"},
     }
 
 
 # --- the backend objects -------------------------------------------------------------------------
 
-_REFERENCE = Backend("reference", reference.reference_forward, reference.reference_backward,
-                     (torch.float64, torch.float32, torch.bfloat16, torch.float16), ("cpu", "cuda"))
+_REFERENCE = Backend("reference", {
+    "rnn": CellImpl(reference.reference_forward, reference.reference_backward),
+    "lstm": CellImpl(reference.lstm_reference_forward, reference.lstm_reference_backward),
+    "gru": CellImpl(reference.gru_reference_forward, reference.gru_reference_backward),
+}, (torch.float64, torch.float32, torch.bfloat16, torch.float16), ("cpu", "cuda"))
 
 
 def _cpp_backend() -> Backend:
+    if "cpp_backend" in _cache:
+        return _cache["cpp_backend"]
     mod, _ = _cpp()
 
-    def forward(xp, w_hh, h0, image_term, lengths, nonlinearity):
+    def rnn_forward(xp, w_hh, h0, image_term, lengths, nonlinearity):
         return mod.rnn_forward(xp, w_hh, h0, image_term, lengths, nonlinearity == "relu")
 
-    def backward(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity):
+    def rnn_backward(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity):
         return tuple(mod.rnn_backward(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity == "relu"))
 
-    return Backend("cpp", forward, backward, (torch.float64, torch.float32), ("cpu",))
+    be = Backend("cpp", {
+        "rnn": CellImpl(rnn_forward, rnn_backward),
+        "lstm": CellImpl(lambda *a: tuple(mod.lstm_forward(*a)), lambda *a: tuple(mod.lstm_backward(*a))),
+        "gru": CellImpl(lambda *a: tuple(mod.gru_forward(*a)), lambda *a: tuple(mod.gru_backward(*a))),
+    }, (torch.float64, torch.float32), ("cpu",))
+    _cache["cpp_backend"] = be
+    return be
 
 
 def _triton_backend() -> Backend:
     mod, _ = _kernels()
     devices = ("cuda", "cpu") if _triton_interpret() else ("cuda",)
-    return Backend("triton", mod.rnn_forward, mod.rnn_backward,
+    return Backend("triton", {"rnn": CellImpl(mod.rnn_forward, mod.rnn_backward)},
                    (torch.float32, torch.bfloat16, torch.float16), devices)
 
 
-def backend_for(tensor: torch.Tensor, backend: str = "auto") -> str:
-    """The name of the backend that `backend` resolves to for tensors like `tensor`."""
-    return select(backend, tensor.device, tensor.dtype).name
+def backend_for(tensor: torch.Tensor, backend: str = "auto", cell: str = "rnn") -> str:
+    """The name of the backend that `backend` resolves to for `cell` on tensors like `tensor`."""
+    return select(backend, tensor.device, tensor.dtype, cell).name
 
 
-def select(backend: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend that runs the recurrence for tensors on `device` of `dtype`.
+def select(backend: str, device: torch.device, dtype: torch.dtype, cell: str = "rnn") -> Backend:
+    """The backend that runs `cell`'s recurrence for tensors on `device` of `dtype`.
 
-    backend="auto": triton on CUDA, cpp on CPU (float32/float64), else reference."""
+    backend="auto": triton on CUDA, cpp on CPU (float32/float64), each where it implements the
+    cell; else reference."""
     if backend not in BACKEND_NAMES + ("auto",):
         raise ValueError(f"backend: expected one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
+    if cell not in CELLS:
+        raise ValueError(f"cell: expected one of {CELLS}, got {cell!r}")
     status = backends()
     if backend == "auto":
         preferred = ("triton",) if device.type == "cuda" else ("cpp",)
         for name in preferred:
-            if status[name]["available"]:
+            if status[name]["available"] and cell in _CELLS_OF[name]:
                 candidate = _cpp_backend() if name == "cpp" else _triton_backend()
                 if dtype in candidate.dtypes and device.type in candidate.devices:
                     return candidate
         return _REFERENCE
     if not status[backend]["available"]:
         raise RuntimeError(f"backend={backend!r} is not available here: {status[backend]['detail']}")
+    if cell not in _CELLS_OF[backend]:
+        raise RuntimeError(f"backend={backend!r} has no {cell.upper()} kernels yet (it runs {list(_CELLS_OF[backend])}); "
+                           "use backend='auto' or 'reference' for this cell")
     chosen = {"cpp": _cpp_backend, "triton": _triton_backend}.get(backend, lambda: _REFERENCE)()
     if device.type not in chosen.devices:
         raise RuntimeError(f"backend={backend!r} runs on {chosen.devices} tensors, got tensors on {device}"

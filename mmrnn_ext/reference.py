@@ -107,3 +107,223 @@ def reference_backward(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlineari
     elif lengths is not None:
         g = torch.where((lengths == 0).unsqueeze(1), g_last, g)
     return dA.to(out.dtype), g.to(out.dtype)
+
+
+# =============================================================================================
+# LSTM: gates in torch's order (i, f, g, o); G = 4.
+#
+#     xp:         [T, B, 4H]  x_t @ W_ih^T (+ biases), w_hh [4H, H], h0, c0 [B, H]
+#     image_term: None, [B, 4H] (static) or [T, B, 4H] (per step)
+#     [i f g o] = xp_t + h_{t-1} @ w_hh^T + image_term(_t)
+#     c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g);   h_t = sigmoid(o) * tanh(c_t)
+#     (w_hr [P, H] given: h_t = (sigmoid(o) * tanh(c_t)) @ w_hr^T, and w_hh is [4H, P], h0 [B, P])
+#
+# Rows stop at their length as in the RNN: output zero past it, (h, c) kept at the last valid step.
+# Returns (out [T, B, H or P], h_last, c_last).
+# =============================================================================================
+
+def lstm_recurrence_ref(xp, w_hh, h0, c0, image_term=None, lengths=None, w_hr=None):
+    """Naive step loop, differentiable by autograd. The definition of the op, not a fast path."""
+    T, B, _ = xp.shape
+    h, c = h0, c0
+    outs = []
+    for t in range(T):
+        a = xp[t] + h @ w_hh.t()
+        if image_term is not None:
+            a = a + (image_term if image_term.dim() == 2 else image_term[t])
+        i, f, g, o = a.chunk(4, dim=-1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        if w_hr is not None:
+            h_new = h_new @ w_hr.t()
+        if lengths is None:
+            h, c = h_new, c_new
+            outs.append(h_new)
+        else:
+            live = (t < lengths).unsqueeze(1)
+            h, c = torch.where(live, h_new, h), torch.where(live, c_new, c)
+            outs.append(torch.where(live, h_new, torch.zeros_like(h_new)))
+    out = torch.stack(outs) if outs else xp.new_zeros(0, B, h0.shape[1])
+    return out, h, c
+
+
+# =============================================================================================
+# GRU: gates in torch's order (r, z, n); G = 3. b_hn stays inside the reset product; the image
+# term (like the input) stays outside it.
+#
+#     xp:         [T, B, 3H]  x_t @ W_ih^T (+ b_ih, + b_hh for r and z), w_hh [3H, H], b_hn None | [H]
+#     image_term: None, [B, 3H] (static) or [T, B, 3H] (per step)
+#     gh = h_{t-1} @ w_hh^T;   [xr xz xn] = xp_t + image_term(_t)
+#     r = sigmoid(xr + gh_r);  z = sigmoid(xz + gh_z);  n = tanh(xn + r * (gh_n + b_hn))
+#     h_t = (1 - z) * n + z * h_{t-1}
+# Returns (out [T, B, H], h_last).
+# =============================================================================================
+
+def gru_recurrence_ref(xp, w_hh, h0, image_term=None, lengths=None, b_hn=None):
+    """Naive step loop, differentiable by autograd. The definition of the op, not a fast path."""
+    T, B, _ = xp.shape
+    h = h0
+    outs = []
+    for t in range(T):
+        x = xp[t]
+        if image_term is not None:
+            x = x + (image_term if image_term.dim() == 2 else image_term[t])
+        gh = h @ w_hh.t()
+        xr, xz, xn = x.chunk(3, dim=-1)
+        hr, hz, hn = gh.chunk(3, dim=-1)
+        if b_hn is not None:
+            hn = hn + b_hn
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        h_new = (1 - z) * n + z * h
+        if lengths is None:
+            h = h_new
+            outs.append(h_new)
+        else:
+            live = (t < lengths).unsqueeze(1)
+            h = torch.where(live, h_new, h)
+            outs.append(torch.where(live, h_new, torch.zeros_like(h_new)))
+    out = torch.stack(outs) if outs else xp.new_zeros(0, B, h0.shape[1])
+    return out, h
+
+
+# --- the "reference" backend of the gated cells: the contract the C++ backend implements --------
+#
+# LSTM forward  -> out [T, B, H], c_all [T, B, H], gates [T, B, 4H] (sigmoid(i), sigmoid(f), tanh(g),
+#                  sigmoid(o)); all three zero past each row's length. Backward reads these, h0, c0
+#                  and w_hh (tanh(c_t) is recomputed: cheaper than storing it).
+# LSTM backward -> dG [T, B, 4H] (dL/d pre-activation, zero past each length), dh0, dc0
+# GRU forward   -> out [T, B, H], gates [T, B, 4H] (r, z, n, gh_n + b_hn); zero past each length
+# GRU backward  -> dGx [T, B, 3H] (dL/d(xp + image term)), dhn [T, B, H] (dL/d(gh_n + b_hn)), dh0;
+#                  dW_hh = [dGx_r, dGx_z, dhn]^T h_{t-1} summed over steps, d b_hn = sum of dhn.
+
+def _live(t, lengths, like):
+    return None if lengths is None else (t < lengths).unsqueeze(1).expand_as(like)
+
+
+def _carried(t, lengths, g_last, g):
+    """The gradient arriving at step t: the final state's gradient at each row's last step."""
+    if lengths is None:
+        return g
+    return torch.where((t == lengths - 1).unsqueeze(1), g_last, g)
+
+
+def _initial_grad(T, lengths, g_last, g):
+    if T == 0:
+        return g_last.clone()
+    if lengths is None:
+        return g
+    return torch.where((lengths == 0).unsqueeze(1), g_last, g)
+
+
+def lstm_reference_forward(xp, w_hh, h0, c0, image_term, lengths):
+    ct = _compute_dtype(xp.dtype)
+    T, B, G = xp.shape
+    H = G // 4
+    xp_c, w_c, h, c = xp.to(ct), w_hh.to(ct), h0.to(ct), c0.to(ct)
+    img = None if image_term is None else image_term.to(ct)
+    out = xp.new_zeros((T, B, H), dtype=ct)
+    c_all = torch.zeros_like(out)
+    gates = xp.new_zeros((T, B, G), dtype=ct)
+    for t in range(T):
+        a = torch.addmm(xp_c[t], h, w_c.t())
+        if img is not None:
+            a += img if img.dim() == 2 else img[t]
+        i, f, g, o = a.chunk(4, dim=-1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c_new = f * c + i * g
+        h_new = o * torch.tanh(c_new)
+        live = _live(t, lengths, h_new)
+        if live is None:
+            h, c = h_new, c_new
+            gates[t] = torch.cat([i, f, g, o], -1)
+            out[t], c_all[t] = h_new, c_new
+        else:
+            h, c = torch.where(live, h_new, h), torch.where(live, c_new, c)
+            zero = torch.zeros_like(h_new)
+            gates[t] = torch.where((t < lengths).unsqueeze(1), torch.cat([i, f, g, o], -1), 0)
+            out[t], c_all[t] = torch.where(live, h_new, zero), torch.where(live, c_new, zero)
+    return out.to(xp.dtype), c_all.to(xp.dtype), gates.to(xp.dtype)
+
+
+def lstm_reference_backward(grad_out, grad_h_last, grad_c_last, out, c_all, gates, h0, c0, w_hh, lengths):
+    ct = _compute_dtype(out.dtype)
+    T, B, H = out.shape
+    w_c, gy = w_hh.to(ct), grad_out.to(ct)
+    c_c, g_c, c0_c = c_all.to(ct), gates.to(ct), c0.to(ct)
+    gh_last, gc_last = grad_h_last.to(ct), grad_c_last.to(ct)
+    dG = torch.zeros((T, B, 4 * H), dtype=ct, device=out.device)
+    gh, gc = gh_last, gc_last  # dL/dh_t and dL/dc_t arriving from step t+1
+    for t in range(T - 1, -1, -1):
+        gh, gc = _carried(t, lengths, gh_last, gh), _carried(t, lengths, gc_last, gc)
+        i, f, g, o = g_c[t].chunk(4, dim=-1)
+        tc = torch.tanh(c_c[t])
+        c_prev = c0_c if t == 0 else c_c[t - 1]
+        dh = gy[t] + gh
+        dc = gc + dh * o * (1 - tc * tc)
+        d = torch.cat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g), dh * tc * o * (1 - o)], -1)
+        if lengths is not None:
+            d = torch.where((t < lengths).unsqueeze(1), d, 0)
+        dG[t] = d
+        gh, gc = d @ w_c, dc * f
+    gh, gc = _initial_grad(T, lengths, gh_last, gh), _initial_grad(T, lengths, gc_last, gc)
+    return dG.to(out.dtype), gh.to(out.dtype), gc.to(out.dtype)
+
+
+def gru_reference_forward(xp, w_hh, b_hn, h0, image_term, lengths):
+    ct = _compute_dtype(xp.dtype)
+    T, B, G = xp.shape
+    H = G // 3
+    xp_c, w_c, h = xp.to(ct), w_hh.to(ct), h0.to(ct)
+    img = None if image_term is None else image_term.to(ct)
+    bhn = None if b_hn is None else b_hn.to(ct)
+    out = xp.new_zeros((T, B, H), dtype=ct)
+    gates = xp.new_zeros((T, B, 4 * H), dtype=ct)
+    for t in range(T):
+        x = xp_c[t]
+        if img is not None:
+            x = x + (img if img.dim() == 2 else img[t])
+        gh = h @ w_c.t()
+        xr, xz, xn = x.chunk(3, dim=-1)
+        hr, hz, hn = gh.chunk(3, dim=-1)
+        if bhn is not None:
+            hn = hn + bhn
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        h_new = n + z * (h - n)
+        row = torch.cat([r, z, n, hn], -1)
+        if lengths is None:
+            h = h_new
+            out[t], gates[t] = h_new, row
+        else:
+            live = (t < lengths).unsqueeze(1)
+            h = torch.where(live, h_new, h)
+            out[t], gates[t] = torch.where(live, h_new, 0), torch.where(live, row, 0)
+    return out.to(xp.dtype), gates.to(xp.dtype)
+
+
+def gru_reference_backward(grad_out, grad_h_last, out, gates, h0, w_hh, lengths):
+    ct = _compute_dtype(out.dtype)
+    T, B, H = out.shape
+    w_c, gy, out_c, g_c, h0_c = w_hh.to(ct), grad_out.to(ct), out.to(ct), gates.to(ct), h0.to(ct)
+    gh_last = grad_h_last.to(ct)
+    dGx = torch.zeros((T, B, 3 * H), dtype=ct, device=out.device)
+    dhn = torch.zeros((T, B, H), dtype=ct, device=out.device)
+    gh = gh_last
+    for t in range(T - 1, -1, -1):
+        gh = _carried(t, lengths, gh_last, gh)
+        r, z, n, hn = g_c[t].chunk(4, dim=-1)
+        h_prev = h0_c if t == 0 else out_c[t - 1]
+        dh = gy[t] + gh
+        dn = dh * (1 - z) * (1 - n * n)
+        dz = dh * (h_prev - n) * z * (1 - z)
+        dr = dn * hn * r * (1 - r)
+        d_hn = dn * r
+        dx = torch.cat([dr, dz, dn], -1)
+        if lengths is not None:
+            live = (t < lengths).unsqueeze(1)
+            dx, d_hn = torch.where(live, dx, 0), torch.where(live, d_hn, 0)
+        dGx[t], dhn[t] = dx, d_hn
+        gh = torch.cat([dx[:, :2 * H], d_hn], -1) @ w_c + dh * z
+    gh = _initial_grad(T, lengths, gh_last, gh)
+    return dGx.to(out.dtype), dhn.to(out.dtype), gh.to(out.dtype)

@@ -1,0 +1,282 @@
+// What the three cells' CPU recurrences share: the per-step GEMM, the vectorisable activations,
+// argument checks, huge-page advice and the lengths convention. Each cell's file (rnn_cpu.cpp,
+// lstm_cpu.cpp, gru_cpu.cpp) adds its forward and BPTT loops: per step ONE GEMM into that step's
+// slot, then ONE elementwise pass over the batch rows (gates, state update, lengths mask).
+//
+// The GEMM is the Fortran BLAS symbol exported by libtorch_cpu (MKL in the x86 wheels): calling it
+// directly skips the dispatcher and any per-step allocation, which matters at small hidden sizes (a
+// 32x64x64 torch.mm costs ~3 us from Python, twice its arithmetic on the 2-core machine the
+// benchmarks ran on). ATen + torch's pybind11 casters rather than <torch/extension.h>: the whole C++
+// frontend is not needed here and more than doubles the build time.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+// MKL's packed GEMM (exported by the x86 torch wheels; weak, so a torch built on another BLAS still
+// loads this library and takes the plain path). It lays W_hh out once for the T products that reuse
+// it: measured on the 2-core EPYC, 8x1024x1024 52.6 vs 30.0 GF/s, 32x256x256 89.5 vs 82.8 GF/s.
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src, int ld,
+                      float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
+                         const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
+}
+
+namespace mmrnn {
+
+inline void blas_gemm(char ta, char tb, int m, int n, int k, const float* a, int lda, const float* b, int ldb, float beta,
+                      float* c, int ldc) {
+  const float one = 1.f;
+  sgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+inline void blas_gemm(char ta, char tb, int m, int n, int k, const double* a, int lda, const double* b, int ldb,
+                      double beta, double* c, int ldc) {
+  const double one = 1.0;
+  dgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+// The per-step product C[B, N] = A[B, K] @ op(W) (+ C when accumulating), with W the row-major
+// weight_hh of shape [G*H, H]: op(W) = W^T in the forward (N = G*H, K = H), W in the backward
+// (N = H, K = G*H). Prepared once per call, run T times; lda/ldc let A and C be column slices.
+template <typename T>
+class StepGemm {
+ public:
+  StepGemm(const at::Tensor& w, bool transpose, int B)
+      : B_(B), N_(static_cast<int>(transpose ? w.size(0) : w.size(1))), K_(static_cast<int>(transpose ? w.size(1) : w.size(0))) {
+    constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kBMatrix = 162;
+    if constexpr (std::is_same_v<T, float>) {
+      if (cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr && B > 0 &&
+          N_ > 0 && K_ > 0) {
+        const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, B, N_, K_);
+        packed_ = at::empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))}, w.options());
+        cblas_sgemm_pack(kRowMajor, kBMatrix, transpose ? kTrans : kNoTrans, B, N_, K_, 1.f, w.data_ptr<float>(),
+                         static_cast<int>(w.size(1)), packed_.data_ptr<float>());
+        return;
+      }
+    }
+    // plain BLAS: MKL runs A @ W faster from a contiguous W than A @ W^T from a transposed one
+    // (8x1024x1024: 41 vs 29 GF/s), so the forward's W^T is made contiguous once
+    w_ = transpose ? w.t().contiguous() : w;
+  }
+
+  int n() const { return N_; }
+  int k() const { return K_; }
+
+  void run(const T* a, T* c, bool accumulate = false) const { run(a, K_, c, N_, accumulate); }
+
+  void run(const T* a, int lda, T* c, int ldc, bool accumulate) const {
+    if (B_ == 0 || N_ == 0) return;
+    if (K_ == 0) {
+      if (!accumulate)
+        for (int b = 0; b < B_; ++b) std::fill(c + static_cast<int64_t>(b) * ldc, c + static_cast<int64_t>(b) * ldc + N_, T(0));
+      return;
+    }
+    const T beta = accumulate ? T(1) : T(0);
+    if constexpr (std::is_same_v<T, float>) {
+      if (packed_.defined()) {
+        constexpr int kRowMajor = 101, kNoTrans = 111, kPacked = 151;
+        cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, B_, N_, K_, a, lda, packed_.data_ptr<float>(), N_, beta, c, ldc);
+        return;
+      }
+    }
+    // row-major C = A @ W is column-major C^T = W^T A^T
+    blas_gemm('N', 'N', N_, B_, K_, w_.data_ptr<T>(), N_, a, lda, beta, c, ldc);
+  }
+
+ private:
+  int B_, N_, K_;
+  at::Tensor packed_, w_;
+};
+
+// exp(y) for y in [0, 88] in float32 with only arithmetic and selects, so that the compiler
+// vectorises the loops that call it (libm's expf/tanhf do not vectorise without -ffast-math, which
+// would change the process's floating-point mode when this library loads). Cody-Waite reduction
+// y = n ln2 + r, |r| <= ln2/2, degree-7 polynomial.
+inline float exp_f32_nonneg(float y) {
+  const float n = static_cast<float>(static_cast<int>(y * 1.44269504088896341f + 0.5f));
+  const float r = (y - n * 0.693359375f) - n * -2.12194440e-4f;
+  float e = 1.f / 5040.f;
+  e = e * r + 1.f / 720.f;
+  e = e * r + 1.f / 120.f;
+  e = e * r + 1.f / 24.f;
+  e = e * r + 1.f / 6.f;
+  e = e * r + 0.5f;
+  e = e * r + 1.f;
+  e = e * r + 1.f;
+  const int bits = (static_cast<int>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return e * scale;
+}
+
+// tanh in float32, max error ~2 ulp (checked in tests against torch.tanh).
+inline float tanh_f32(float x) {
+  const float ax = std::fabs(x);
+  // |x| < 0.4: Taylor series to x^13 (truncation < 4e-9 relative)
+  const float x2 = x * x;
+  float p = 21844.f / 6081075.f;
+  p = p * x2 - 1382.f / 155925.f;
+  p = p * x2 + 62.f / 2835.f;
+  p = p * x2 - 17.f / 315.f;
+  p = p * x2 + 2.f / 15.f;
+  p = p * x2 - 1.f / 3.f;
+  const float small = x + x * x2 * p;
+  // |x| >= 0.4: 1 - 2 / (exp(2|x|) + 1)
+  const float big_abs = 1.f - 2.f / (exp_f32_nonneg(std::min(2.f * ax, 40.f)) + 1.f);
+  const float big = x < 0.f ? -big_abs : big_abs;
+  const float res = ax < 0.4f ? small : big;
+  return x != x ? x : res;  // NaN in, NaN out
+}
+
+// sigmoid in float32 from E = exp(|x|) (no overflow for |x| <= 87): E / (E + 1) for x >= 0,
+// 1 / (E + 1) below. Relative error a few ulp on [-87, 87]; beyond, within 2e-38 absolute.
+inline float sigmoid_f32(float x) {
+  const float e = exp_f32_nonneg(std::min(std::fabs(x), 87.f));
+  const float inv = 1.f / (e + 1.f);
+  const float res = x < 0.f ? inv : e * inv;
+  return x != x ? x : res;
+}
+
+template <typename T>
+inline T tanh_(T x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return tanh_f32(x);
+  } else {
+    return std::tanh(x);
+  }
+}
+
+template <typename T>
+inline T sigmoid_(T x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return sigmoid_f32(x);
+  } else {
+    return T(1) / (T(1) + std::exp(-x));
+  }
+}
+
+// Rows per parallel chunk: enough elements per chunk that the fork costs less than the work.
+inline int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)); }
+
+// Lengths convention, shared by every cell: row b is live at step t while t < lengths[b]; its output
+// is zero past that and its final state is the one at step lengths[b] - 1 (the initial state when
+// the length is 0), so BPTT lets the final state's gradient in at that step.
+inline int64_t row_length(const int64_t* lengths, int64_t b, int64_t T_) { return lengths == nullptr ? T_ : lengths[b]; }
+
+// The [T, B, .] buffers written here are fresh allocations; first-touch page faults on them cost as
+// much as a third of the forward at (64, 256, ., ., 512) on the 2-core VM (33.5 MB: 16.7 ms with
+// 4 KB pages, 4.5 ms with 2 MB pages). Ask for transparent huge pages before the first write, as
+// torch does for its own allocations under THP_MEM_ALLOC_ENABLE=1. Advisory only: failure is harmless.
+inline at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = 2u << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = end & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+  return t;
+}
+
+inline void check_float_cpu(const at::Tensor& t, const char* name, const at::Tensor& ref) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(), " (that of xp), got ",
+              t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ", t.strides());
+}
+
+inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected, name, ": expected shape ", expected, ", got ", t.sizes());
+}
+
+// A float CPU tensor of xp's dtype, contiguous, of the given shape.
+inline void check_arg(const at::Tensor& t, const char* name, const at::Tensor& ref, at::IntArrayRef expected) {
+  check_float_cpu(t, name, ref);
+  check_shape(t, name, expected);
+}
+
+// The leading [T, B, G*H] tensor of a call: float32/float64 on CPU, last dimension a multiple of G.
+inline void check_sequence(const at::Tensor& t, const char* name, int64_t gates) {
+  TORCH_CHECK(t.dim() == 3, name, ": expected a 3-D tensor [T, B, ", gates, "H], got ", t.dim(), "-D of shape ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+              ": the cpp backend computes float32 and float64, got ", t.scalar_type());
+  check_float_cpu(t, name, t);
+  TORCH_CHECK(t.size(2) % gates == 0, name, ": expected a last dimension of ", gates, " x hidden size, got ", t.size(2));
+}
+
+// An optional image term of shape [B, width] (static) or [T, B, width] (per step); returns whether
+// it is per step.
+inline bool check_image_term(const std::optional<at::Tensor>& image_term, const at::Tensor& xp, int64_t T_, int64_t B,
+                             int64_t width) {
+  if (!image_term.has_value()) return false;
+  check_float_cpu(*image_term, "image_term", xp);
+  TORCH_CHECK(image_term->sizes() == at::IntArrayRef({B, width}) || image_term->sizes() == at::IntArrayRef({T_, B, width}),
+              "image_term: expected shape [", B, ", ", width, "] or [", T_, ", ", B, ", ", width, "], got ",
+              image_term->sizes());
+  return image_term->dim() == 3;
+}
+
+// Validates lengths; returns its data pointer (or nullptr).
+inline const int64_t* check_lengths(const std::optional<at::Tensor>& lengths, int64_t T_, int64_t B) {
+  if (!lengths.has_value()) return nullptr;
+  const at::Tensor& l = *lengths;
+  TORCH_CHECK(l.device().is_cpu() && l.scalar_type() == at::kLong && l.dim() == 1 && l.size(0) == B && l.is_contiguous(),
+              "lengths: expected a contiguous CPU int64 tensor of shape [", B, "], got ", l.scalar_type(), " of shape ",
+              l.sizes(), " on ", l.device());
+  const int64_t* p = l.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(p[b] >= 0 && p[b] <= T_, "lengths: expected values in [0, ", T_, "], got lengths[", b, "] = ", p[b]);
+  }
+  return p;
+}
+
+inline void check_blas_dims(int64_t B, int64_t width) {
+  TORCH_CHECK(B <= INT_MAX && width <= INT_MAX && B * width <= INT_MAX, "batch ", B, " x width ", width,
+              " exceeds the 32-bit BLAS interface");
+}
+
+template <typename T>
+inline const T* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+// dh0 (or dc0) after the reverse loop: the carried gradient, or the final state's own gradient for
+// rows of length 0 (whose final state is the initial one).
+template <typename T>
+void initial_state_grad(const T* carried, const T* grad_last, const int64_t* lengths, T* dst, int64_t T_, int64_t B,
+                        int64_t H) {
+  for (int64_t b = 0; b < B; ++b) {
+    const T* src = row_length(lengths, b, T_) == 0 ? grad_last + b * H : carried + b * H;
+    std::copy(src, src + H, dst + b * H);
+  }
+}
+
+// One extension module, one registration function per cell's file.
+void register_rnn(pybind11::module& m);
+void register_lstm(pybind11::module& m);
+void register_gru(pybind11::module& m);
+
+}  // namespace mmrnn

@@ -1,0 +1,117 @@
+"""The GRU recurrence as a differentiable op.
+
+    out, h_last = gru_recurrence(xp, w_hh, b_hn, h0, image_term=None, lengths=None)
+
+Time-major shapes (see ``mmrnn_ext.reference`` for the full contract):
+    xp [T, B, 3H] (gates r, z, n), w_hh [3H, H], b_hn None or [H] (the bias inside the reset
+    product), h0 [B, H], image_term [B, 3H] or [T, B, 3H] (outside the reset product, like the
+    input), lengths int64 [B] -> out [T, B, H] (zero past each row's length), h_last [B, H]
+
+Registered as the torch.library custom ops mmrnn::gru_fwd and mmrnn::gru_bwd. Backward saves the
+outputs and r, z, n, W_hn h + b_hn (5H per step and row with h: what nn.GRU's fused kernels keep),
+h0 and W_hh — never the projected input. dW_hh is two GEMMs over all steps after the reverse loop
+(the r, z rows and the n rows, whose gradient passes through the reset gate).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import torch
+
+from .. import _backends
+from .common import (EagerOp, check_image_term, check_like, check_xp, image_grad, last_state, prepare_lengths,
+                     weight_grad, zeros_if_none)
+
+CELL, PUBLIC = "gru", 2
+
+
+def check_recurrence_args(xp, w_hh, b_hn, h0, image_term):
+    T, B, H = check_xp(xp, 3)
+    check_like("w_hh", w_hh, (3 * H, H), xp)
+    if b_hn is not None:
+        check_like("b_hn", b_hn, (H,), xp)
+    check_like("h0", h0, (B, H), xp)
+    check_image_term(image_term, T, B, 3 * H, xp)
+
+
+def forward(be, xp, w_hh, b_hn, h0, image_term, lengths, backend):
+    h0 = h0.contiguous()
+    out, gates = be.cells[CELL].forward(xp.contiguous(), w_hh.contiguous(), None if b_hn is None else b_hn.contiguous(),
+                                        h0, None if image_term is None else image_term.contiguous(), lengths)
+    return out, last_state(out, h0, lengths), gates
+
+
+def bptt(be, grad_out, grad_h_last, out, gates, h0, w_hh, lengths):
+    return be.cells[CELL].backward(grad_out.contiguous(), grad_h_last.contiguous(), out, gates, h0, w_hh, lengths)
+
+
+@torch.library.custom_op("mmrnn::gru_fwd", mutates_args=())
+def gru_fwd(xp: torch.Tensor, w_hh: torch.Tensor, b_hn: Optional[torch.Tensor], h0: torch.Tensor,
+            image_term: Optional[torch.Tensor], lengths: Optional[torch.Tensor],
+            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (out [T, B, H], h_last [B, H], gates [T, B, 4H]); gates are kept for backward."""
+    be = _backends.select(backend, xp.device, xp.dtype, CELL)
+    return forward(be, xp, w_hh, b_hn, h0, image_term, lengths, backend)
+
+
+@gru_fwd.register_fake
+def _gru_fwd_fake(xp, w_hh, b_hn, h0, image_term, lengths, backend):
+    T, B, G = xp.shape
+    H = G // 3
+    return xp.new_empty(T, B, H), h0.new_empty(h0.shape), xp.new_empty(T, B, 4 * H)
+
+
+@torch.library.custom_op("mmrnn::gru_bwd", mutates_args=())
+def gru_bwd(grad_out: torch.Tensor, grad_h_last: torch.Tensor, out: torch.Tensor, gates: torch.Tensor,
+            h0: torch.Tensor, w_hh: torch.Tensor, lengths: Optional[torch.Tensor],
+            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BPTT -> (dGx [T, B, 3H] = dL/d(xp + image term), dhn [T, B, H] = dL/d(W_hn h + b_hn), dh0 [B, H])."""
+    be = _backends.select(backend, out.device, out.dtype, CELL)
+    return bptt(be, grad_out, grad_h_last, out, gates, h0, w_hh, lengths)
+
+
+@gru_bwd.register_fake
+def _gru_bwd_fake(grad_out, grad_h_last, out, gates, h0, w_hh, lengths, backend):
+    T, B, H = out.shape
+    return out.new_empty(T, B, 3 * H), out.new_empty(out.shape), h0.new_empty(h0.shape)
+
+
+def setup_context(ctx, inputs, output):
+    xp, w_hh, b_hn, h0, image_term, lengths, backend = inputs
+    out, _, gates = output
+    ctx.save_for_backward(out, gates, w_hh.contiguous(), h0.contiguous(), lengths)
+    ctx.backend = backend
+    ctx.image_static = image_term is not None and image_term.dim() == 2
+
+
+def input_grads(ctx, grads, bptt):
+    """The gradients of (xp, w_hh, b_hn, h0, image_term, ...) from BPTT; bptt is the mmrnn::gru_bwd
+    op (compiled graphs) or the backend's backward called directly (eager)."""
+    out, gates, w_hh, h0, lengths = ctx.saved_tensors
+    H = out.shape[2]
+    grad_out, grad_h = zeros_if_none(grads[0], out), zeros_if_none(grads[1], h0)
+    dGx, dhn, dh0 = bptt(grad_out, grad_h, out, gates, h0, w_hh, lengths, ctx.backend)
+    need_xp, need_w, need_bhn, need_h0, need_img = ctx.needs_input_grad[:5]
+    d_w = None
+    if need_w:
+        d_w = torch.cat([weight_grad(dGx[..., :2 * H], h0, out), weight_grad(dhn, h0, out)])
+    return (dGx if need_xp else None, d_w, dhn.sum((0, 1)) if need_bhn else None, dh0 if need_h0 else None,
+            image_grad(dGx, ctx.image_static) if need_img else None, None, None)
+
+
+gru_fwd.register_autograd(lambda ctx, *grads: input_grads(ctx, grads, torch.ops.mmrnn.gru_bwd),
+                          setup_context=setup_context)
+
+
+def gru_recurrence(xp, w_hh, b_hn=None, h0=None, image_term=None, lengths=None, backend="auto"):
+    """The fused GRU recurrence over a whole time-major sequence; differentiable in xp, w_hh, b_hn,
+    h0 and image_term. Returns (out [T, B, H], h_last [B, H]). Checks as rnn_recurrence."""
+    if isinstance(xp, torch.Tensor) and xp.dim() == 3 and h0 is None:
+        h0 = xp.new_zeros(xp.shape[1], xp.shape[2] // 3)
+    compiling = torch.compiler.is_compiling()
+    check_recurrence_args(xp, w_hh, b_hn, h0, image_term)
+    lengths = prepare_lengths(lengths, xp, xp.shape[1], xp.shape[0], compiling)
+    if compiling:
+        return torch.ops.mmrnn.gru_fwd(xp, w_hh, b_hn, h0, image_term, lengths, backend)[:PUBLIC]
+    return EagerOp.apply(xp, w_hh, b_hn, h0, image_term, lengths, backend, sys.modules[__name__])[:PUBLIC]

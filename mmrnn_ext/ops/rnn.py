@@ -1,0 +1,112 @@
+"""The RNN recurrence as a differentiable op.
+
+    out, h_last = rnn_recurrence(xp, w_hh, h0, image_term=None, lengths=None, nonlinearity="tanh")
+
+Time-major shapes (see ``mmrnn_ext.reference`` for the full contract):
+    xp [T, B, H], w_hh [H, H], h0 [B, H], image_term [B, H] or [T, B, H], lengths int64 [B]
+    -> out [T, B, H] (zero past each row's length), h_last [B, H] (state at each row's last step)
+
+Registered as the torch.library custom ops mmrnn::rnn_fwd and mmrnn::rnn_bwd. Backward saves only
+the outputs, h0 and W_hh (f' comes from h: 1 - h^2 for tanh), never the projected input; dW_hh is
+one GEMM over all steps after the reverse loop.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import torch
+
+from .. import _backends
+from ..reference import NONLINEARITIES
+from .common import (EagerOp, InputError, check_image_term, check_like, check_xp, image_grad, last_state,
+                     prepare_lengths, weight_grad, zeros_if_none)
+
+CELL, PUBLIC = "rnn", 2
+
+
+def check_recurrence_args(xp, w_hh, h0, image_term, nonlinearity):
+    if nonlinearity not in NONLINEARITIES:
+        raise InputError(f"nonlinearity: expected one of {NONLINEARITIES}, got {nonlinearity!r}")
+    T, B, H = check_xp(xp, 1)
+    check_like("w_hh", w_hh, (H, H), xp)
+    check_like("h0", h0, (B, H), xp)
+    check_image_term(image_term, T, B, H, xp)
+
+
+def forward(be, xp, w_hh, h0, image_term, lengths, nonlinearity, backend):
+    h0 = h0.contiguous()
+    out = be.cells[CELL].forward(xp.contiguous(), w_hh.contiguous(), h0,
+                                 None if image_term is None else image_term.contiguous(), lengths, nonlinearity)
+    return out, last_state(out, h0, lengths)
+
+
+def bptt(be, grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity):
+    return be.cells[CELL].backward(grad_out.contiguous(), grad_h_last.contiguous(), out, h0, w_hh, lengths, nonlinearity)
+
+
+@torch.library.custom_op("mmrnn::rnn_fwd", mutates_args=())
+def rnn_fwd(xp: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, image_term: Optional[torch.Tensor],
+            lengths: Optional[torch.Tensor], nonlinearity: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (out [T, B, H], h_last [B, H])."""
+    be = _backends.select(backend, xp.device, xp.dtype, CELL)
+    return forward(be, xp, w_hh, h0, image_term, lengths, nonlinearity, backend)
+
+
+@rnn_fwd.register_fake
+def _rnn_fwd_fake(xp, w_hh, h0, image_term, lengths, nonlinearity, backend):
+    return xp.new_empty(xp.shape), h0.new_empty(h0.shape)
+
+
+@torch.library.custom_op("mmrnn::rnn_bwd", mutates_args=())
+def rnn_bwd(grad_out: torch.Tensor, grad_h_last: torch.Tensor, out: torch.Tensor, h0: torch.Tensor,
+            w_hh: torch.Tensor, lengths: Optional[torch.Tensor], nonlinearity: str,
+            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """BPTT -> (dA [T, B, H], dh0 [B, H]), dA_t = dL/da_t."""
+    be = _backends.select(backend, out.device, out.dtype, CELL)
+    return bptt(be, grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity)
+
+
+@rnn_bwd.register_fake
+def _rnn_bwd_fake(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity, backend):
+    return out.new_empty(out.shape), h0.new_empty(h0.shape)
+
+
+def setup_context(ctx, inputs, output):
+    xp, w_hh, h0, image_term, lengths, nonlinearity, backend = inputs
+    out, _ = output
+    ctx.save_for_backward(out, w_hh.contiguous(), h0.contiguous(), lengths)
+    ctx.nonlinearity, ctx.backend = nonlinearity, backend
+    ctx.image_static = image_term is not None and image_term.dim() == 2
+
+
+def input_grads(ctx, grads, bptt):
+    """The gradients of (xp, w_hh, h0, image_term, ...) from BPTT's dA = dL/da and dh0; bptt is the
+    mmrnn::rnn_bwd op (compiled graphs) or the backend's backward called directly (eager)."""
+    out, w_hh, h0, lengths = ctx.saved_tensors
+    grad_out, grad_h_last = zeros_if_none(grads[0], out), zeros_if_none(grads[1], h0)
+    dA, dh0 = bptt(grad_out, grad_h_last, out, h0, w_hh, lengths, ctx.nonlinearity, ctx.backend)
+    need_xp, need_w, need_h0, need_img = ctx.needs_input_grad[:4]
+    return (dA if need_xp else None, weight_grad(dA, h0, out) if need_w else None, dh0 if need_h0 else None,
+            image_grad(dA, ctx.image_static) if need_img else None, None, None, None)
+
+
+rnn_fwd.register_autograd(lambda ctx, *grads: input_grads(ctx, grads, torch.ops.mmrnn.rnn_bwd),
+                          setup_context=setup_context)
+
+
+def rnn_recurrence(xp, w_hh, h0=None, image_term=None, lengths=None, nonlinearity="tanh", backend="auto"):
+    """The fused RNN recurrence over a whole time-major sequence; differentiable in xp, w_hh, h0 and
+    image_term. Returns (out [T, B, H], h_last [B, H]).
+
+    Eagerly, every argument is checked (lengths' values included) and the backend resolved before
+    any kernel runs. Under torch.compile the value checks that would need a device-to-host sync are
+    left to the backend kernels' own checks, so the op traces without a graph break."""
+    if isinstance(xp, torch.Tensor) and xp.dim() == 3 and h0 is None:
+        h0 = xp.new_zeros(xp.shape[1], xp.shape[2])
+    compiling = torch.compiler.is_compiling()
+    check_recurrence_args(xp, w_hh, h0, image_term, nonlinearity)
+    lengths = prepare_lengths(lengths, xp, xp.shape[1], xp.shape[0], compiling)
+    if compiling:
+        return torch.ops.mmrnn.rnn_fwd(xp, w_hh, h0, image_term, lengths, nonlinearity, backend)
+    return EagerOp.apply(xp, w_hh, h0, image_term, lengths, nonlinearity, backend, sys.modules[__name__])[:PUBLIC]
