@@ -1,13 +1,15 @@
-"""mmrnn_ext: a fused multimodal RNN for PyTorch.
+"""mmrnn_ext: a fused multimodal RNN, LSTM and GRU for PyTorch.
 
-    mmrnn_ext.RNN / mmrnn_ext.RNNCell   drop-ins for torch.nn.RNN / RNNCell, plus image features
-    mmrnn_ext.ops.rnn_recurrence        the fused recurrence as a differentiable op
-    mmrnn_ext.backends()                which backends (cpp, triton, reference) run here, and why not
+    mmrnn_ext.RNN / LSTM / GRU          drop-ins for torch.nn.RNN / LSTM / GRU, plus image features
+    mmrnn_ext.RNNCell / LSTMCell / GRUCell   drop-ins for torch's cells, plus image features
+    mmrnn_ext.rnn_recurrence / lstm_recurrence / gru_recurrence   the fused recurrences as differentiable ops
+    mmrnn_ext.backends()                which backends (cpp, triton, reference) run here, for which cells, and why not
 """
 from . import ops, reference
 from ._backends import backend_for, backends
-from .modules import RNN, RNNCell
-from .ops import InputError, rnn_recurrence
+from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from .ops import InputError, gru_recurrence, lstm_recurrence, rnn_recurrence
 
 __version__ = "0.1.0"
-__all__ = ["RNN", "RNNCell", "InputError", "backend_for", "backends", "ops", "reference", "rnn_recurrence"]
+__all__ = ["GRU", "GRUCell", "InputError", "LSTM", "LSTMCell", "RNN", "RNNCell", "backend_for", "backends",
+           "gru_recurrence", "lstm_recurrence", "ops", "reference", "rnn_recurrence"]

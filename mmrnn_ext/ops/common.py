@@ -22,6 +22,10 @@ class InputError(ValueError, RuntimeError):
     bad input, so code written against nn.RNN catches it unchanged."""
 
 
+class InputTypeError(InputError, TypeError):
+    """A wrong argument where torch raises TypeError (e.g. an LSTM cell's hx given as a tensor)."""
+
+
 def _describe(t) -> str:
     if not isinstance(t, torch.Tensor):
         return type(t).__name__

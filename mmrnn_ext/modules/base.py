@@ -1,11 +1,13 @@
-"""Drop-in replacements for torch.nn.RNN and torch.nn.RNNCell whose every step also sees image features.
+"""What mmrnn_ext.RNN, LSTM and GRU (and their cells) share, written once: the constructor's checks
+and parameters, the layer x direction loop (unbatched / batch_first / PackedSequence / lengths, hx
+checks, input and image projections, time reversal, dropout between layers, final states), as
+torch's own nn.RNNBase does for its three cells. A cell contributes its gate count, its state
+layout and one recurrence call (``_recurrence``).
 
-    a_t = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh + W_img v      (v static, or v_t per step)
-    h_t = tanh(a_t)    (relu with nonlinearity="relu")
+    a_t = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh + W_img v      (v static, or v_t per step; every gate)
 
 The input projection of all steps is one GEMM per layer and direction; the static image projection
-is one [B, H] GEMM per sequence (never repeated over time); the recurrence is the fused op
-``mmrnn_ext.ops.rnn_recurrence``.
+is one [B, G*H] GEMM per sequence (never repeated over time).
 """
 from __future__ import annotations
 
@@ -18,9 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import _backends
-from .ops import InputError, _describe, check_lengths, rnn_recurrence
-from .reference import NONLINEARITIES
+from .. import _backends
+from ..ops import InputError, InputTypeError, _describe, check_lengths
 
 
 def _check_same(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str, dtype: bool = True) -> None:
@@ -55,13 +56,13 @@ def _to(t, dtype):
     return t if t is None or dtype is None else t.to(dtype)
 
 
-def _project(x, image, w_ih, b_ih, b_hh, w_img):
+def _project(x, image, w_ih, bias, w_img):
     """The input projection (one GEMM over all steps) and the image term (one GEMM per sequence when
-    static). The biases ride with the image term, which the recurrence adds in its elementwise pass
-    anyway: a bias in the big input GEMM costs a broadcast copy over all T*B*H outputs (14.5 ms of
-    430 at (64, 256, 256, 512, 512) on the 2-core CPU) that this way is a [B, H] add."""
+    static). `bias` (the biases that sit outside the recurrent product, summed) rides with the image
+    term, which the recurrence adds in its elementwise pass anyway: a bias in the big input GEMM
+    costs a broadcast copy over all T*B*G*H outputs (14.5 ms of 430 at (64, 256, 256, 512, 512) on
+    the 2-core CPU for the RNN) that this way is a [B, G*H] add."""
     xp = F.linear(x, w_ih)
-    bias = None if b_ih is None else b_ih + b_hh
     if image is not None:
         return xp, F.linear(image, w_img, bias)
     if bias is None:
@@ -93,22 +94,31 @@ def _check_image(image, *, image_size, batched, batch, steps, batch_first, modul
     raise InputError(f"image: expected shape {allowed}, got {shape}")
 
 
-class RNN(nn.Module):
-    """Drop-in for torch.nn.RNN, plus ``image_size`` (features added to every step's pre-activation
-    through ``weight_img_l{k}``) and ``backend`` ("auto", "cpp", "triton", "reference").
+def _check_common_ctor(hidden_size, image_size, backend):
+    if not isinstance(hidden_size, int) or isinstance(hidden_size, bool):
+        raise TypeError(f"hidden_size should be of type int, got: {type(hidden_size).__name__}")
+    if hidden_size <= 0:
+        raise ValueError("hidden_size must be greater than zero")
+    if image_size is not None and (not isinstance(image_size, int) or isinstance(image_size, bool) or image_size <= 0):
+        raise ValueError(f"image_size: expected a positive int or None, got {image_size!r}")
+    if backend not in ("auto",) + _backends.BACKEND_NAMES:
+        raise ValueError(f"backend: expected one of {('auto',) + _backends.BACKEND_NAMES}, got {backend!r}")
 
-    forward(input, hx=None, image=None, lengths=None) -> (output, h_n), with nn.RNN's shapes:
-    input [L, N, H_in] ([N, L, H_in] with batch_first), [L, H_in] unbatched, or a PackedSequence;
-    image [N, V] or per step [L, N, V] ([N, L, V] with batch_first), unbatched [V] or [L, V];
-    for a PackedSequence, image rows follow the original batch order, as hx does.
-    lengths (optional, padded input only): int [N]; row n uses its first lengths[n] steps, its
-    output is zero past them and h_n holds its state at its last valid step. image=None means no
-    image term.
-    """
 
-    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
-                 batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None,
-                 *, image_size=None, backend="auto"):
+class RecurrentBase(nn.Module):
+    """The shared multi-layer module. Subclasses set
+
+        CELL     "rnn", "lstm" or "gru" (the backend table's key)
+        GATES    1, 4 or 3 (the rows of W_ih / W_hh / W_img are GATES * hidden_size)
+        STATES   1 (h) or 2 (h, c)
+
+    and implement ``_recurrence(params, xp, image_term, states, lengths) -> (out, final_states)``
+    on time-major tensors (see mmrnn_ext.ops)."""
+
+    CELL, GATES, STATES = "rnn", 1, 1
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, proj_size=0, device=None, dtype=None, *, image_size=None, backend="auto"):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
@@ -116,36 +126,32 @@ class RNN(nn.Module):
         if dropout > 0 and num_layers == 1:
             warnings.warn("dropout option adds dropout after all but last recurrent layer, so non-zero dropout expects "
                           f"num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}")
-        if not isinstance(hidden_size, int) or isinstance(hidden_size, bool):
-            raise TypeError(f"hidden_size should be of type int, got: {type(hidden_size).__name__}")
-        if hidden_size <= 0:
-            raise ValueError("hidden_size must be greater than zero")
+        _check_common_ctor(hidden_size, image_size, backend)
         if num_layers <= 0:
             raise ValueError("num_layers must be greater than zero")
-        if nonlinearity not in NONLINEARITIES:
-            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
-        if image_size is not None and (not isinstance(image_size, int) or isinstance(image_size, bool) or image_size <= 0):
-            raise ValueError(f"image_size: expected a positive int or None, got {image_size!r}")
-        if backend not in ("auto",) + _backends.BACKEND_NAMES:
-            raise ValueError(f"backend: expected one of {('auto',) + _backends.BACKEND_NAMES}, got {backend!r}")
-        self.mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
-        self.nonlinearity, self.bias, self.batch_first = nonlinearity, bias, batch_first
-        self.dropout, self.bidirectional = float(dropout), bidirectional
-        self.proj_size = 0
+        self.bias, self.batch_first = bias, batch_first
+        self.dropout, self.bidirectional, self.proj_size = float(dropout), bidirectional, proj_size
         self.image_size, self.backend = image_size, backend
         num_directions = 2 if bidirectional else 1
+        G, out_size = self.GATES * hidden_size, proj_size or hidden_size
         self._flat_weights_names = []
         self._all_weights = []
         for layer in range(num_layers):
             for direction in range(num_directions):
-                layer_in = input_size if layer == 0 else hidden_size * num_directions
+                layer_in = input_size if layer == 0 else out_size * num_directions
                 suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-                shapes = [("weight_ih", (hidden_size, layer_in)), ("weight_hh", (hidden_size, hidden_size))]
+                shapes = [("weight_ih", (G, layer_in)), ("weight_hh", (G, out_size))]
                 if bias:
-                    shapes += [("bias_ih", (hidden_size,)), ("bias_hh", (hidden_size,))]
+                    shapes += [("bias_ih", (G,)), ("bias_hh", (G,))]
+                if proj_size > 0:
+                    shapes += [("weight_hr", (proj_size, hidden_size))]
                 if image_size is not None:
-                    shapes += [("weight_img", (hidden_size, image_size))]
+                    shapes += [("weight_img", (G, image_size))]
                 names = []
                 for base, shape in shapes:
                     setattr(self, base + suffix, nn.Parameter(torch.empty(shape, **factory)))
@@ -155,7 +161,7 @@ class RNN(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """nn.RNN's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)), in nn.RNN's order."""
+        """torch's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)), in torch's order."""
         stdv = 1.0 / math.sqrt(self.hidden_size)
         for weight in self.parameters():
             nn.init.uniform_(weight, -stdv, stdv)
@@ -171,12 +177,17 @@ class RNN(nn.Module):
     def flatten_parameters(self) -> None:
         """No-op, kept for drop-in compatibility: the kernels read each weight where it lives."""
 
+    def _extra_repr_items(self):
+        return []
+
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
         if self.num_layers != 1:
             s += ", num_layers={num_layers}"
-        if self.nonlinearity != "tanh":
-            s += ", nonlinearity={nonlinearity}"
+        for item in self._extra_repr_items():
+            s += item
         if self.bias is not True:
             s += ", bias={bias}"
         if self.batch_first is not False:
@@ -191,13 +202,71 @@ class RNN(nn.Module):
             s += ", backend={backend!r}"
         return s.format(**self.__dict__)
 
-    def _layer_params(self, layer: int, direction: int):
+    def _params(self, layer: int, direction: int) -> dict:
         names = self._all_weights[layer * (2 if self.bidirectional else 1) + direction]
-        p = {name.split("_l")[0]: getattr(self, name) for name in names}
+        return {name.split("_l")[0]: getattr(self, name) for name in names}
+
+    def _layer_params(self, layer: int, direction: int):
+        """(weight_ih, weight_hh, bias_ih, bias_hh, weight_img) of one layer and direction (None where absent)."""
+        p = self._params(layer, direction)
         return p["weight_ih"], p["weight_hh"], p.get("bias_ih"), p.get("bias_hh"), p.get("weight_img")
+
+    # --- what a cell provides ---------------------------------------------------------------------
+
+    def _state_sizes(self):
+        """The width of each state in hx: (h,) or (h, c)."""
+        return (self.proj_size or self.hidden_size,) * self.STATES
+
+    def _outer_bias(self, p):
+        """The biases added outside the recurrent product, summed ([G*H]; None without bias)."""
+        return None if p.get("bias_ih") is None else p["bias_ih"] + p["bias_hh"]
+
+    def _recurrence(self, p, xp, image_term, states, lengths):
+        raise NotImplementedError
+
+    # --- hx ----------------------------------------------------------------------------------------
+
+    def _hx_tensors(self, hx):
+        """hx as a tuple of STATES tensors (checked for type only)."""
+        if isinstance(hx, torch.Tensor):
+            return (hx,)
+        raise InputError(f"hx: expected a tensor, got {type(hx).__name__}"
+                         + (" (only LSTM takes a tuple (h_0, c_0))" if isinstance(hx, (tuple, list)) else ""))
+
+    def _initial_states(self, hx, x, batched, B, amp):
+        D = 2 if self.bidirectional else 1
+        sizes = self._state_sizes()
+        names = ("h_0", "c_0") if self.STATES == 2 else ("hx",)
+        if hx is None:
+            return [x.new_zeros(self.num_layers * D, B, s) for s in sizes]
+        states = []
+        for k, (t, size) in enumerate(zip(self._hx_tensors(hx), sizes)):
+            where = "hx" if self.STATES == 1 else f"hx[{k}] ({names[k]})"
+            if not isinstance(t, torch.Tensor):
+                raise InputError(f"{where}: expected a tensor, got {type(t).__name__}")
+            if batched and t.dim() != 3:
+                raise InputError(f"{where}: For batched 3-D input, hx should also be 3-D but got {t.dim()}-D tensor")
+            if not batched and t.dim() != 2:
+                raise InputError(f"{where}: For unbatched 2-D input, hx should also be 2-D but got {t.dim()}-D tensor")
+            s = t if batched else t.unsqueeze(1)
+            expected = (self.num_layers * D, B, size)
+            if tuple(s.shape) != expected:
+                want = expected if batched else (expected[0], expected[2])
+                hidden = "hidden size" if self.STATES == 1 else f"hidden[{k}] size"
+                raise InputError(f"{where}: Expected {hidden} {want}, got {list(t.shape)}")
+            _check_same(where, s, x, "input", dtype=amp is None)
+            states.append(s)
+        return states
+
+    def _final_states(self, states, batched):
+        states = [s if batched else s.squeeze(1) for s in states]
+        return states[0] if self.STATES == 1 else tuple(states)
+
+    # --- forward -----------------------------------------------------------------------------------
 
     def forward(self, input, hx=None, image=None, lengths=None):
         num_directions = 2 if self.bidirectional else 1
+        name = type(self).__name__
         weight = self.weight_ih_l0
         packed = isinstance(input, PackedSequence)
         if packed:
@@ -210,7 +279,7 @@ class RNN(nn.Module):
             if not isinstance(input, torch.Tensor):
                 raise InputError(f"input: expected a tensor or PackedSequence, got {type(input).__name__}")
             if input.dim() not in (2, 3):
-                raise InputError(f"input: RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
+                raise InputError(f"input: {name}: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
             batched, batch_first = input.dim() == 3, self.batch_first
             if not batched:
                 x = input.unsqueeze(1)
@@ -219,31 +288,19 @@ class RNN(nn.Module):
         T, B = x.shape[0], x.shape[1]
         if x.shape[-1] != self.input_size:
             raise InputError(f"input: input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.shape[-1]}")
+        if T == 0:
+            raise InputError(f"input: expected a sequence of at least one step, got length 0 (torch.nn.{name} "
+                             "raises for length 0 too; a row may still have length 0 through `lengths`)")
         amp = _autocast_dtype(x.device, weight.dtype)
         if x.dtype != weight.dtype and not (amp is not None and x.dtype in (torch.float32, amp)):
-            raise InputError(f"input: RNN input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). "
+            raise InputError(f"input: {name} input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). "
                              f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})")
         if x.device != weight.device:
             raise InputError(f"input: expected device {weight.device} (the device of the parameters), got {x.device}")
-
-        expected_hx = (self.num_layers * num_directions, B, self.hidden_size)
-        if hx is None:
-            h0_all = x.new_zeros(expected_hx)
-        else:
-            if not isinstance(hx, torch.Tensor):
-                raise InputError(f"hx: expected a tensor, got {type(hx).__name__}")
-            if batched and hx.dim() != 3:
-                raise InputError(f"hx: For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor")
-            if not batched and hx.dim() != 2:
-                raise InputError(f"hx: For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor")
-            h0_all = hx if batched else hx.unsqueeze(1)
-            if tuple(h0_all.shape) != expected_hx:
-                want = expected_hx if batched else (expected_hx[0], expected_hx[2])
-                raise InputError(f"hx: Expected hidden size {want}, got {list(hx.shape)}")
-            _check_same("hx", h0_all, x, "input", dtype=amp is None)
+        states0 = self._initial_states(hx, x, batched, B, amp)
 
         img = _check_image(image, image_size=self.image_size, batched=batched, batch=B, steps=T,
-                           batch_first=batch_first, module="RNN")
+                           batch_first=batch_first, module=name)
         if img is not None:
             _check_same("image", img, x, "input", dtype=amp is None)
         if lengths is not None and not packed:
@@ -258,68 +315,68 @@ class RNN(nn.Module):
             check_lengths(lengths, B, T, check_values=not compiling)
             lengths = lengths.to(device=x.device, dtype=torch.int64).contiguous()
         if not compiling:
-            _backends.select(self.backend, x.device, amp or x.dtype)  # an unavailable backend fails before any GEMM
+            # an unavailable backend fails before any GEMM
+            _backends.select(self.backend, x.device, amp or x.dtype, self.CELL)
 
         layer_input = x
-        h_n = []
+        finals = [[] for _ in range(self.STATES)]
         for layer in range(self.num_layers):
             outs = []
             for direction in range(num_directions):
-                w_ih, w_hh, b_ih, b_hh, w_img = self._layer_params(layer, direction)
-                xp, img_term = _project(layer_input, img, w_ih, b_ih, b_hh, w_img)
-                xp, img_term, w_hh = _to(xp, amp), _to(img_term, amp), _to(w_hh, amp)
+                p = self._params(layer, direction)
+                xp, img_term = _project(layer_input, img, p["weight_ih"], self._outer_bias(p), p.get("weight_img"))
+                xp, img_term = _to(xp, amp), _to(img_term, amp)
                 if direction == 1:
                     xp = _time_reverse(xp, lengths)
                     if img_term is not None and img_term.dim() == 3:
                         img_term = _time_reverse(img_term, lengths)
-                out, h_last = rnn_recurrence(xp, w_hh, _to(h0_all[layer * num_directions + direction], amp), img_term,
-                                             lengths, self.nonlinearity, self.backend)
+                idx = layer * num_directions + direction
+                out, last = self._recurrence({k: _to(v, amp) for k, v in p.items()}, xp, img_term,
+                                             [_to(s[idx], amp) for s in states0], lengths)
                 outs.append(_time_reverse(out, lengths) if direction == 1 else out)
-                h_n.append(h_last)
+                for k, s in enumerate(last):
+                    finals[k].append(s)
             layer_input = outs[0] if num_directions == 1 else torch.cat(outs, dim=2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, p=self.dropout, training=True)
         output = layer_input
-        h_n = torch.stack(h_n) if h_n else h0_all
+        states = [torch.stack(f) for f in finals]
 
         if packed:
             sorted_lengths = seq_lengths if input.sorted_indices is None else seq_lengths[input.sorted_indices.cpu()]
             out_sorted = output if input.sorted_indices is None else output.index_select(1, input.sorted_indices.to(output.device))
             data = pack_padded_sequence(out_sorted, sorted_lengths, enforce_sorted=True).data
-            return PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices), h_n
+            return PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices), \
+                self._final_states(states, True)
         if not batched:
-            return output.squeeze(1), h_n.squeeze(1)
-        return (output.transpose(0, 1) if batch_first else output), h_n
+            return output.squeeze(1), self._final_states(states, False)
+        return (output.transpose(0, 1) if batch_first else output), self._final_states(states, True)
 
 
-class RNNCell(nn.Module):
-    """Drop-in for torch.nn.RNNCell, plus ``image_size`` (parameter ``weight_img``) and ``backend``.
+class CellBase(nn.Module):
+    """The shared single-step module (RNNCell, LSTMCell, GRUCell): parameters weight_ih, weight_hh,
+    bias_ih, bias_hh as torch's plus weight_img, and the checks of input, hx and image. A cell sets
+    CELL, GATES, STATES and implements ``_step(xp [1, B, G*H], image_term, states) -> states'``."""
 
-    forward(input, hx=None, image=None) -> h'; input [N, H_in] or [H_in], hx [N, H] or [H],
-    image [N, V] or [V]."""
+    CELL, GATES, STATES = "rnn", 1, 1
 
-    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None,
-                 *, image_size=None, backend="auto"):
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, image_size=None, backend="auto"):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        if nonlinearity not in NONLINEARITIES:
-            raise ValueError(f"Unknown nonlinearity: {nonlinearity}")
-        if image_size is not None and (not isinstance(image_size, int) or isinstance(image_size, bool) or image_size <= 0):
-            raise ValueError(f"image_size: expected a positive int or None, got {image_size!r}")
-        if backend not in ("auto",) + _backends.BACKEND_NAMES:
-            raise ValueError(f"backend: expected one of {('auto',) + _backends.BACKEND_NAMES}, got {backend!r}")
+        _check_common_ctor(hidden_size, image_size, backend)
+        G = self.GATES * hidden_size
         self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bias
-        self.nonlinearity, self.image_size, self.backend = nonlinearity, image_size, backend
-        self.weight_ih = nn.Parameter(torch.empty(hidden_size, input_size, **factory))
-        self.weight_hh = nn.Parameter(torch.empty(hidden_size, hidden_size, **factory))
+        self.image_size, self.backend = image_size, backend
+        self.weight_ih = nn.Parameter(torch.empty(G, input_size, **factory))
+        self.weight_hh = nn.Parameter(torch.empty(G, hidden_size, **factory))
         if bias:
-            self.bias_ih = nn.Parameter(torch.empty(hidden_size, **factory))
-            self.bias_hh = nn.Parameter(torch.empty(hidden_size, **factory))
+            self.bias_ih = nn.Parameter(torch.empty(G, **factory))
+            self.bias_hh = nn.Parameter(torch.empty(G, **factory))
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
         if image_size is not None:
-            self.weight_img = nn.Parameter(torch.empty(hidden_size, image_size, **factory))
+            self.weight_img = nn.Parameter(torch.empty(G, image_size, **factory))
         else:
             self.register_parameter("weight_img", None)
         self.reset_parameters()
@@ -329,23 +386,39 @@ class RNNCell(nn.Module):
         for weight in self.parameters():
             nn.init.uniform_(weight, -stdv, stdv)
 
+    def _extra_repr_items(self):
+        return []
+
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
         if self.bias is not True:
             s += ", bias={bias}"
-        if self.nonlinearity != "tanh":
-            s += ", nonlinearity={nonlinearity}"
+        for item in self._extra_repr_items():
+            s += item
         if self.image_size is not None:
             s += ", image_size={image_size}"
         if self.backend != "auto":
             s += ", backend={backend!r}"
         return s.format(**self.__dict__)
 
+    def _outer_bias(self):
+        return None if self.bias_ih is None else self.bias_ih + self.bias_hh
+
+    def _hx_tensors(self, hx):
+        if isinstance(hx, torch.Tensor):
+            return (hx,)
+        raise InputError(f"hx: expected a tensor, got {type(hx).__name__}"
+                         + (" (only LSTMCell takes a tuple (h_0, c_0))" if isinstance(hx, (tuple, list)) else ""))
+
+    def _step(self, xp, image_term, states):
+        raise NotImplementedError
+
     def forward(self, input, hx=None, image=None):
+        name = type(self).__name__
         if not isinstance(input, torch.Tensor):
             raise InputError(f"input: expected a tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
-            raise InputError(f"input: RNNCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+            raise InputError(f"input: {name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
         B = x.shape[0]
@@ -354,23 +427,28 @@ class RNNCell(nn.Module):
         amp = _autocast_dtype(x.device, self.weight_ih.dtype)
         _check_same("input", x, self.weight_ih, "the parameters", dtype=amp is None)
         if hx is None:
-            h0 = x.new_zeros(B, self.hidden_size)
+            states = [x.new_zeros(B, self.hidden_size) for _ in range(self.STATES)]
         else:
-            if not isinstance(hx, torch.Tensor):
-                raise InputError(f"hx: expected a tensor, got {type(hx).__name__}")
-            if hx.dim() != input.dim():
-                raise InputError(f"hx: expected a {input.dim()}-D tensor like input, got {hx.dim()}-D")
-            h0 = hx if batched else hx.unsqueeze(0)
-            if tuple(h0.shape) != (B, self.hidden_size):
-                raise InputError(f"hx: expected shape {(B, self.hidden_size) if batched else (self.hidden_size,)}, got {tuple(hx.shape)}")
-            _check_same("hx", h0, x, "input", dtype=amp is None)
+            states = []
+            for k, t in enumerate(self._hx_tensors(hx)):
+                where = "hx" if self.STATES == 1 else f"hx[{k}] ({('h_0', 'c_0')[k]})"
+                if not isinstance(t, torch.Tensor):
+                    raise InputError(f"{where}: expected a tensor, got {type(t).__name__}")
+                if t.dim() != input.dim():
+                    raise InputError(f"{where}: expected a {input.dim()}-D tensor like input, got {t.dim()}-D")
+                s = t if batched else t.unsqueeze(0)
+                if tuple(s.shape) != (B, self.hidden_size):
+                    want = (B, self.hidden_size) if batched else (self.hidden_size,)
+                    raise InputError(f"{where}: expected shape {want}, got {tuple(t.shape)}")
+                _check_same(where, s, x, "input", dtype=amp is None)
+                states.append(s)
         img = _check_image(image, image_size=self.image_size, batched=batched, batch=B, steps=None,
-                           batch_first=False, module="RNNCell")
+                           batch_first=False, module=name)
         if img is not None:
             _check_same("image", img, x, "input", dtype=amp is None)
         if not torch.compiler.is_compiling():
-            _backends.select(self.backend, x.device, amp or x.dtype)
-        xp, img_term = _project(x, img, self.weight_ih, self.bias_ih, self.bias_hh, self.weight_img)
-        _, h = rnn_recurrence(_to(xp, amp).unsqueeze(0), _to(self.weight_hh, amp), _to(h0, amp), _to(img_term, amp),
-                              None, self.nonlinearity, self.backend)
-        return h if batched else h.squeeze(0)
+            _backends.select(self.backend, x.device, amp or x.dtype, self.CELL)
+        xp, img_term = _project(x, img, self.weight_ih, self._outer_bias(), self.weight_img)
+        new = self._step(_to(xp, amp).unsqueeze(0), _to(img_term, amp), [_to(s, amp) for s in states], amp)
+        new = [s if batched else s.squeeze(0) for s in new]
+        return new[0] if self.STATES == 1 else tuple(new)

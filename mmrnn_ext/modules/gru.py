@@ -1,0 +1,65 @@
+"""mmrnn_ext.GRU / GRUCell: drop-ins for torch.nn.GRU / GRUCell whose every step also sees image
+features, the same image term in every gate (order r, z, n), outside the reset product like the input:
+
+    r = sigmoid(W_ir x_t + b_ir + W_hr h_{t-1} + b_hr + W_img_r v),  z likewise
+    n = tanh(W_in x_t + b_in + W_img_n v + r * (W_hn h_{t-1} + b_hn));   h_t = (1 - z) * n + z * h_{t-1}
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops import gru_recurrence
+from .base import CellBase, RecurrentBase
+
+
+def _gru_biases(b_ih, b_hh):
+    """(the biases outside the recurrent product: b_ih + [b_hr, b_hz, 0], b_hn) or (None, None)."""
+    if b_ih is None:
+        return None, None
+    H = b_hh.shape[0] // 3
+    return b_ih + torch.cat([b_hh[:2 * H], b_hh.new_zeros(H)]), b_hh[2 * H:]
+
+
+class GRU(RecurrentBase):
+    """Drop-in for torch.nn.GRU, plus ``image_size`` (features added to every gate's input side
+    through ``weight_img_l{k}``, shape [3 * hidden_size, image_size]) and ``backend``.
+
+    forward(input, hx=None, image=None, lengths=None) -> (output, h_n), with nn.GRU's shapes; image
+    and lengths as mmrnn_ext.RNN's."""
+
+    CELL, GATES, STATES = "gru", 3, 1
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, device=None, dtype=None, *, image_size=None, backend="auto"):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0, device, dtype,
+                         image_size=image_size, backend=backend)
+        self.mode = "GRU"
+
+    def _outer_bias(self, p):
+        return _gru_biases(p.get("bias_ih"), p.get("bias_hh"))[0]
+
+    def _recurrence(self, p, xp, image_term, states, lengths):
+        b_hn = _gru_biases(p.get("bias_ih"), p.get("bias_hh"))[1]
+        out, h = gru_recurrence(xp, p["weight_hh"], b_hn, states[0], image_term, lengths, self.backend)
+        return out, (h,)
+
+
+class GRUCell(CellBase):
+    """Drop-in for torch.nn.GRUCell, plus ``image_size`` (parameter ``weight_img``,
+    [3 * hidden_size, image_size]) and ``backend``.
+
+    forward(input, hx=None, image=None) -> h'; input [N, H_in] or [H_in], hx [N, H] or [H],
+    image [N, V] or [V]."""
+
+    CELL, GATES, STATES = "gru", 3, 1
+
+    def _outer_bias(self):
+        return _gru_biases(self.bias_ih, self.bias_hh)[0]
+
+    def _step(self, xp, image_term, states, amp):
+        b_hn = _gru_biases(self.bias_ih, self.bias_hh)[1]
+        w_hh = self.weight_hh
+        if amp is not None:
+            w_hh, b_hn = w_hh.to(amp), None if b_hn is None else b_hn.to(amp)
+        _, h = gru_recurrence(xp, w_hh, b_hn, states[0], image_term, None, self.backend)
+        return [h]
