@@ -1,4 +1,5 @@
-"""torch.library registration (opcheck), torch.compile with no graph break, autocast, and DDP."""
+"""torch.library registration (opcheck), torch.compile with no graph break, autocast, and DDP, for
+every cell (RNN, LSTM, GRU)."""
 import os
 import socket
 
@@ -12,6 +13,9 @@ from conftest import require
 from op_cases import make_inputs
 
 I, H, V = 5, 16, 3
+CELLS = ["rnn", "lstm", "gru"]
+MODULES = {"rnn": mmrnn_ext.RNN, "lstm": mmrnn_ext.LSTM, "gru": mmrnn_ext.GRU}
+CELL_MODULES = {"rnn": mmrnn_ext.RNNCell, "lstm": mmrnn_ext.LSTMCell, "gru": mmrnn_ext.GRUCell}
 
 
 @pytest.mark.parametrize("image", [None, "static", "step"], ids=["noimg", "static", "step"])
@@ -24,17 +28,38 @@ def test_opcheck(cpu_backend, image, lengths):
     torch.library.opcheck(torch.ops.mmrnn.rnn_bwd.default, args)
 
 
-class Tagger(torch.nn.Module):
-    """A small multimodal model: a 2-layer bidirectional image RNN and a head."""
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("image", [None, "static", "step"], ids=["noimg", "static", "step"])
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
+def test_opcheck_gated(cpu_backend, cell, image, lengths):
+    from test_gated_ops import make_inputs as gated_inputs
 
-    def __init__(self, backend):
+    args, lens = gated_inputs(cell, 4, 3, 7, image, torch.float64, lengths=lengths)
+    fwd, bwd = getattr(torch.ops.mmrnn, f"{cell}_fwd"), getattr(torch.ops.mmrnn, f"{cell}_bwd")
+    torch.library.opcheck(fwd.default, (*args, lens, cpu_backend))
+    outs = [o.detach() for o in fwd(*args, lens, cpu_backend)]
+    d = [a.detach() if a is not None else None for a in args]
+    if cell == "lstm":
+        out, h, c, c_all, gates = outs
+        bwd_args = (torch.randn_like(out), torch.randn_like(h), torch.randn_like(c), out, c_all, gates, d[2], d[3], d[1])
+    else:
+        out, h, gates = outs
+        bwd_args = (torch.randn_like(out), torch.randn_like(h), out, gates, d[3], d[1])
+    torch.library.opcheck(bwd.default, (*bwd_args, lens, cpu_backend))
+
+
+class Tagger(torch.nn.Module):
+    """A small multimodal model: a 2-layer bidirectional image RNN, LSTM or GRU and a head."""
+
+    def __init__(self, backend, cell="rnn"):
         super().__init__()
-        self.rnn = mmrnn_ext.RNN(I, H, num_layers=2, bidirectional=True, batch_first=True, image_size=V, backend=backend)
+        self.rnn = MODULES[cell](I, H, num_layers=2, bidirectional=True, batch_first=True, image_size=V, backend=backend)
         self.head = torch.nn.Linear(2 * H, 2)
 
     def forward(self, x, image, lengths):
         out, h_n = self.rnn(x, image=image, lengths=lengths)
-        return self.head(out).sum(1) + h_n.sum(0).sum(-1, keepdim=True)
+        states = h_n if isinstance(h_n, tuple) else (h_n,)
+        return self.head(out).sum(1) + sum(s.sum(0).sum(-1, keepdim=True) for s in states)
 
 
 def _inputs(B=3, T=6, seed=0):
@@ -43,19 +68,21 @@ def _inputs(B=3, T=6, seed=0):
             torch.randint(1, T + 1, (B,), generator=g))
 
 
-def test_fullgraph_compile_has_no_graph_break(cpu_backend):
+@pytest.mark.parametrize("cell", CELLS)
+def test_fullgraph_compile_has_no_graph_break(cpu_backend, cell):
     torch.manual_seed(0)
-    model = Tagger(cpu_backend)
+    model = Tagger(cpu_backend, cell)
     x, img, lens = _inputs()
     explanation = torch._dynamo.explain(model)(x, img, lens)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
 
 
-def test_compiled_model_matches_eager_forward_and_gradients():
+@pytest.mark.parametrize("cell", CELLS)
+def test_compiled_model_matches_eager_forward_and_gradients(cell):
     require("cpp")
     torch.manual_seed(0)
-    model = Tagger("auto")
+    model = Tagger("auto", cell)
     compiled = torch.compile(model, fullgraph=True)
     x, img, lens = _inputs()
     results = []
@@ -69,25 +96,27 @@ def test_compiled_model_matches_eager_forward_and_gradients():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_reference_and_cpp_agree():
+@pytest.mark.parametrize("cell", CELLS)
+def test_compiled_reference_and_cpp_agree(cell):
     require("cpp")
     x, img, lens = _inputs()
     outs = []
     for backend in ("reference", "cpp"):
         torch.manual_seed(0)
         torch._dynamo.reset()
-        model = Tagger(backend)
+        model = Tagger(backend, cell)
         outs.append(torch.compile(model, fullgraph=True, backend="aot_eager")(x, img, lens))
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
 
 
-def test_dynamic_shapes_compile_once(cpu_backend):
+@pytest.mark.parametrize("cell", CELLS)
+def test_dynamic_shapes_compile_once(cpu_backend, cell):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     torch.manual_seed(0)
-    model = Tagger(cpu_backend)
+    model = Tagger(cpu_backend, cell)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=counter)
     # sizes distinct from I, V, H: dynamo gives equal sizes one symbol (duck sizing)
@@ -103,17 +132,21 @@ def test_dynamic_shapes_compile_once(cpu_backend):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
-@pytest.mark.parametrize("module", ["RNN", "RNNCell"])
-def test_autocast_bf16_on_cpu(module):
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("module", ["layer", "cell"])
+def test_autocast_bf16_on_cpu(cell, module):
     torch.manual_seed(0)
-    m = mmrnn_ext.RNN(I, H, image_size=V) if module == "RNN" else mmrnn_ext.RNNCell(I, H, image_size=V)
-    x = torch.randn(6, 3, I) if module == "RNN" else torch.randn(3, I)
+    m = MODULES[cell](I, H, image_size=V) if module == "layer" else CELL_MODULES[cell](I, H, image_size=V)
+    x = torch.randn(6, 3, I) if module == "layer" else torch.randn(3, I)
     img = torch.randn(3, V)
-    y32 = m(x, image=img)
-    y32 = y32[0] if module == "RNN" else y32
+
+    def first(y):  # the output sequence of a layer, h' of a cell
+        y = y[0] if module == "layer" or isinstance(y, tuple) else y
+        return y
+
+    y32 = first(m(x, image=img))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = m(x, image=img)
-        y = y[0] if module == "RNN" else y
+        y = first(m(x, image=img))
     assert y.dtype == torch.bfloat16
     rel = ((y.double() - y32.double()).norm() / y32.double().norm()).item()
     print(f"bf16 autocast vs float32: relative error {rel:.2e}")
@@ -124,14 +157,23 @@ def test_autocast_bf16_on_cpu(module):
         assert torch.isfinite(p.grad).all(), name
 
 
-def test_autocast_matches_torch_rnn_dtype():
-    ref, ours = torch.nn.RNN(I, H), mmrnn_ext.RNN(I, H)
+@pytest.mark.parametrize("cell", CELLS)
+def test_autocast_dtype_vs_torch(cell):
+    """RNN and LSTM return what torch's do under CPU bf16 autocast (bf16); torch's GRU is not on
+    autocast's CPU list and returns float32, where mmrnn_ext.GRU runs its recurrence in bf16 like
+    the other two cells (the README says so)."""
+    ref = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](I, H)
+    ours = MODULES[cell](I, H)
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(5, 2, I)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out_r, h_r = ref(x)
         out_o, h_o = ours(x)
-    assert out_o.dtype == out_r.dtype and h_o.dtype == h_r.dtype
+    expected_torch = torch.float32 if cell == "gru" else torch.bfloat16
+    assert out_r.dtype == expected_torch
+    assert out_o.dtype == torch.bfloat16
+    for a, b in zip(h_o if isinstance(h_o, tuple) else (h_o,), h_r if isinstance(h_r, tuple) else (h_r,)):
+        assert a.dtype == torch.bfloat16 and b.dtype == expected_torch
 
 
 # --- DistributedDataParallel, 2 processes, gloo -------------------------------------------------
@@ -142,11 +184,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, path, backend):
+def _ddp_worker(rank, world, port, path, backend, cell):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = Tagger(backend).double()
+    model = Tagger(backend, cell).double()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     x, img, lens = (t.double() if t.is_floating_point() else t for t in _inputs(B=4, T=6))
     rows = slice(2 * rank, 2 * rank + 2)
@@ -157,12 +199,13 @@ def _ddp_worker(rank, world, port, path, backend):
     dist.destroy_process_group()
 
 
-def test_ddp_gloo_two_processes_match_single_process(cpu_backend, tmp_path):
+@pytest.mark.parametrize("cell", CELLS)
+def test_ddp_gloo_two_processes_match_single_process(cpu_backend, cell, tmp_path):
     path = str(tmp_path / "grads.pt")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), path, cpu_backend), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), path, cpu_backend, cell), nprocs=2, join=True)
     ddp_grads = torch.load(path, weights_only=True)
     torch.manual_seed(0)
-    model = Tagger(cpu_backend).double()
+    model = Tagger(cpu_backend, cell).double()
     x, img, lens = (t.double() if t.is_floating_point() else t for t in _inputs(B=4, T=6))
     model(x, img, lens).square().mean().backward()
     for name, p in model.named_parameters():
