@@ -7,8 +7,8 @@
 // Per step: one GEMM h_{t-1} @ W_hh^T into the first 3H columns of that step's gates slot (row
 // stride 4H), then one pass per row that forms r, z, n and h_t and overwrites the slot with what
 // backward reads. Backward: one pass per row that writes dGx, dhn and the recurrent gradient
-// [dr, dz, dhn] into a [B, 3H] scratch, plus dL/dh_t * z (the direct path), then one GEMM that
-// accumulates scratch @ W_hh onto it: dL/dh_{t-1}.
+// [dr, dz, dhn] into a [B, 3H] scratch, plus dL/dh_t * z (the direct path) into the other of two
+// alternating buffers, then one GEMM that accumulates scratch @ W_hh onto it: dL/dh_{t-1}.
 #include "common.h"
 
 namespace mmrnn {
@@ -63,52 +63,63 @@ void gru_forward_loop(const StepGemm<T>& gemm, const T* xp, const T* b_hn, const
   }
 }
 
+// One row of one backward step. hout (a different buffer than hin, so that every pointer is
+// restrict and the loop vectorises) gets the direct path dL/dh_t * z; the step's GEMM then adds
+// srow @ W_hh to it.
 template <typename T>
-void gru_backward_loop(const StepGemm<T>& gemm, const T* gy, const T* ghl, const T* out, const T* h0, const T* gates,
-                       const int64_t* lengths, T* dGx, T* dhn, T* scratch, T* gh, int64_t T_, int64_t B, int64_t H) {
-  // gh: dL/dh_t arriving from step t+1; read only where t+1 < length (the final state's gradient
-  // enters at a row's last step).
+inline void gru_backward_row(const T* __restrict gyrow, const T* __restrict hin, const T* __restrict grow,
+                             const T* __restrict hprow, T* __restrict dxrow, T* __restrict dhnrow, T* __restrict srow,
+                             T* __restrict hout, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    const T r = grow[j], z = grow[H + j], n = grow[2 * H + j], hn = grow[3 * H + j];
+    const T dh = gyrow[j] + hin[j];
+    const T dn = dh * (T(1) - z) * (T(1) - n * n);
+    const T dz = dh * (hprow[j] - n) * z * (T(1) - z);
+    const T dr = dn * hn * r * (T(1) - r);
+    const T d_hn = dn * r;
+    dxrow[j] = dr;
+    dxrow[H + j] = dz;
+    dxrow[2 * H + j] = dn;
+    dhnrow[j] = d_hn;
+    srow[j] = dr;
+    srow[H + j] = dz;
+    srow[2 * H + j] = d_hn;
+    hout[j] = dh * z;
+  }
+}
+
+// gh[0|1]: dL/dh_t arriving from step t+1, alternating buffers; read only where t+1 < length (the
+// final state's gradient enters at a row's last step). Returns the buffer holding dL/dh_{-1}.
+template <typename T>
+T* gru_backward_loop(const StepGemm<T>& gemm, const T* gy, const T* ghl, const T* out, const T* h0, const T* gates,
+                     const int64_t* lengths, T* dGx, T* dhn, T* scratch, T* gh0, T* gh1, int64_t T_, int64_t B, int64_t H) {
   const int64_t step = B * H, G = 3 * H, W = 4 * H;
-  std::fill(gh, gh + step, T(0));
+  std::fill(gh0, gh0 + step, T(0));
+  std::fill(gh1, gh1 + step, T(0));
+  T* gh_in = gh0;
+  T* gh_out = gh1;
   for (int64_t t = T_ - 1; t >= 0; --t) {
     const T* h_prev = t == 0 ? h0 : out + (t - 1) * step;
     at::parallel_for(0, B, row_grain(W), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t len = row_length(lengths, b, T_);
-        T* __restrict dxrow = dGx + t * B * G + b * G;
-        T* __restrict dhnrow = dhn + t * step + b * H;
-        T* __restrict srow = scratch + b * G;
+        T* dxrow = dGx + t * B * G + b * G;
+        T* dhnrow = dhn + t * step + b * H;
+        T* srow = scratch + b * G;
         if (t >= len) {
           std::fill(dxrow, dxrow + G, T(0));
           std::fill(dhnrow, dhnrow + H, T(0));
           std::fill(srow, srow + G, T(0));
           continue;
         }
-        const T* hin = t == len - 1 ? ghl + b * H : gh + b * H;
-        T* hout = gh + b * H;  // may alias hin: element j is read before it is written
-        const T* __restrict gyrow = gy + t * step + b * H;
-        const T* __restrict grow = gates + t * B * W + b * W;
-        const T* __restrict hprow = h_prev + b * H;
-        for (int64_t j = 0; j < H; ++j) {
-          const T r = grow[j], z = grow[H + j], n = grow[2 * H + j], hn = grow[3 * H + j];
-          const T dh = gyrow[j] + hin[j];
-          const T dn = dh * (T(1) - z) * (T(1) - n * n);
-          const T dz = dh * (hprow[j] - n) * z * (T(1) - z);
-          const T dr = dn * hn * r * (T(1) - r);
-          const T d_hn = dn * r;
-          dxrow[j] = dr;
-          dxrow[H + j] = dz;
-          dxrow[2 * H + j] = dn;
-          dhnrow[j] = d_hn;
-          srow[j] = dr;
-          srow[H + j] = dz;
-          srow[2 * H + j] = d_hn;
-          hout[j] = dh * z;
-        }
+        gru_backward_row<T>(gy + t * step + b * H, (t == len - 1 ? ghl : gh_in) + b * H, gates + t * B * W + b * W,
+                            h_prev + b * H, dxrow, dhnrow, srow, gh_out + b * H, H);
       }
     });
-    gemm.run(scratch, gh, /*accumulate=*/true);
+    gemm.run(scratch, gh_out, /*accumulate=*/true);
+    std::swap(gh_in, gh_out);
   }
+  return gh_in;
 }
 
 std::tuple<at::Tensor, at::Tensor> gru_forward(const at::Tensor& xp, const at::Tensor& w_hh,
@@ -153,16 +164,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_backward(const at::Tensor& gr
   at::Tensor dGx = empty_huge({T_, B, 3 * H}, out.options());
   at::Tensor dhn = empty_huge({T_, B, H}, out.options());
   at::Tensor scratch = at::empty({B, 3 * H}, out.options());
-  at::Tensor gh = at::empty_like(h0), dh0 = at::empty_like(h0);
+  at::Tensor gh = at::empty({2, B, H}, h0.options()), dh0 = at::empty_like(h0);
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "mmrnn_gru_backward", [&] {
       const StepGemm<scalar_t> gemm(w_hh, /*transpose=*/false, static_cast<int>(B));
-      gru_backward_loop<scalar_t>(gemm, grad_out.data_ptr<scalar_t>(), grad_h_last.data_ptr<scalar_t>(),
-                                  out.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), len,
-                                  dGx.data_ptr<scalar_t>(), dhn.data_ptr<scalar_t>(), scratch.data_ptr<scalar_t>(),
-                                  gh.data_ptr<scalar_t>(), T_, B, H);
-      initial_state_grad(gh.data_ptr<scalar_t>(), grad_h_last.data_ptr<scalar_t>(), len, dh0.data_ptr<scalar_t>(), T_, B, H);
+      scalar_t* gh_first = gh.data_ptr<scalar_t>();
+      const scalar_t* dh_carried = gru_backward_loop<scalar_t>(
+          gemm, grad_out.data_ptr<scalar_t>(), grad_h_last.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+          h0.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), len, dGx.data_ptr<scalar_t>(), dhn.data_ptr<scalar_t>(),
+          scratch.data_ptr<scalar_t>(), gh_first, gh_first + B * H, T_, B, H);
+      initial_state_grad(dh_carried, grad_h_last.data_ptr<scalar_t>(), len, dh0.data_ptr<scalar_t>(), T_, B, H);
     });
   }
   return {dGx, dhn, dh0};

@@ -60,47 +60,58 @@ void lstm_forward_loop(const StepGemm<T>& gemm, const T* xp, const T* h0, const 
   }
 }
 
+// One row of one backward step: dG from the incoming dL/dh (hin + gy) and dL/dc (cin); writes the
+// gradient dL/dc_{t-1} to cout (a different buffer than cin, so that every pointer is restrict and
+// the loop vectorises).
 template <typename T>
-void lstm_backward_loop(const StepGemm<T>& gemm, const T* gy, const T* ghl, const T* gcl, const T* c0, const T* c_all,
-                        const T* gates, const int64_t* lengths, T* dG, T* gh, T* gc, int64_t T_, int64_t B, int64_t H) {
-  // gh: dL/dh_t arriving from step t+1 (dG_{t+1} @ W_hh); gc: dL/dc_t arriving from step t+1.
-  // Both are read only where t+1 < length; at a row's last step the final states' gradients enter.
+inline void lstm_backward_row(const T* __restrict gyrow, const T* __restrict hin, const T* __restrict cin,
+                              const T* __restrict grow, const T* __restrict crow, const T* __restrict cprow,
+                              T* __restrict drow, T* __restrict cout, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    const T i = grow[j], f = grow[H + j], g = grow[2 * H + j], o = grow[3 * H + j];
+    const T tc = tanh_(crow[j]);
+    const T dh = gyrow[j] + hin[j];
+    const T dc = cin[j] + dh * o * (T(1) - tc * tc);
+    drow[j] = dc * g * i * (T(1) - i);
+    drow[H + j] = dc * cprow[j] * f * (T(1) - f);
+    drow[2 * H + j] = dc * i * (T(1) - g * g);
+    drow[3 * H + j] = dh * tc * o * (T(1) - o);
+    cout[j] = dc * f;
+  }
+}
+
+// gh: dL/dh_t arriving from step t+1 (dG_{t+1} @ W_hh); gc[0|1]: dL/dc_t arriving from step t+1,
+// alternating buffers. Both are read only where t+1 < length; at a row's last step the final
+// states' gradients enter. Returns the buffer that holds dL/dc_{-1} (before step 0).
+template <typename T>
+T* lstm_backward_loop(const StepGemm<T>& gemm, const T* gy, const T* ghl, const T* gcl, const T* c0, const T* c_all,
+                      const T* gates, const int64_t* lengths, T* dG, T* gh, T* gc0, T* gc1, int64_t T_, int64_t B,
+                      int64_t H) {
   const int64_t step = B * H, gstep = 4 * step, G = 4 * H;
   std::fill(gh, gh + step, T(0));
-  std::fill(gc, gc + step, T(0));
+  std::fill(gc0, gc0 + step, T(0));
+  T* gc_in = gc0;
+  T* gc_out = gc1;
   for (int64_t t = T_ - 1; t >= 0; --t) {
     T* dgt = dG + t * gstep;
     at::parallel_for(0, B, row_grain(G), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t len = row_length(lengths, b, T_);
-        T* __restrict drow = dgt + b * G;
+        T* drow = dgt + b * G;
         if (t >= len) {
           std::fill(drow, drow + G, T(0));
           continue;
         }
         const bool last = t == len - 1;
-        const T* __restrict hin = last ? ghl + b * H : gh + b * H;
-        const T* cin = last ? gcl + b * H : gc + b * H;
-        T* cout = gc + b * H;  // may alias cin: element j is read before it is written
-        const T* __restrict gyrow = gy + t * step + b * H;
-        const T* __restrict grow = gates + t * gstep + b * G;
-        const T* __restrict crow = c_all + t * step + b * H;
-        const T* __restrict cprow = (t == 0 ? c0 : c_all + (t - 1) * step) + b * H;
-        for (int64_t j = 0; j < H; ++j) {
-          const T i = grow[j], f = grow[H + j], g = grow[2 * H + j], o = grow[3 * H + j];
-          const T tc = tanh_(crow[j]);
-          const T dh = gyrow[j] + hin[j];
-          const T dc = cin[j] + dh * o * (T(1) - tc * tc);
-          drow[j] = dc * g * i * (T(1) - i);
-          drow[H + j] = dc * cprow[j] * f * (T(1) - f);
-          drow[2 * H + j] = dc * i * (T(1) - g * g);
-          drow[3 * H + j] = dh * tc * o * (T(1) - o);
-          cout[j] = dc * f;
-        }
+        lstm_backward_row<T>(gy + t * step + b * H, (last ? ghl : gh) + b * H, (last ? gcl : gc_in) + b * H,
+                             gates + t * gstep + b * G, c_all + t * step + b * H,
+                             (t == 0 ? c0 : c_all + (t - 1) * step) + b * H, drow, gc_out + b * H, H);
       }
     });
     gemm.run(dgt, gh);
+    std::swap(gc_in, gc_out);
   }
+  return gc_in;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_forward(const at::Tensor& xp, const at::Tensor& w_hh,
@@ -147,18 +158,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_backward(
   check_blas_dims(B, 4 * H);
   const int64_t* len = check_lengths(lengths, T_, B);
   at::Tensor dG = empty_huge(gates.sizes(), out.options());
-  at::Tensor gh = at::empty_like(h0), gc = at::empty_like(c0);
+  at::Tensor gh = at::empty_like(h0), gc = at::empty({2, B, H}, c0.options());
   at::Tensor dh0 = at::empty_like(h0), dc0 = at::empty_like(c0);
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "mmrnn_lstm_backward", [&] {
       const StepGemm<scalar_t> gemm(w_hh, /*transpose=*/false, static_cast<int>(B));
-      lstm_backward_loop<scalar_t>(gemm, grad_out.data_ptr<scalar_t>(), grad_h_last.data_ptr<scalar_t>(),
-                                   grad_c_last.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(), c_all.data_ptr<scalar_t>(),
-                                   gates.data_ptr<scalar_t>(), len, dG.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(),
-                                   gc.data_ptr<scalar_t>(), T_, B, H);
+      scalar_t* gc_first = gc.data_ptr<scalar_t>();
+      const scalar_t* dc_carried = lstm_backward_loop<scalar_t>(
+          gemm, grad_out.data_ptr<scalar_t>(), grad_h_last.data_ptr<scalar_t>(), grad_c_last.data_ptr<scalar_t>(),
+          c0.data_ptr<scalar_t>(), c_all.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), len, dG.data_ptr<scalar_t>(),
+          gh.data_ptr<scalar_t>(), gc_first, gc_first + B * H, T_, B, H);
       initial_state_grad(gh.data_ptr<scalar_t>(), grad_h_last.data_ptr<scalar_t>(), len, dh0.data_ptr<scalar_t>(), T_, B, H);
-      initial_state_grad(gc.data_ptr<scalar_t>(), grad_c_last.data_ptr<scalar_t>(), len, dc0.data_ptr<scalar_t>(), T_, B, H);
+      initial_state_grad(dc_carried, grad_c_last.data_ptr<scalar_t>(), len, dc0.data_ptr<scalar_t>(), T_, B, H);
     });
   }
   return {dG, dh0, dc0};
