@@ -2,8 +2,10 @@
 
     python bench/update_readme.py
 
-The CPU performance section (between <!-- cpu-table:start/end -->) from bench/results/cpu.json:
-the machine, the table (mmrnn-bench --markdown), the recurrence-vs-torch.mm figures and the plot.
+The CPU performance sections (between <!-- cpu-table:start/end --> for the RNN, <!-- cpu-lstm-table:... -->
+and <!-- cpu-gru-table:... --> for the gated cells) from bench/results/cpu.json, cpu_lstm.json and
+cpu_gru.json: the machine, the table (mmrnn-bench --markdown), the GEMM rates, the recurrence-vs-torch.mm
+figures and the plot.
 The training results (between <!-- train-table:start/end -->) from
 bench/results/train_quick_ablate.json (mmrnn-train --quick --ablate --json ...).
 The GPU section (between <!-- gpu-table:start/end -->) from bench/results/gpu_h100_*.json, the
@@ -20,6 +22,7 @@ from mmrnn_ext.bench import markdown_table  # noqa: E402
 START, END = "<!-- cpu-table:start -->", "<!-- cpu-table:end -->"
 TRAIN_START, TRAIN_END = "<!-- train-table:start -->", "<!-- train-table:end -->"
 GPU_START, GPU_END = "<!-- gpu-table:start -->", "<!-- gpu-table:end -->"
+GATED = {cell: (f"<!-- cpu-{cell}-table:start -->", f"<!-- cpu-{cell}-table:end -->") for cell in ("lstm", "gru")}
 GPU_PREFIX = "gpu_h100_"
 
 GPU_NOTES = """Where the time goes, per step of the recurrence (the kernels-alone table; FLOPs = 2·B·H²):
@@ -51,21 +54,51 @@ hidden 128/256 0.43–0.82×. bf16 vs cuDNN fp16 at hidden 512/1024 and at batch
 PyTorch bf16 at hidden 128/256 (5.5× and more) and the batch-1 step time (1.40–1.41 µs) held in every run."""
 
 
+CELL_NOTES = {
+    "rnn": "Timing noise on this 2-core VM is ±15% and more between runs: `mmrnn_ext` and "
+           "`mmrnn_ext[cpp]` run the same code, so the gap between their rows shows it; in separate runs "
+           "the forward+backward speedup over nn.RNN(concat) at (32,128,128,128,256) ranged from 1.56x "
+           "to 2.12x (bench/NOTES.md).",
+    "lstm": "PyTorch runs its CPU LSTM through oneDNN (a fused kernel); `mmrnn_ext` and `mmrnn_ext[cpp]` "
+            "run the same code, so the gap between their rows shows the run's noise.",
+    "gru": "PyTorch's CPU GRU is a per-step loop of ATen ops; `mmrnn_ext` and `mmrnn_ext[cpp]` run the "
+           "same code, so the gap between their rows shows the run's noise.",
+}
+
+
+def gflops_table(result: dict) -> list:
+    """Each provider's forward+backward GEMM rate (its own algorithm's GEMM FLOPs / its time)."""
+    rows = [r for r in result["rows"] if r["pass"] == "forward+backward" and r.get("gemm_gflops") is not None]
+    if not rows:
+        return []
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    lines = ["The forward+backward's GEMM FLOPs (each provider's own: the concatenating one multiplies I + V "
+             "input columns at every step) over its time, in GF/s:", "",
+             "| shape (B,T,I,V,H) | GFLOP (mmrnn_ext) | " + " | ".join(providers) + " |",
+             "|" + " --- |" * (2 + len(providers))]
+    for shape in dict.fromkeys(tuple(r["shape"]) for r in rows):
+        group = {r["provider"]: r for r in rows if tuple(r["shape"]) == shape}
+        cells = [f"{group[p]['gemm_gflops']:.1f}" if p in group else "" for p in providers]
+        lines.append(f"| {','.join(map(str, shape))} | {group['mmrnn_ext']['gemm_gflop']:.2f} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def section(result: dict, json_rel: str, png_rel: str) -> str:
     m = result["machine"]
+    cell = result.get("cell", "rnn")
+    G = {"rnn": "", "lstm": "4", "gru": "3"}[cell]
+    flag = "" if cell == "rnn" else f"--cell {cell} "
     lines = [f"Measured on {m['device']}, {m['cpu_cores']} cores ({m['torch_threads']} torch threads), "
              f"torch {m['torch']}, {m['date'][:10]}; float32, one layer, unidirectional; median of "
-             f"5 runs after a warm-up. Source: `{json_rel}` (regenerate: `mmrnn-bench --all-backends "
+             f"5 runs after a warm-up. Source: `{json_rel}` (regenerate: `mmrnn-bench {flag}--all-backends "
              f"--json {json_rel} --plot {png_rel}`, then `python bench/update_readme.py`).", "",
              markdown_table(result), "",
              "x = that provider's time / mmrnn_ext's; saved MB = what autograd keeps for backward during "
-             "the forward (parameters excluded): nn.RNN(concat) keeps the input widened by the image at "
-             "every step. Timing noise on this 2-core VM is ±15% and more between runs: `mmrnn_ext` and "
-             "`mmrnn_ext[cpp]` run the same code, so the gap between their rows shows it; in separate runs "
-             "the forward+backward speedup over nn.RNN(concat) at (32,128,128,128,256) ranged from 1.56x "
-             "to 2.12x (bench/NOTES.md).", ""]
+             f"the forward (parameters excluded): nn.{cell.upper()}(concat) keeps the input widened by the "
+             "image at every step. " + CELL_NOTES[cell], ""]
+    lines += gflops_table(result)
     if result.get("recurrence"):
-        lines.append("The recurrence alone (forward) against T calls of torch.mm on the same [B,H]×[H,H] GEMM:")
+        lines.append(f"The recurrence alone (forward) against T calls of torch.mm on the same [B,H]×[H,{G}H] GEMM:")
         lines.append("")
         lines.append("| shape (B,T,I,V,H) | backend | recurrence GF/s | torch.mm GF/s | fraction |")
         lines.append("| --- | --- | --- | --- | --- |")
@@ -117,14 +150,19 @@ def _replace(text: str, start: str, end: str, body: str) -> str:
 
 
 def main():
-    json_path = os.path.join(ROOT, "bench", "results", "cpu.json")
-    with open(json_path) as f:
-        result = json.load(f)
-    rel = os.path.relpath(json_path, ROOT)
     readme_path = os.path.join(ROOT, "README.md")
     with open(readme_path) as f:
         text = f.read()
-    text = _replace(text, START, END, section(result, rel, os.path.splitext(rel)[0] + ".png"))
+    for name, (start, end) in {"cpu": (START, END), "cpu_lstm": GATED["lstm"], "cpu_gru": GATED["gru"]}.items():
+        json_path = os.path.join(ROOT, "bench", "results", f"{name}.json")
+        if not os.path.exists(json_path):
+            continue
+        with open(json_path) as f:
+            cell_result = json.load(f)
+        if name == "cpu":
+            result = cell_result
+        rel = os.path.relpath(json_path, ROOT)
+        text = _replace(text, start, end, section(cell_result, rel, os.path.splitext(rel)[0] + ".png"))
     train_path = os.path.join(ROOT, "bench", "results", "train_quick_ablate.json")
     if os.path.exists(train_path):
         with open(train_path) as f:

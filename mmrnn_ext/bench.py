@@ -1,18 +1,20 @@
 """mmrnn-bench: mmrnn_ext against what users run today, side by side in one process.
 
-    mmrnn-bench                       the default grid for this machine's device
+    mmrnn-bench                       the default grid for this machine's device (the RNN)
+    mmrnn-bench --cell lstm           the same for the LSTM (--cell gru: the GRU)
     mmrnn-bench --quick               a small grid (under a minute on a 2-core CPU)
     mmrnn-bench --shape 32,128,128,128,256 --dtype float32 --json out.json --plot out.png
 
-Providers, all with the same weights on the same inputs:
-    mmrnn_ext            mmrnn_ext.RNN(image_size=V), backend "auto" (each backend with --all-backends)
-    nn.RNN(concat)       torch.nn.RNN on the input concatenated with the image (cuDNN on GPU)
+Providers, all with the same weights on the same inputs (X = RNN, LSTM or GRU, per --cell):
+    mmrnn_ext            mmrnn_ext.X(image_size=V), backend "auto" (each backend with --all-backends)
+    nn.X(concat)         torch.nn.X on the input concatenated with the image (cuDNN on GPU; oneDNN
+                         for the LSTM on CPU)
     eager loop           a Python loop of torch ops, input and image projections precomputed
     torch.compile(loop)  that loop compiled (skipped, with the reason, when it would take too long)
 
 Before timing, every provider's output is compared with mmrnn_ext's; a disagreement beyond the
 dtype's tolerance stops the run with an error rather than report a speed. With --layers > 1 the
-image enters layer 0 only (the other layers' W_img are zero), so that nn.RNN on the concatenated
+image enters layer 0 only (the other layers' W_img are zero), so that nn.X on the concatenated
 input computes the same function.
 """
 from __future__ import annotations
@@ -44,6 +46,12 @@ QUICK_GPU_GRID = [(16, 64, 128, 256, 128), (1, 128, 64, 64, 256)]
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PASSES = ("forward", "forward+backward")
 OURS = "mmrnn_ext"
+CELLS = {"rnn": (mmrnn_ext.RNN, torch.nn.RNN, 1), "lstm": (mmrnn_ext.LSTM, torch.nn.LSTM, 4),
+         "gru": (mmrnn_ext.GRU, torch.nn.GRU, 3)}
+
+
+def stock_name(cell: str) -> str:
+    return f"nn.{cell.upper()}(concat)"
 
 
 class DisagreementError(RuntimeError):
@@ -63,6 +71,7 @@ class Case:
     device: torch.device
     layers: int = 1
     bidirectional: bool = False
+    cell: str = "rnn"
     x: torch.Tensor = field(init=False)
     image: torch.Tensor = field(init=False)
 
@@ -76,10 +85,10 @@ class Case:
         return (self.B, self.T, self.I, self.V, self.H)
 
 
-def build_ours(case: Case, backend: str = "auto") -> mmrnn_ext.RNN:
+def build_ours(case: Case, backend: str = "auto") -> torch.nn.Module:
     torch.manual_seed(0)
-    model = mmrnn_ext.RNN(case.I, case.H, case.layers, bidirectional=case.bidirectional, image_size=case.V,
-                          backend=backend, device=case.device, dtype=case.dtype)
+    model = CELLS[case.cell][0](case.I, case.H, case.layers, bidirectional=case.bidirectional, image_size=case.V,
+                                backend=backend, device=case.device, dtype=case.dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith("weight_img") and not name.startswith("weight_img_l0"):
@@ -87,9 +96,9 @@ def build_ours(case: Case, backend: str = "auto") -> mmrnn_ext.RNN:
     return model
 
 
-def build_stock(case: Case, ours: mmrnn_ext.RNN) -> torch.nn.RNN:
-    stock = torch.nn.RNN(case.I + case.V, case.H, case.layers, bidirectional=case.bidirectional,
-                         device=case.device, dtype=case.dtype)
+def build_stock(case: Case, ours: torch.nn.Module) -> torch.nn.Module:
+    stock = CELLS[case.cell][1](case.I + case.V, case.H, case.layers, bidirectional=case.bidirectional,
+                                device=case.device, dtype=case.dtype)
     with torch.no_grad():
         for name, p in stock.named_parameters():
             src = getattr(ours, name)
@@ -100,22 +109,42 @@ def build_stock(case: Case, ours: mmrnn_ext.RNN) -> torch.nn.RNN:
     return stock
 
 
-def eager_loop(x, image, model: mmrnn_ext.RNN):
+def _eager_step(mode, a, gh, h, c, b_hn):
+    """One step of the hand-written loop: a = input + image term (+ biases), gh = h @ W_hh^T."""
+    if mode == "lstm":
+        i, f, g, o = (a + gh).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    if mode == "gru":
+        xr, xz, xn = a.chunk(3, dim=-1)
+        hr, hz, hn = gh.chunk(3, dim=-1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * (hn + b_hn))
+        return n + z * (h - n), c
+    return torch.tanh(a + gh), c
+
+
+def eager_loop(x, image, model):
     """What users write by hand: one GEMM for the input projection, the image projection
-    precomputed once, then a Python loop over time of torch ops."""
+    precomputed once, then a Python loop over time of torch ops (tanh RNN, LSTM or GRU)."""
+    mode = {mmrnn_ext.LSTM: "lstm", mmrnn_ext.GRU: "gru"}.get(type(model), "rnn")
     D = 2 if model.bidirectional else 1
-    T = x.shape[0]
+    T, H = x.shape[0], model.hidden_size
     layer_in = x
     for layer in range(model.num_layers):
         outs = []
         for d in range(D):
             w_ih, w_hh, b_ih, b_hh, w_img = model._layer_params(layer, d)
+            b_hn = None
+            if mode == "gru":  # b_hn stays inside the reset product
+                b_hn, b_hh = b_hh[2 * H:], torch.cat([b_hh[:2 * H], b_hh.new_zeros(H)])
             xp = F.linear(layer_in, w_ih, b_ih + b_hh)
             img = F.linear(image, w_img)
-            h = x.new_zeros(x.shape[1], model.hidden_size)
+            h = x.new_zeros(x.shape[1], H)
+            c = h
             ys = [None] * T
             for t in (range(T - 1, -1, -1) if d == 1 else range(T)):
-                h = torch.tanh(torch.addmm(xp[t] + img, h, w_hh.t()))
+                h, c = _eager_step(mode, xp[t] + img, h @ w_hh.t(), h, c, b_hn)
                 ys[t] = h
             outs.append(torch.stack(ys))
         layer_in = outs[0] if D == 1 else torch.cat(outs, dim=2)
@@ -157,7 +186,7 @@ def make_providers(case: Case, args) -> tuple[dict, dict]:
                 skipped[f"{OURS}[{name}]"] = status["detail"]
                 continue
             try:
-                _backends.select(name, case.device, case.dtype)
+                _backends.select(name, case.device, case.dtype, case.cell)
             except (RuntimeError, TypeError) as exc:
                 skipped[f"{OURS}[{name}]"] = str(exc)
                 continue
@@ -167,7 +196,7 @@ def make_providers(case: Case, args) -> tuple[dict, dict]:
             model = build_ours(case, name)
             providers[f"{OURS}[{name}]"] = (lambda m: lambda: m(case.x, image=case.image)[0])(model)
     stock = build_stock(case, ours)
-    providers["nn.RNN(concat)"] = lambda: stock(torch.cat([case.x, case.image.expand(case.T, -1, -1)], dim=-1))[0]
+    providers[stock_name(case.cell)] = lambda: stock(torch.cat([case.x, case.image.expand(case.T, -1, -1)], dim=-1))[0]
     providers["eager loop"] = lambda: eager_loop(case.x, case.image, ours)
     if args.no_compile:
         skipped["torch.compile(loop)"] = "--no-compile"
@@ -256,30 +285,50 @@ def peak_memory_mb(fn, device) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
+def gemm_gflop(case: Case, provider: str, pass_name: str) -> float | None:
+    """GEMM GFLOP of one call (one layer, one direction only; None otherwise): the input projection
+    (over I + V columns for the concatenating provider, I plus one [B, V] image GEMM for the others),
+    the recurrence, and in backward its BPTT products, dW_hh and dW_ih (+ dW_img); the input needs
+    no gradient here."""
+    if case.layers != 1 or case.bidirectional:
+        return None
+    B, T, I, V, H = case.B, case.T, case.I, case.V, case.H
+    G = CELLS[case.cell][2] * H
+    width, image = (I + V, 0) if provider == stock_name(case.cell) else (I, V)
+    forward = 2.0 * T * B * width * G + 2.0 * B * image * G + 2.0 * T * B * H * G
+    backward = 2 * (2.0 * T * B * G * H) + 2.0 * T * B * width * G + 2.0 * B * image * G
+    return (forward if pass_name == "forward" else forward + backward) / 1e9
+
+
 def recurrence_vs_mm(case: Case, repeats: int) -> dict:
-    """The fused recurrence alone (auto backend, forward) against T plain GEMMs of its shape."""
+    """The fused recurrence alone (auto backend, forward) against T plain GEMMs of its shape
+    ([B, H] x [H, G*H], G the cell's gate count)."""
     B, T, H = case.B, case.T, case.H
+    G = CELLS[case.cell][2] * H
     g = torch.Generator().manual_seed(1)
-    xp = torch.randn(T, B, H, generator=g).to(case.device, case.dtype)
-    w = (torch.randn(H, H, generator=g) / math.sqrt(H)).to(case.device, case.dtype)
+    xp = torch.randn(T, B, G, generator=g).to(case.device, case.dtype)
+    w = (torch.randn(G, H, generator=g) / math.sqrt(H)).to(case.device, case.dtype)
     h0 = torch.zeros(B, H, device=case.device, dtype=case.dtype)
     a = torch.randn(B, H, generator=g).to(case.device, case.dtype)
     wt = w.t().contiguous()
-    out = torch.empty(B, H, device=case.device, dtype=case.dtype)
+    out = torch.empty(B, G, device=case.device, dtype=case.dtype)
+    run = {"rnn": lambda: mmrnn_ext.rnn_recurrence(xp, w, h0), "lstm": lambda: mmrnn_ext.lstm_recurrence(xp, w, h0, h0),
+           "gru": lambda: mmrnn_ext.gru_recurrence(xp, w, None, h0)}[case.cell]
 
     def op():
         with torch.no_grad():
-            mmrnn_ext.rnn_recurrence(xp, w, h0)
+            run()
 
     def mm():
         for _ in range(T):
             torch.mm(a, wt, out=out)
 
-    flop = 2.0 * B * H * H * T
+    flop = 2.0 * B * H * G * T
     op_ms, mm_ms = time_ms(op, case.device, repeats), time_ms(mm, case.device, repeats)
-    return {"shape": list(case.shape), "dtype": str(case.dtype).replace("torch.", ""),
-            "backend": _backends.backend_for(xp), "recurrence_ms": op_ms, "recurrence_gflops": flop / op_ms / 1e6,
-            "mm_ms": mm_ms, "mm_gflops": flop / mm_ms / 1e6, "fraction_of_mm": mm_ms / op_ms}
+    return {"shape": list(case.shape), "cell": case.cell, "dtype": str(case.dtype).replace("torch.", ""),
+            "backend": _backends.backend_for(xp, cell=case.cell), "recurrence_ms": op_ms,
+            "recurrence_gflops": flop / op_ms / 1e6, "mm_ms": mm_ms, "mm_gflops": flop / mm_ms / 1e6,
+            "fraction_of_mm": mm_ms / op_ms}
 
 
 def run_case(case: Case, args, progress) -> tuple[list, dict]:
@@ -314,9 +363,12 @@ def run_case(case: Case, args, progress) -> tuple[list, dict]:
         saved = saved_activation_mb(fn)
         peak = peak_memory_mb(train_step, case.device)
         for pass_name, ms in zip(PASSES, (fwd_ms, train_ms)):
+            gflop = gemm_gflop(case, name, pass_name)
             rows.append({"shape": list(case.shape), "B": case.B, "T": case.T, "I": case.I, "V": case.V, "H": case.H,
-                         "layers": case.layers, "bidirectional": case.bidirectional, "dtype": dtype_name,
-                         "provider": name, "pass": pass_name, "ms": ms, "saved_activations_mb": saved,
+                         "layers": case.layers, "bidirectional": case.bidirectional, "cell": case.cell,
+                         "dtype": dtype_name, "provider": name, "pass": pass_name, "ms": ms,
+                         "gemm_gflop": gflop, "gemm_gflops": None if gflop is None else gflop / ms * 1e3,
+                         "saved_activations_mb": saved,
                          "peak_memory_mb": peak if pass_name == "forward+backward" else None,
                          "relative_difference": diffs[name]})
     ours = {r["pass"]: r["ms"] for r in rows if r["provider"] == OURS}
@@ -362,13 +414,17 @@ def format_table(rows: list) -> str:
         group = [r for r in rows if key(r) == shape_dtype]
         shape, dtype = shape_dtype
         lines.append(f"\nshape (B, T, I, V, H) = {shape}, {dtype}")
-        lines.append(f"  {'provider':<26}{'forward ms':>12}{'x':>8}{'fwd+bwd ms':>13}{'x':>8}{'saved MB':>10}{'rel diff':>10}")
+        lines.append(f"  {'provider':<26}{'forward ms':>12}{'x':>8}{'fwd+bwd ms':>13}{'x':>8}{'GF/s':>8}"
+                     f"{'saved MB':>10}{'rel diff':>10}")
         for name in dict.fromkeys(r["provider"] for r in group):
             f = next(r for r in group if r["provider"] == name and r["pass"] == "forward")
             b = next(r for r in group if r["provider"] == name and r["pass"] == "forward+backward")
+            rate = "" if b.get("gemm_gflops") is None else f"{b['gemm_gflops']:.1f}"
             lines.append(f"  {name:<26}{f['ms']:>12.3f}{f['speedup_of_mmrnn_ext']:>7.2f}x{b['ms']:>13.3f}"
-                         f"{b['speedup_of_mmrnn_ext']:>7.2f}x{f['saved_activations_mb']:>10.1f}{f['relative_difference']:>10.1e}")
-    lines.append("\n  x = that provider's time / mmrnn_ext's time (above 1: mmrnn_ext is faster)")
+                         f"{b['speedup_of_mmrnn_ext']:>7.2f}x{rate:>8}{f['saved_activations_mb']:>10.1f}"
+                         f"{f['relative_difference']:>10.1e}")
+    lines.append("\n  x = that provider's time / mmrnn_ext's time (above 1: mmrnn_ext is faster); GF/s = the\n"
+                 "  forward+backward's GEMM FLOPs (its own algorithm's) over its time")
     return "\n".join(lines)
 
 
@@ -475,6 +531,7 @@ def parse_args(argv=None):
                    help="batch,seq,input,image,hidden (repeatable; default: the device's grid)")
     p.add_argument("--dtype", default=None, help="comma-separated: float32,float64,bfloat16,float16 (default float32)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--cell", choices=list(CELLS), default="rnn", help="the recurrent cell (default rnn)")
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--bidirectional", action="store_true")
     p.add_argument("--all-backends", action="store_true", help="also time each available mmrnn_ext backend")
@@ -525,7 +582,8 @@ def main(argv=None) -> int:
     progress = _Progress()
     rows, skipped, recurrence, failures = [], [], [], []
     for shape, dtype in cases:
-        case = Case(*shape, dtype=dtype, device=device, layers=args.layers, bidirectional=args.bidirectional)
+        case = Case(*shape, dtype=dtype, device=device, layers=args.layers, bidirectional=args.bidirectional,
+                    cell=args.cell)
         try:
             case_rows, case_skipped = run_case(case, args, progress)
         except DisagreementError as exc:  # no speed for this case; the others still run, the exit code is 1
@@ -538,14 +596,16 @@ def main(argv=None) -> int:
         if not args.no_recurrence:
             recurrence.append(recurrence_vs_mm(case, args.repeats))
     progress.close()
-    result = {"machine": machine_info(device), "layers": args.layers, "bidirectional": args.bidirectional,
+    result = {"machine": machine_info(device), "cell": args.cell, "layers": args.layers,
+              "bidirectional": args.bidirectional,
               "rows": rows, "skipped": skipped, "recurrence": recurrence, "failures": failures}
-    print(f"mmrnn-bench on {result['machine']['device']} (torch {torch.__version__}, {os.cpu_count()} cores)")
+    print(f"mmrnn-bench --cell {args.cell} on {result['machine']['device']} (torch {torch.__version__}, "
+          f"{os.cpu_count()} cores)")
     print(format_table(rows))
     for s in skipped:
         print(f"  skipped {s['provider']} at {s['shape']} {s['dtype']}: {s['reason']}")
     if recurrence:
-        print("\nrecurrence alone (forward) vs T x torch.mm of the same [B,H]x[H,H] GEMM:")
+        print(f"\nrecurrence alone (forward) vs T x torch.mm of the same [B,H]x[H,{CELLS[args.cell][2]}H] GEMM:")
         for r in recurrence:
             print(f"  {r['shape']} {r['dtype']} [{r['backend']}]: {r['recurrence_ms']:.2f} ms, "
                   f"{r['recurrence_gflops']:.1f} GF/s vs torch.mm {r['mm_gflops']:.1f} GF/s ({100 * r['fraction_of_mm']:.0f}%)")
