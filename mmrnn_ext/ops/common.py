@@ -136,6 +136,10 @@ class EagerOp(torch.autograd.Function):
         cell.setup_context(ctx, inputs, outputs)
         ctx.cell, ctx.be = cell, be
         ctx.mark_non_differentiable(*outputs[cell.PUBLIC:])
+        # no zero-filled gradients for the outputs kept for backward (a [T, B, 4H] fill per call
+        # otherwise: 1 ms of a 21 ms GRU training step at (32, 128, 128, 128, 256) on the 2-core
+        # VM); input_grads stands in zeros where a public output got no gradient
+        ctx.set_materialize_grads(False)
         return outputs
 
     @staticmethod
