@@ -159,6 +159,16 @@ def lstm_recurrence_ref(xp, w_hh, h0, c0, image_term=None, lengths=None, w_hr=No
 # Returns (out [T, B, H], h_last).
 # =============================================================================================
 
+def gru_gates(x, h, w_hh, b_hn):
+    """One GRU step's gates from x = xp_t + image term: (r, z, n, W_hn h + b_hn)."""
+    xr, xz, xn = x.chunk(3, dim=-1)
+    hr, hz, hn = (h @ w_hh.t()).chunk(3, dim=-1)
+    if b_hn is not None:
+        hn = hn + b_hn
+    r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+    return r, z, torch.tanh(xn + r * hn), hn
+
+
 def gru_recurrence_ref(xp, w_hh, h0, image_term=None, lengths=None, b_hn=None):
     """Naive step loop, differentiable by autograd. The definition of the op, not a fast path."""
     T, B, _ = xp.shape
@@ -168,13 +178,7 @@ def gru_recurrence_ref(xp, w_hh, h0, image_term=None, lengths=None, b_hn=None):
         x = xp[t]
         if image_term is not None:
             x = x + (image_term if image_term.dim() == 2 else image_term[t])
-        gh = h @ w_hh.t()
-        xr, xz, xn = x.chunk(3, dim=-1)
-        hr, hz, hn = gh.chunk(3, dim=-1)
-        if b_hn is not None:
-            hn = hn + b_hn
-        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
-        n = torch.tanh(xn + r * hn)
+        r, z, n, _ = gru_gates(x, h, w_hh, b_hn)
         h_new = (1 - z) * n + z * h
         if lengths is None:
             h = h_new
@@ -283,13 +287,7 @@ def gru_reference_forward(xp, w_hh, b_hn, h0, image_term, lengths):
         x = xp_c[t]
         if img is not None:
             x = x + (img if img.dim() == 2 else img[t])
-        gh = h @ w_c.t()
-        xr, xz, xn = x.chunk(3, dim=-1)
-        hr, hz, hn = gh.chunk(3, dim=-1)
-        if bhn is not None:
-            hn = hn + bhn
-        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
-        n = torch.tanh(xn + r * hn)
+        r, z, n, hn = gru_gates(x, h, w_c, bhn)
         h_new = n + z * (h - n)
         row = torch.cat([r, z, n, hn], -1)
         if lengths is None:

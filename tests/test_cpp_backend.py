@@ -1,5 +1,5 @@
-"""The C++ CPU backend: the size grid of its issue, long sequences, memory, determinism and the
-accuracy of its vectorised float32 tanh."""
+"""The C++ CPU backend: the size grid of its issue, long sequences, memory (every cell), determinism
+and the accuracy of its vectorised float32 tanh (the LSTM's and GRU's own: test_gated_ops.py)."""
 import gc
 import itertools
 import resource
@@ -82,14 +82,16 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
 
 
-def test_memory_stays_flat():
-    m = mmrnn_ext.RNN(32, 64, num_layers=2, image_size=16, backend="cpp")
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_memory_stays_flat(cell):
+    m = {"rnn": mmrnn_ext.RNN, "lstm": mmrnn_ext.LSTM, "gru": mmrnn_ext.GRU}[cell](32, 64, num_layers=2, image_size=16,
+                                                                                backend="cpp")
     x = torch.randn(50, 8, 32)
     img = torch.randn(8, 16)
 
     def step():
         out, h = m(x, image=img)
-        (out.sum() + h.sum()).backward()
+        (out.sum() + sum(s.sum() for s in (h if isinstance(h, tuple) else (h,)))).backward()
         m.zero_grad(set_to_none=True)
 
     for _ in range(20):  # allocator warm-up

@@ -1,14 +1,11 @@
 """The LSTM and GRU ops through each CPU backend against their plain-PyTorch definitions, forward and
-every gradient; gradcheck; what backward saves; the C++ backend's size grid, long sequences,
-memory and determinism; the float32 sigmoid's accuracy."""
-import gc
+every gradient; gradcheck; what backward saves; the C++ backend's size grid, long sequences and
+determinism (its memory check, for every cell: test_cpp_backend.py); the float32 sigmoid's accuracy."""
 import itertools
-import resource
 
 import pytest
 import torch
 
-import mmrnn_ext
 from conftest import assert_close, require
 from mmrnn_ext import gru_recurrence, lstm_recurrence
 from mmrnn_ext.reference import gru_recurrence_ref, lstm_recurrence_ref
@@ -217,36 +214,6 @@ def test_cpp_long_sequence_stays_finite_and_matches(cell):
     outs = run_op(cell, "cpp", args, None)
     sum(o.sum() for o in outs).backward()
     assert torch.isfinite(args[0].grad).all()
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
-
-
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_cpp_memory_stays_flat(cell):
-    require("cpp")
-    m = {"lstm": mmrnn_ext.LSTM, "gru": mmrnn_ext.GRU}[cell](32, 64, num_layers=2, image_size=16, backend="cpp")
-    x = torch.randn(50, 8, 32)
-    img = torch.randn(8, 16)
-
-    def step():
-        out, h = m(x, image=img)
-        h = h if isinstance(h, tuple) else (h,)
-        (out.sum() + sum(s.sum() for s in h)).backward()
-        m.zero_grad(set_to_none=True)
-
-    for _ in range(20):  # allocator warm-up
-        step()
-    gc.collect()
-    before = _rss_mb()
-    for _ in range(200):
-        step()
-    gc.collect()
-    growth = _rss_mb() - before
-    print(f"resident memory growth over 200 forward+backward calls: {growth:.2f} MB")
-    assert growth < 16
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .. import _backends
-from ..ops import InputError, InputTypeError, _describe, check_lengths
+from ..ops import InputError, _describe, check_lengths
 
 
 def _check_same(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str, dtype: bool = True) -> None:

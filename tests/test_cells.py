@@ -1,4 +1,5 @@
-"""mmrnn_ext.LSTM / GRU / LSTMCell / GRUCell as drop-ins for torch's, and their image conditioning."""
+"""mmrnn_ext.RNN / LSTM / GRU and their cells as drop-ins for torch's, and their image conditioning
+(the RNN's own full grid, with its nonlinearity, is in test_modules.py)."""
 import itertools
 
 import pytest
@@ -9,14 +10,15 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 import mmrnn_ext
 from conftest import assert_close
 from mmrnn_ext.modules import _time_reverse
-from mmrnn_ext.reference import gru_recurrence_ref, lstm_recurrence_ref
+from mmrnn_ext.reference import gru_recurrence_ref, lstm_recurrence_ref, rnn_recurrence_ref
 
 I, H, V, P = 5, 7, 3, 4
 LENGTHS = [4, 6, 1, 6]  # unsorted, with ties
-TORCH = {"lstm": nn.LSTM, "gru": nn.GRU}
-OURS = {"lstm": mmrnn_ext.LSTM, "gru": mmrnn_ext.GRU}
-TORCH_CELL = {"lstm": nn.LSTMCell, "gru": nn.GRUCell}
-OURS_CELL = {"lstm": mmrnn_ext.LSTMCell, "gru": mmrnn_ext.GRUCell}
+TORCH = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+OURS = {"rnn": mmrnn_ext.RNN, "lstm": mmrnn_ext.LSTM, "gru": mmrnn_ext.GRU}
+TORCH_CELL = {"rnn": nn.RNNCell, "lstm": nn.LSTMCell, "gru": nn.GRUCell}
+OURS_CELL = {"rnn": mmrnn_ext.RNNCell, "lstm": mmrnn_ext.LSTMCell, "gru": mmrnn_ext.GRUCell}
+ALL = ["rnn", "lstm", "gru"]
 
 
 def _twins(cell, backend, dtype=torch.float64, image_size=None, **kw):
@@ -142,7 +144,7 @@ def test_matches_torch_fp32_sample(cpu_backend, cell, dtype, bidirectional):
         assert_close(_grads(ours)[name], g, dtype, f"grad {name}")
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ALL)
 @pytest.mark.parametrize("image_kind", ["static", "step"])
 @pytest.mark.parametrize("mode", ["batched", "batch_first", "unbatched", "packed"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
@@ -189,7 +191,7 @@ def test_image_equals_concatenated_input(cpu_backend, cell, image_kind, mode, dt
 
 
 def _reference_stack(module, x, hx, image, lengths=None):
-    """A multi-layer bidirectional image LSTM/GRU written with the reference recurrences only."""
+    """A multi-layer bidirectional image RNN/LSTM/GRU written with the reference recurrences only."""
     D = 2 if module.bidirectional else 1
     layer_in, finals = x, []
     H3 = module.hidden_size
@@ -198,7 +200,7 @@ def _reference_stack(module, x, hx, image, lengths=None):
         for d in range(D):
             w_ih, w_hh, b_ih, b_hh, w_img = module._layer_params(layer, d)
             idx = layer * D + d
-            if isinstance(module, mmrnn_ext.LSTM):
+            if not isinstance(module, mmrnn_ext.GRU):
                 xp = layer_in @ w_ih.t() + b_ih + b_hh
             else:
                 xp = layer_in @ w_ih.t() + b_ih + torch.cat([b_hh[:2 * H3], torch.zeros_like(b_hh[2 * H3:])])
@@ -209,6 +211,9 @@ def _reference_stack(module, x, hx, image, lengths=None):
             if isinstance(module, mmrnn_ext.LSTM):
                 o, h, c = lstm_recurrence_ref(xp, w_hh, hx[0][idx], hx[1][idx], it, lengths)
                 finals.append((h, c))
+            elif isinstance(module, mmrnn_ext.RNN):
+                o, h = rnn_recurrence_ref(xp, w_hh, hx[idx], it, lengths, module.nonlinearity)
+                finals.append((h,))
             else:
                 o, h = gru_recurrence_ref(xp, w_hh, hx[idx], it, lengths, b_hh[2 * H3:])
                 finals.append((h,))
@@ -217,7 +222,7 @@ def _reference_stack(module, x, hx, image, lengths=None):
     return layer_in, [torch.stack(s) for s in zip(*finals)]
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ALL)
 @pytest.mark.parametrize("image_kind", ["static", "step"])
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
 def test_multilayer_bidirectional_image_vs_reference(cpu_backend, cell, image_kind, with_lengths):
@@ -241,7 +246,7 @@ def test_multilayer_bidirectional_image_vs_reference(cpu_backend, cell, image_ki
         assert_close(a, b, dtype, f"grad #{i}")
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ALL)
 def test_padded_lengths_match_packed(cpu_backend, cell):
     torch.manual_seed(4)
     m = OURS[cell](I, H, num_layers=2, bidirectional=True, image_size=V, dtype=torch.float64, backend=cpu_backend)
@@ -257,17 +262,19 @@ def test_padded_lengths_match_packed(cpu_backend, cell):
         assert_close(a, b, torch.float64, "final state")
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("variant", ["rnn-tanh", "rnn-relu", "lstm", "gru"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
 @pytest.mark.parametrize("with_image", [False, True], ids=["noimg", "img"])
 @pytest.mark.parametrize("give_hx", [False, True], ids=["nohx", "hx"])
-def test_cell_matches_torch(cpu_backend, cell, bias, batched, with_image, give_hx):
+def test_cell_matches_torch(cpu_backend, variant, bias, batched, with_image, give_hx):
     dtype = torch.float64
     torch.manual_seed(5)
+    cell, _, nonlinearity = variant.partition("-")
+    kw = {"nonlinearity": nonlinearity} if nonlinearity else {}
     Vi = V if with_image else 0
-    ref = TORCH_CELL[cell](I + Vi, H, bias=bias, dtype=dtype)
-    ours = OURS_CELL[cell](I, H, bias=bias, dtype=dtype, image_size=V if with_image else None, backend=cpu_backend)
+    ref = TORCH_CELL[cell](I + Vi, H, bias=bias, dtype=dtype, **kw)
+    ours = OURS_CELL[cell](I, H, bias=bias, dtype=dtype, image_size=V if with_image else None, backend=cpu_backend, **kw)
     with torch.no_grad():
         ours.weight_ih.copy_(ref.weight_ih[:, :I])
         ours.weight_hh.copy_(ref.weight_hh)
@@ -311,7 +318,7 @@ def test_cell_matches_torch(cpu_backend, cell, bias, batched, with_image, give_h
             assert_close(hxs[1][k].grad, hxs[0][k].grad, dtype, f"grad hx[{k}]")
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ALL)
 @pytest.mark.parametrize("T,B,Hs", [(1, 1, 1), (1, 3, 7), (7, 1, 1), (5, 2, 65)], ids=lambda v: str(v))
 def test_odd_sizes(cpu_backend, cell, T, B, Hs):
     torch.manual_seed(6)
@@ -328,7 +335,7 @@ def test_odd_sizes(cpu_backend, cell, T, B, Hs):
         assert_close(_grads(ours)[name], g, torch.float64, f"grad {name}")
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ALL)
 def test_noncontiguous_input_and_hx(cpu_backend, cell):
     torch.manual_seed(8)
     ref = TORCH[cell](I, H, num_layers=2, dtype=torch.float64)
@@ -345,7 +352,7 @@ def test_noncontiguous_input_and_hx(cpu_backend, cell):
         assert_close(a, b, torch.float64, "final state")
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ALL)
 def test_empty_batch_matches_torch(cpu_backend, cell):
     ref = TORCH[cell](I, H, num_layers=2, bidirectional=True)
     ours = OURS[cell](I, H, num_layers=2, bidirectional=True, backend=cpu_backend)
@@ -404,7 +411,7 @@ def test_zero_length_sequence_raises_like_torch(cell):
         ours(x)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ALL)
 def test_dropout_between_layers_only_in_training(cell):
     torch.manual_seed(10)
     m = OURS[cell](I, H, num_layers=2, dropout=0.5)
