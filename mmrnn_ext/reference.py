@@ -196,10 +196,13 @@ def gru_recurrence_ref(xp, w_hh, h0, image_term=None, lengths=None, b_hn=None):
 # LSTM forward  -> out [T, B, H], c_all [T, B, H], gates [T, B, 4H] (sigmoid(i), sigmoid(f), tanh(g),
 #                  sigmoid(o)); all three zero past each row's length. Backward reads these, h0, c0
 #                  and w_hh (tanh(c_t) is recomputed: cheaper than storing it).
-# LSTM backward -> dG [T, B, 4H] (dL/d pre-activation, zero past each length), dh0, dc0
+# LSTM backward -> dG [T, B, 4H] (dL/d pre-activation, zero past each length), dh0, dc0; also takes
+#                  the gradients of c_all and gates (None: zero), which only a second-order pass produces
+#                  (the reference BPTT is then the differentiable one, see ops/common.py)
 # GRU forward   -> out [T, B, H], gates [T, B, 4H] (r, z, n, gh_n + b_hn); zero past each length
 # GRU backward  -> dGx [T, B, 3H] (dL/d(xp + image term)), dhn [T, B, H] (dL/d(gh_n + b_hn)), dh0;
-#                  dW_hh = [dGx_r, dGx_z, dhn]^T h_{t-1} summed over steps, d b_hn = sum of dhn.
+#                  dW_hh = [dGx_r, dGx_z, dhn]^T h_{t-1} summed over steps, d b_hn = sum of dhn; also
+#                  takes the gradient of gates (None: zero), as the LSTM's.
 
 def _live(t, lengths, like):
     return None if lengths is None else (t < lengths).unsqueeze(1).expand_as(like)
@@ -250,7 +253,8 @@ def lstm_reference_forward(xp, w_hh, h0, c0, image_term, lengths):
     return out.to(xp.dtype), c_all.to(xp.dtype), gates.to(xp.dtype)
 
 
-def lstm_reference_backward(grad_out, grad_h_last, grad_c_last, out, c_all, gates, h0, c0, w_hh, lengths):
+def lstm_reference_backward(grad_out, grad_h_last, grad_c_last, out, c_all, gates, h0, c0, w_hh, lengths,
+                            grad_c_all=None, grad_gates=None):
     ct = _compute_dtype(out.dtype)
     T, B, H = out.shape
     w_c, gy = w_hh.to(ct), grad_out.to(ct)
@@ -265,7 +269,12 @@ def lstm_reference_backward(grad_out, grad_h_last, grad_c_last, out, c_all, gate
         c_prev = c0_c if t == 0 else c_c[t - 1]
         dh = gy[t] + gh
         dc = gc + dh * o * (1 - tc * tc)
-        d = torch.cat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g), dh * tc * o * (1 - o)], -1)
+        if grad_c_all is not None:
+            dc = dc + grad_c_all[t].to(ct)
+        d_act = [dc * g, dc * c_prev, dc * i, dh * tc]  # dL/d(activated i, f, g, o)
+        if grad_gates is not None:
+            d_act = [a + e for a, e in zip(d_act, grad_gates[t].to(ct).chunk(4, dim=-1))]
+        d = torch.cat([d_act[0] * i * (1 - i), d_act[1] * f * (1 - f), d_act[2] * (1 - g * g), d_act[3] * o * (1 - o)], -1)
         if lengths is not None:
             d = torch.where((t < lengths).unsqueeze(1), d, 0)
         dG[t] = d
@@ -300,7 +309,7 @@ def gru_reference_forward(xp, w_hh, b_hn, h0, image_term, lengths):
     return out.to(xp.dtype), gates.to(xp.dtype)
 
 
-def gru_reference_backward(grad_out, grad_h_last, out, gates, h0, w_hh, lengths):
+def gru_reference_backward(grad_out, grad_h_last, out, gates, h0, w_hh, lengths, grad_gates=None):
     ct = _compute_dtype(out.dtype)
     T, B, H = out.shape
     w_c, gy, out_c, g_c, h0_c = w_hh.to(ct), grad_out.to(ct), out.to(ct), gates.to(ct), h0.to(ct)
@@ -313,10 +322,11 @@ def gru_reference_backward(grad_out, grad_h_last, out, gates, h0, w_hh, lengths)
         r, z, n, hn = g_c[t].chunk(4, dim=-1)
         h_prev = h0_c if t == 0 else out_c[t - 1]
         dh = gy[t] + gh
-        dn = dh * (1 - z) * (1 - n * n)
-        dz = dh * (h_prev - n) * z * (1 - z)
-        dr = dn * hn * r * (1 - r)
-        d_hn = dn * r
+        e_r, e_z, e_n, e_hn = (0, 0, 0, 0) if grad_gates is None else grad_gates[t].to(ct).chunk(4, dim=-1)
+        dn = (dh * (1 - z) + e_n) * (1 - n * n)
+        dz = (dh * (h_prev - n) + e_z) * z * (1 - z)
+        dr = (dn * hn + e_r) * r * (1 - r)
+        d_hn = dn * r + e_hn
         dx = torch.cat([dr, dz, dn], -1)
         if lengths is not None:
             live = (t < lengths).unsqueeze(1)

@@ -113,6 +113,21 @@ def zeros_if_none(grad, like):
     return torch.zeros_like(like) if grad is None else grad
 
 
+def registered_backward(cell, bwd_op):
+    """The autograd formula registered for <cell>_fwd (used by torch.compile): the backend's BPTT
+    through the <cell>_bwd custom op. It is not itself differentiable, so a double backward through
+    it is refused instead of treating the BPTT result as a constant."""
+    def backward(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"mmrnn::{cell.CELL}_fwd: a double backward (create_graph=True) through the custom op is not "
+                f"supported; call mmrnn_ext's modules or ops outside torch.compile, whose eager path is twice "
+                "differentiable (its backward then runs as differentiable torch ops)")
+        return cell.input_grads(ctx, grads, bwd_op, differentiable=False)
+
+    return backward
+
+
 class EagerOp(torch.autograd.Function):
     """One cell's forward and backward for eager calls: ``EagerOp.apply(*inputs, cell)``, where the
     inputs are the <cell>_fwd op's (backend name last) and ``cell`` is that cell's op module
@@ -123,24 +138,33 @@ class EagerOp(torch.autograd.Function):
         PUBLIC                      how many of the forward's outputs the caller sees
         forward(be, *inputs)        all outputs (public ones, then the tensors saved for backward)
         setup_context(ctx, inputs, outputs)
-        input_grads(ctx, grads, bptt) -> the gradient of every input
+        input_grads(ctx, grads, bptt, differentiable) -> the gradient of every input
         bptt(be, *args)             the backend's BPTT (the <cell>_bwd op's arguments, backend excluded)
 
-    — the same functions its custom ops register, so both paths compute the same thing."""
+    — the same functions its custom ops register, so both paths compute the same thing.
+
+    Higher order: when the backward itself is differentiated (create_graph=True, or a gradient
+    arriving for a tensor kept for backward, which only a second-order pass produces), the BPTT runs
+    as torch ops (the reference backend's, extended to those gradients) on the saved outputs, whose
+    history leads back here: second-order gradients are exact. The first-order backward stays the
+    backend's fused BPTT."""
 
     @staticmethod
-    def forward(ctx, *args):
+    def forward(*args):
         *inputs, cell = args
         be = _backends.select(inputs[-1], inputs[0].device, inputs[0].dtype, cell.CELL)
-        outputs = cell.forward(be, *inputs)
-        cell.setup_context(ctx, inputs, outputs)
-        ctx.cell, ctx.be = cell, be
-        ctx.mark_non_differentiable(*outputs[cell.PUBLIC:])
+        return cell.forward(be, *inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        *inputs, cell = inputs
+        cell.setup_context(ctx, inputs, output)
+        ctx.cell = cell
+        ctx.be = _backends.select(inputs[-1], inputs[0].device, inputs[0].dtype, cell.CELL)
         # no zero-filled gradients for the outputs kept for backward (a [T, B, 4H] fill per call
         # otherwise: 1 ms of a 21 ms GRU training step at (32, 128, 128, 128, 256) on the 2-core
         # VM); input_grads stands in zeros where a public output got no gradient
         ctx.set_materialize_grads(False)
-        return outputs
 
     @staticmethod
     def backward(ctx, *grads):
@@ -149,4 +173,18 @@ class EagerOp(torch.autograd.Function):
         def bptt(*args):
             return cell.bptt(be, *args[:-1])  # the last argument names the backend: already resolved
 
-        return tuple(cell.input_grads(ctx, grads, bptt)) + (None,)
+        differentiable = torch.is_grad_enabled() or any(g is not None for g in grads[cell.PUBLIC:])
+        return tuple(cell.input_grads(ctx, grads, bptt, differentiable)) + (None,)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            "mmrnn_ext's fused recurrences do not support forward-mode AD (torch.func.jvp, "
+            "torch.autograd.forward_ad, jacfwd); use reverse mode instead: torch.func.vjp, grad or jacrev")
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise NotImplementedError(
+            "mmrnn_ext's fused recurrences do not support torch.func.vmap; the recurrence is independent per "
+            "batch row, so fold the vmapped dimension into the batch dimension instead (for per-sample "
+            "gradients: one call on the whole batch with a per-sample loss, or a loop over samples)")

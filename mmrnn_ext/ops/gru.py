@@ -20,8 +20,9 @@ from typing import Optional
 import torch
 
 from .. import _backends
+from ..reference import gru_reference_backward
 from .common import (EagerOp, check_image_term, check_like, check_xp, image_grad, last_state, prepare_lengths,
-                     weight_grad, zeros_if_none)
+                     registered_backward, weight_grad, zeros_if_none)
 
 CELL, PUBLIC = "gru", 2
 
@@ -80,18 +81,23 @@ def _gru_bwd_fake(grad_out, grad_h_last, out, gates, h0, w_hh, lengths, backend)
 def setup_context(ctx, inputs, output):
     xp, w_hh, b_hn, h0, image_term, lengths, backend = inputs
     out, _, gates = output
-    ctx.save_for_backward(out, gates, w_hh.contiguous(), h0.contiguous(), lengths)
+    ctx.save_for_backward(out, gates, w_hh, h0, lengths)  # the inputs themselves: their history serves double backward
     ctx.backend = backend
     ctx.image_static = image_term is not None and image_term.dim() == 2
 
 
-def input_grads(ctx, grads, bptt):
+def input_grads(ctx, grads, bptt, differentiable):
     """The gradients of (xp, w_hh, b_hn, h0, image_term, ...) from BPTT; bptt is the mmrnn::gru_bwd
-    op (compiled graphs) or the backend's backward called directly (eager)."""
+    op (compiled graphs) or the backend's backward called directly (eager). differentiable: run the
+    BPTT as torch ops instead (taking the gradient of gates too, which a second-order pass
+    produces), so that these gradients have a history."""
     out, gates, w_hh, h0, lengths = ctx.saved_tensors
     H = out.shape[2]
     grad_out, grad_h = zeros_if_none(grads[0], out), zeros_if_none(grads[1], h0)
-    dGx, dhn, dh0 = bptt(grad_out, grad_h, out, gates, h0, w_hh, lengths, ctx.backend)
+    if differentiable:
+        dGx, dhn, dh0 = gru_reference_backward(grad_out, grad_h, out, gates, h0, w_hh, lengths, grads[2])
+    else:
+        dGx, dhn, dh0 = bptt(grad_out, grad_h, out, gates, h0.contiguous(), w_hh.contiguous(), lengths, ctx.backend)
     need_xp, need_w, need_bhn, need_h0, need_img = ctx.needs_input_grad[:5]
     d_w = None
     if need_w:
@@ -100,7 +106,7 @@ def input_grads(ctx, grads, bptt):
             image_grad(dGx, ctx.image_static) if need_img else None, None, None)
 
 
-gru_fwd.register_autograd(lambda ctx, *grads: input_grads(ctx, grads, torch.ops.mmrnn.gru_bwd),
+gru_fwd.register_autograd(registered_backward(sys.modules[__name__], torch.ops.mmrnn.gru_bwd),
                           setup_context=setup_context)
 
 

@@ -19,8 +19,9 @@ from typing import Optional
 import torch
 
 from .. import _backends
+from ..reference import lstm_reference_backward
 from .common import (EagerOp, check_image_term, check_like, check_xp, image_grad, last_state, prepare_lengths,
-                     weight_grad, zeros_if_none)
+                     registered_backward, weight_grad, zeros_if_none)
 
 CELL, PUBLIC = "lstm", 3
 
@@ -80,23 +81,30 @@ def _lstm_bwd_fake(grad_out, grad_h_last, grad_c_last, out, c_all, gates, h0, c0
 def setup_context(ctx, inputs, output):
     xp, w_hh, h0, c0, image_term, lengths, backend = inputs
     out, _, _, c_all, gates = output
-    ctx.save_for_backward(out, c_all, gates, w_hh.contiguous(), h0.contiguous(), c0.contiguous(), lengths)
+    ctx.save_for_backward(out, c_all, gates, w_hh, h0, c0, lengths)  # inputs themselves: their history serves double backward
     ctx.backend = backend
     ctx.image_static = image_term is not None and image_term.dim() == 2
 
 
-def input_grads(ctx, grads, bptt):
+def input_grads(ctx, grads, bptt, differentiable):
     """The gradients of (xp, w_hh, h0, c0, image_term, ...) from BPTT; bptt is the mmrnn::lstm_bwd
-    op (compiled graphs) or the backend's backward called directly (eager)."""
+    op (compiled graphs) or the backend's backward called directly (eager). differentiable: run the
+    BPTT as torch ops instead (taking the gradients of c_all and gates too, which a second-order
+    pass produces), so that these gradients have a history."""
     out, c_all, gates, w_hh, h0, c0, lengths = ctx.saved_tensors
     grad_out, grad_h, grad_c = zeros_if_none(grads[0], out), zeros_if_none(grads[1], h0), zeros_if_none(grads[2], c0)
-    dG, dh0, dc0 = bptt(grad_out, grad_h, grad_c, out, c_all, gates, h0, c0, w_hh, lengths, ctx.backend)
+    if differentiable:
+        dG, dh0, dc0 = lstm_reference_backward(grad_out, grad_h, grad_c, out, c_all, gates, h0, c0, w_hh, lengths,
+                                               grads[3], grads[4])
+    else:
+        dG, dh0, dc0 = bptt(grad_out, grad_h, grad_c, out, c_all, gates, h0.contiguous(), c0.contiguous(),
+                            w_hh.contiguous(), lengths, ctx.backend)
     need_xp, need_w, need_h0, need_c0, need_img = ctx.needs_input_grad[:5]
     return (dG if need_xp else None, weight_grad(dG, h0, out) if need_w else None, dh0 if need_h0 else None,
             dc0 if need_c0 else None, image_grad(dG, ctx.image_static) if need_img else None, None, None)
 
 
-lstm_fwd.register_autograd(lambda ctx, *grads: input_grads(ctx, grads, torch.ops.mmrnn.lstm_bwd),
+lstm_fwd.register_autograd(registered_backward(sys.modules[__name__], torch.ops.mmrnn.lstm_bwd),
                            setup_context=setup_context)
 
 

@@ -18,9 +18,9 @@ from typing import Optional
 import torch
 
 from .. import _backends
-from ..reference import NONLINEARITIES
+from ..reference import NONLINEARITIES, reference_backward
 from .common import (EagerOp, InputError, check_image_term, check_like, check_xp, image_grad, last_state,
-                     prepare_lengths, weight_grad, zeros_if_none)
+                     prepare_lengths, registered_backward, weight_grad, zeros_if_none)
 
 CELL, PUBLIC = "rnn", 2
 
@@ -75,23 +75,28 @@ def _rnn_bwd_fake(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity, b
 def setup_context(ctx, inputs, output):
     xp, w_hh, h0, image_term, lengths, nonlinearity, backend = inputs
     out, _ = output
-    ctx.save_for_backward(out, w_hh.contiguous(), h0.contiguous(), lengths)
+    ctx.save_for_backward(out, w_hh, h0, lengths)  # the inputs themselves: their history serves double backward
     ctx.nonlinearity, ctx.backend = nonlinearity, backend
     ctx.image_static = image_term is not None and image_term.dim() == 2
 
 
-def input_grads(ctx, grads, bptt):
+def input_grads(ctx, grads, bptt, differentiable):
     """The gradients of (xp, w_hh, h0, image_term, ...) from BPTT's dA = dL/da and dh0; bptt is the
-    mmrnn::rnn_bwd op (compiled graphs) or the backend's backward called directly (eager)."""
+    mmrnn::rnn_bwd op (compiled graphs) or the backend's backward called directly (eager).
+    differentiable: run the BPTT as torch ops instead, so that these gradients have a history."""
     out, w_hh, h0, lengths = ctx.saved_tensors
     grad_out, grad_h_last = zeros_if_none(grads[0], out), zeros_if_none(grads[1], h0)
-    dA, dh0 = bptt(grad_out, grad_h_last, out, h0, w_hh, lengths, ctx.nonlinearity, ctx.backend)
+    if differentiable:
+        dA, dh0 = reference_backward(grad_out, grad_h_last, out, h0, w_hh, lengths, ctx.nonlinearity)
+    else:
+        dA, dh0 = bptt(grad_out, grad_h_last, out, h0.contiguous(), w_hh.contiguous(), lengths, ctx.nonlinearity,
+                       ctx.backend)
     need_xp, need_w, need_h0, need_img = ctx.needs_input_grad[:4]
     return (dA if need_xp else None, weight_grad(dA, h0, out) if need_w else None, dh0 if need_h0 else None,
             image_grad(dA, ctx.image_static) if need_img else None, None, None, None)
 
 
-rnn_fwd.register_autograd(lambda ctx, *grads: input_grads(ctx, grads, torch.ops.mmrnn.rnn_bwd),
+rnn_fwd.register_autograd(registered_backward(sys.modules[__name__], torch.ops.mmrnn.rnn_bwd),
                           setup_context=setup_context)
 
 
