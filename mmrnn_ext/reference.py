@@ -84,6 +84,15 @@ def reference_forward(xp, w_hh, h0, image_term, lengths, nonlinearity):
     return out.to(xp.dtype)
 
 
+def _stack_reversed(steps, T, B, width, like, ct):
+    """The per-step results of a reverse loop (appended from t = T-1 down), as [T, B, width]. Built
+    out of place (no writes into a preallocated tensor), so that the BPTT below stays differentiable
+    and vmappable: it is also the second-order path of every backend (see ops/common.py)."""
+    if not steps:
+        return like.new_zeros((T, B, width), dtype=ct)
+    return torch.stack(steps[::-1])
+
+
 def reference_backward(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity):
     """BPTT. -> (dA [T, B, H], dh0 [B, H]); dA_t = dL/da_t, zero past each row's length."""
     ct = _compute_dtype(out.dtype)
@@ -91,7 +100,7 @@ def reference_backward(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlineari
     out_c, w_c = out.to(ct), w_hh.to(ct)
     gy = grad_out.to(ct)
     g_last = grad_h_last.to(ct)
-    dA = torch.empty((T, B, H), dtype=ct, device=out.device)
+    dA = []
     g = g_last  # dL/dh_t carried from step t+1 (plus h_last's gradient at the row's last step)
     for t in range(T - 1, -1, -1):
         if lengths is not None:
@@ -100,13 +109,13 @@ def reference_backward(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlineari
         d = (gy[t] + g) * activation_grad_from_output(out_c[t], nonlinearity)
         if lengths is not None:
             d = torch.where((t < lengths).unsqueeze(1), d, torch.zeros_like(d))
-        dA[t] = d
+        dA.append(d)
         g = d @ w_c
     if T == 0:
         g = g_last.clone()  # never hand back the caller's own tensor
     elif lengths is not None:
         g = torch.where((lengths == 0).unsqueeze(1), g_last, g)
-    return dA.to(out.dtype), g.to(out.dtype)
+    return _stack_reversed(dA, T, B, H, out, ct).to(out.dtype), g.to(out.dtype)
 
 
 # =============================================================================================
@@ -260,7 +269,7 @@ def lstm_reference_backward(grad_out, grad_h_last, grad_c_last, out, c_all, gate
     w_c, gy = w_hh.to(ct), grad_out.to(ct)
     c_c, g_c, c0_c = c_all.to(ct), gates.to(ct), c0.to(ct)
     gh_last, gc_last = grad_h_last.to(ct), grad_c_last.to(ct)
-    dG = torch.zeros((T, B, 4 * H), dtype=ct, device=out.device)
+    dG = []
     gh, gc = gh_last, gc_last  # dL/dh_t and dL/dc_t arriving from step t+1
     for t in range(T - 1, -1, -1):
         gh, gc = _carried(t, lengths, gh_last, gh), _carried(t, lengths, gc_last, gc)
@@ -277,10 +286,10 @@ def lstm_reference_backward(grad_out, grad_h_last, grad_c_last, out, c_all, gate
         d = torch.cat([d_act[0] * i * (1 - i), d_act[1] * f * (1 - f), d_act[2] * (1 - g * g), d_act[3] * o * (1 - o)], -1)
         if lengths is not None:
             d = torch.where((t < lengths).unsqueeze(1), d, 0)
-        dG[t] = d
+        dG.append(d)
         gh, gc = d @ w_c, dc * f
     gh, gc = _initial_grad(T, lengths, gh_last, gh), _initial_grad(T, lengths, gc_last, gc)
-    return dG.to(out.dtype), gh.to(out.dtype), gc.to(out.dtype)
+    return (_stack_reversed(dG, T, B, 4 * H, out, ct).to(out.dtype), gh.to(out.dtype), gc.to(out.dtype))
 
 
 def gru_reference_forward(xp, w_hh, b_hn, h0, image_term, lengths):
@@ -314,8 +323,7 @@ def gru_reference_backward(grad_out, grad_h_last, out, gates, h0, w_hh, lengths,
     T, B, H = out.shape
     w_c, gy, out_c, g_c, h0_c = w_hh.to(ct), grad_out.to(ct), out.to(ct), gates.to(ct), h0.to(ct)
     gh_last = grad_h_last.to(ct)
-    dGx = torch.zeros((T, B, 3 * H), dtype=ct, device=out.device)
-    dhn = torch.zeros((T, B, H), dtype=ct, device=out.device)
+    dGx, dhn = [], []
     gh = gh_last
     for t in range(T - 1, -1, -1):
         gh = _carried(t, lengths, gh_last, gh)
@@ -331,7 +339,9 @@ def gru_reference_backward(grad_out, grad_h_last, out, gates, h0, w_hh, lengths,
         if lengths is not None:
             live = (t < lengths).unsqueeze(1)
             dx, d_hn = torch.where(live, dx, 0), torch.where(live, d_hn, 0)
-        dGx[t], dhn[t] = dx, d_hn
+        dGx.append(dx)
+        dhn.append(d_hn)
         gh = torch.cat([dx[:, :2 * H], d_hn], -1) @ w_c + dh * z
     gh = _initial_grad(T, lengths, gh_last, gh)
-    return dGx.to(out.dtype), dhn.to(out.dtype), gh.to(out.dtype)
+    return (_stack_reversed(dGx, T, B, 3 * H, out, ct).to(out.dtype), _stack_reversed(dhn, T, B, H, out, ct).to(out.dtype),
+            gh.to(out.dtype))

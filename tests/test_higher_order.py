@@ -231,3 +231,14 @@ def test_custom_op_path_refuses_double_backward(cell):
         torch.autograd.grad(outs[0].sum(), xp, create_graph=True)
     g, = torch.autograd.grad(outs[0].sum(), xp)  # first order is fine
     assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_jacrev_matches_autograd_jacobian(cpu_backend, cell):
+    """jacrev vmaps the backward: the differentiable BPTT serves it."""
+    torch.manual_seed(4)
+    m = MODULES[cell](I, 4, image_size=V, dtype=torch.float64, backend=cpu_backend)
+    x, img = _inputs(T=4, B=2)
+    f = lambda x: m(x, image=img, lengths=torch.tensor([4, 2]))[0]  # noqa: E731
+    torch.testing.assert_close(torch.func.jacrev(f)(x), torch.autograd.functional.jacobian(f, x),
+                               atol=1e-12, rtol=1e-12)

@@ -173,7 +173,10 @@ class EagerOp(torch.autograd.Function):
         def bptt(*args):
             return cell.bptt(be, *args[:-1])  # the last argument names the backend: already resolved
 
-        differentiable = torch.is_grad_enabled() or any(g is not None for g in grads[cell.PUBLIC:])
+        # also when a torch.func transform (vmap of the backward, as jacrev does) hands in wrapped
+        # tensors: the torch-op BPTT is transformable, the fused kernels are not
+        differentiable = (torch.is_grad_enabled() or any(g is not None for g in grads[cell.PUBLIC:])
+                          or any(g is not None and torch._C._functorch.is_functorch_wrapped_tensor(g) for g in grads))
         return tuple(cell.input_grads(ctx, grads, bptt, differentiable)) + (None,)
 
     @staticmethod
