@@ -345,3 +345,96 @@ def gru_reference_backward(grad_out, grad_h_last, out, gates, h0, w_hh, lengths,
     gh = _initial_grad(T, lengths, gh_last, gh)
     return (_stack_reversed(dGx, T, B, 3 * H, out, ct).to(out.dtype), _stack_reversed(dhn, T, B, H, out, ct).to(out.dtype),
             gh.to(out.dtype))
+
+
+# --- forward-mode AD (torch.func.jvp, forward_ad) of every cell, from what the forward saved --------
+#
+# Each takes the forward's saved outputs and the tangents of the op's inputs (None: zero) and returns
+# the tangents of every output of the op, in its order (the public ones, then those kept for
+# backward). Torch ops, so they are themselves differentiable and vmappable.
+
+def _tangent_step(d, t):
+    """A tangent's value at step t: None (zero), static [B, .] or per step [T, B, .]."""
+    if d is None:
+        return 0
+    return d if d.dim() == 2 else d[t]
+
+
+def _masked(t, lengths, new, kept):
+    if lengths is None:
+        return new, new
+    live = (t < lengths).unsqueeze(1)
+    return torch.where(live, new, kept), torch.where(live, new, 0)
+
+
+def rnn_reference_jvp(out, h0, w_hh, lengths, nonlinearity, d_xp, d_w, d_h0, d_img):
+    """-> (d_out, d_h_last)."""
+    ct = _compute_dtype(out.dtype)
+    out_c, w_c, h0_c = out.to(ct), w_hh.to(ct), h0.to(ct)
+    d_h = torch.zeros_like(h0_c) if d_h0 is None else d_h0.to(ct)
+    steps = []
+    for t in range(out.shape[0]):
+        h_prev = h0_c if t == 0 else out_c[t - 1]
+        da = _tangent_step(d_xp, t) + _tangent_step(d_img, t) + d_h @ w_c.t()
+        if d_w is not None:
+            da = da + h_prev @ d_w.to(ct).t()
+        d_h, d_o = _masked(t, lengths, activation_grad_from_output(out_c[t], nonlinearity) * da, d_h)
+        steps.append(d_o)
+    d_out = torch.stack(steps) if steps else torch.zeros_like(out_c)
+    return d_out.to(out.dtype), d_h.to(out.dtype)
+
+
+def lstm_reference_jvp(out, c_all, gates, h0, c0, w_hh, lengths, d_xp, d_w, d_h0, d_c0, d_img):
+    """-> (d_out, d_h_last, d_c_last, d_c_all, d_gates)."""
+    ct = _compute_dtype(out.dtype)
+    out_c, c_c, g_c, w_c, h0_c, c0_c = (x.to(ct) for x in (out, c_all, gates, w_hh, h0, c0))
+    d_h = torch.zeros_like(h0_c) if d_h0 is None else d_h0.to(ct)
+    d_c = torch.zeros_like(c0_c) if d_c0 is None else d_c0.to(ct)
+    outs, cs, gs = [], [], []
+    for t in range(out.shape[0]):
+        h_prev, c_prev = (h0_c, c0_c) if t == 0 else (out_c[t - 1], c_c[t - 1])
+        dpre = _tangent_step(d_xp, t) + _tangent_step(d_img, t) + d_h @ w_c.t()
+        if d_w is not None:
+            dpre = dpre + h_prev @ d_w.to(ct).t()
+        i, f, g, o = g_c[t].chunk(4, dim=-1)
+        pi, pf, pg, po = dpre.chunk(4, dim=-1)
+        di, df, dg, do = pi * i * (1 - i), pf * f * (1 - f), pg * (1 - g * g), po * o * (1 - o)
+        tc = torch.tanh(c_c[t])
+        dc_new = df * c_prev + f * d_c + di * g + i * dg
+        dh_new = do * tc + o * (1 - tc * tc) * dc_new
+        d_h, d_o = _masked(t, lengths, dh_new, d_h)
+        d_c, d_cs = _masked(t, lengths, dc_new, d_c)
+        _, d_g = _masked(t, lengths, torch.cat([di, df, dg, do], -1), 0)
+        outs.append(d_o)
+        cs.append(d_cs)
+        gs.append(d_g)
+    stack = lambda xs, like: torch.stack(xs) if xs else torch.zeros_like(like)  # noqa: E731
+    return tuple(x.to(out.dtype) for x in (stack(outs, out_c), d_h, d_c, stack(cs, c_c), stack(gs, g_c)))
+
+
+def gru_reference_jvp(out, gates, h0, w_hh, lengths, d_xp, d_w, d_b_hn, d_h0, d_img):
+    """-> (d_out, d_h_last, d_gates)."""
+    ct = _compute_dtype(out.dtype)
+    out_c, g_c, w_c, h0_c = (x.to(ct) for x in (out, gates, w_hh, h0))
+    d_h = torch.zeros_like(h0_c) if d_h0 is None else d_h0.to(ct)
+    outs, gs = [], []
+    for t in range(out.shape[0]):
+        h_prev = h0_c if t == 0 else out_c[t - 1]
+        dx = _tangent_step(d_xp, t) + _tangent_step(d_img, t)
+        dgh = d_h @ w_c.t()
+        if d_w is not None:
+            dgh = dgh + h_prev @ d_w.to(ct).t()
+        dx_r, dx_z, dx_n = (dx.chunk(3, dim=-1) if torch.is_tensor(dx) else (0, 0, 0))
+        dgh_r, dgh_z, dgh_n = dgh.chunk(3, dim=-1)
+        d_hn = dgh_n + (0 if d_b_hn is None else d_b_hn.to(ct))
+        r, z, n, hn = g_c[t].chunk(4, dim=-1)
+        dr = r * (1 - r) * (dx_r + dgh_r)
+        dz = z * (1 - z) * (dx_z + dgh_z)
+        dn = (1 - n * n) * (dx_n + dr * hn + r * d_hn)
+        dh_new = dn + dz * (h_prev - n) + z * (d_h - dn)
+        d_h, d_o = _masked(t, lengths, dh_new, d_h)
+        _, d_g = _masked(t, lengths, torch.cat([dr, dz, dn, d_hn.expand_as(dn)], -1), 0)
+        outs.append(d_o)
+        gs.append(d_g)
+    stack = lambda xs, like: torch.stack(xs) if xs else torch.zeros_like(like)  # noqa: E731
+    return tuple(x.to(out.dtype) for x in (stack(outs, out_c), d_h, stack(gs, g_c)))

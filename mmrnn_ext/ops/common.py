@@ -140,6 +140,7 @@ class EagerOp(torch.autograd.Function):
         setup_context(ctx, inputs, outputs)
         input_grads(ctx, grads, bptt, differentiable) -> the gradient of every input
         bptt(be, *args)             the backend's BPTT (the <cell>_bwd op's arguments, backend excluded)
+        tangents(ctx, tangents)     forward mode: every output's tangent from the inputs' (jvp)
 
     — the same functions its custom ops register, so both paths compute the same thing.
 
@@ -181,13 +182,21 @@ class EagerOp(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, *tangents):
-        raise NotImplementedError(
-            "mmrnn_ext's fused recurrences do not support forward-mode AD (torch.func.jvp, "
-            "torch.autograd.forward_ad, jacfwd); use reverse mode instead: torch.func.vjp, grad or jacrev")
+        """Forward-mode AD (torch.func.jvp, forward_ad): the tangents of every output, propagated
+        step by step through torch ops from what the forward saved."""
+        return ctx.cell.tangents(ctx, tangents[:-1])
 
     @staticmethod
     def vmap(info, in_dims, *args):
-        raise NotImplementedError(
-            "mmrnn_ext's fused recurrences do not support torch.func.vmap; the recurrence is independent per "
-            "batch row, so fold the vmapped dimension into the batch dimension instead (for per-sample "
-            "gradients: one call on the whole batch with a per-sample loss, or a loop over samples)")
+        """torch.func.vmap: the op once per vmapped slice, outputs stacked along dim 0. (Folding the
+        vmapped dimension into the batch would be one call, but only where every weight is shared;
+        the loop is right for per-sample weights too.) Its backward, vmapped by torch.func, runs the
+        differentiable BPTT (see backward)."""
+        *inputs, cell = args
+        *dims, _ = in_dims
+        results = []
+        for i in range(info.batch_size):
+            sliced = [a.select(d, i) if d is not None else a for a, d in zip(inputs, dims)]
+            results.append(EagerOp.apply(*sliced, cell))
+        outputs = tuple(torch.stack(parts) for parts in zip(*results))
+        return outputs, (0,) * len(outputs)

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from .. import _backends
-from ..reference import gru_reference_backward
+from ..reference import gru_reference_backward, gru_reference_jvp
 from .common import (EagerOp, check_image_term, check_like, check_xp, image_grad, last_state, prepare_lengths,
                      registered_backward, weight_grad, zeros_if_none)
 
@@ -82,6 +82,7 @@ def setup_context(ctx, inputs, output):
     xp, w_hh, b_hn, h0, image_term, lengths, backend = inputs
     out, _, gates = output
     ctx.save_for_backward(out, gates, w_hh, h0, lengths)  # the inputs themselves: their history serves double backward
+    ctx.save_for_forward(out, gates, w_hh, h0, lengths)
     ctx.backend = backend
     ctx.image_static = image_term is not None and image_term.dim() == 2
 
@@ -104,6 +105,13 @@ def input_grads(ctx, grads, bptt, differentiable):
         d_w = torch.cat([weight_grad(dGx[..., :2 * H], h0, out), weight_grad(dhn, h0, out)])
     return (dGx if need_xp else None, d_w, dhn.sum((0, 1)) if need_bhn else None, dh0 if need_h0 else None,
             image_grad(dGx, ctx.image_static) if need_img else None, None, None)
+
+
+def tangents(ctx, tangents):
+    """Forward mode: the tangents of (out, h_last, gates) from those of (xp, w_hh, b_hn, h0, image_term, ...)."""
+    out, gates, w_hh, h0, lengths = ctx.saved_tensors
+    d_xp, d_w, d_b_hn, d_h0, d_img = tangents[:5]
+    return gru_reference_jvp(out, gates, h0, w_hh, lengths, d_xp, d_w, d_b_hn, d_h0, d_img)
 
 
 gru_fwd.register_autograd(registered_backward(sys.modules[__name__], torch.ops.mmrnn.gru_bwd),

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from .. import _backends
-from ..reference import lstm_reference_backward
+from ..reference import lstm_reference_backward, lstm_reference_jvp
 from .common import (EagerOp, check_image_term, check_like, check_xp, image_grad, last_state, prepare_lengths,
                      registered_backward, weight_grad, zeros_if_none)
 
@@ -82,6 +82,7 @@ def setup_context(ctx, inputs, output):
     xp, w_hh, h0, c0, image_term, lengths, backend = inputs
     out, _, _, c_all, gates = output
     ctx.save_for_backward(out, c_all, gates, w_hh, h0, c0, lengths)  # inputs themselves: their history serves double backward
+    ctx.save_for_forward(out, c_all, gates, w_hh, h0, c0, lengths)
     ctx.backend = backend
     ctx.image_static = image_term is not None and image_term.dim() == 2
 
@@ -102,6 +103,14 @@ def input_grads(ctx, grads, bptt, differentiable):
     need_xp, need_w, need_h0, need_c0, need_img = ctx.needs_input_grad[:5]
     return (dG if need_xp else None, weight_grad(dG, h0, out) if need_w else None, dh0 if need_h0 else None,
             dc0 if need_c0 else None, image_grad(dG, ctx.image_static) if need_img else None, None, None)
+
+
+def tangents(ctx, tangents):
+    """Forward mode: the tangents of (out, h_last, c_last, c_all, gates) from those of (xp, w_hh, h0, c0,
+    image_term, ...)."""
+    out, c_all, gates, w_hh, h0, c0, lengths = ctx.saved_tensors
+    d_xp, d_w, d_h0, d_c0, d_img = tangents[:5]
+    return lstm_reference_jvp(out, c_all, gates, h0, c0, w_hh, lengths, d_xp, d_w, d_h0, d_c0, d_img)
 
 
 lstm_fwd.register_autograd(registered_backward(sys.modules[__name__], torch.ops.mmrnn.lstm_bwd),

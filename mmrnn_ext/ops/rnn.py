@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .. import _backends
-from ..reference import NONLINEARITIES, reference_backward
+from ..reference import NONLINEARITIES, reference_backward, rnn_reference_jvp
 from .common import (EagerOp, InputError, check_image_term, check_like, check_xp, image_grad, last_state,
                      prepare_lengths, registered_backward, weight_grad, zeros_if_none)
 
@@ -76,6 +76,7 @@ def setup_context(ctx, inputs, output):
     xp, w_hh, h0, image_term, lengths, nonlinearity, backend = inputs
     out, _ = output
     ctx.save_for_backward(out, w_hh, h0, lengths)  # the inputs themselves: their history serves double backward
+    ctx.save_for_forward(out, w_hh, h0, lengths)
     ctx.nonlinearity, ctx.backend = nonlinearity, backend
     ctx.image_static = image_term is not None and image_term.dim() == 2
 
@@ -94,6 +95,13 @@ def input_grads(ctx, grads, bptt, differentiable):
     need_xp, need_w, need_h0, need_img = ctx.needs_input_grad[:4]
     return (dA if need_xp else None, weight_grad(dA, h0, out) if need_w else None, dh0 if need_h0 else None,
             image_grad(dA, ctx.image_static) if need_img else None, None, None, None)
+
+
+def tangents(ctx, tangents):
+    """Forward mode: (d_out, d_h_last) from the tangents of (xp, w_hh, h0, image_term, ...)."""
+    out, w_hh, h0, lengths = ctx.saved_tensors
+    d_xp, d_w, d_h0, d_img = tangents[:4]
+    return rnn_reference_jvp(out, h0, w_hh, lengths, ctx.nonlinearity, d_xp, d_w, d_h0, d_img)
 
 
 rnn_fwd.register_autograd(registered_backward(sys.modules[__name__], torch.ops.mmrnn.rnn_bwd),
