@@ -10,6 +10,7 @@ The training results (between <!-- train-table:start/end -->) from
 bench/results/train_quick_ablate.json (mmrnn-train --quick --ablate --json ...).
 The GPU section (between <!-- gpu-table:start/end -->) from bench/results/gpu_h100_*.json, the
 files bench/gpu_check.sh wrote on a lent H100 (tables by bench/gpu_summary.py)."""
+import glob
 import json
 import os
 import sys
@@ -83,6 +84,25 @@ def gflops_table(result: dict) -> list:
     return lines + [""]
 
 
+def spread_table(results: list, json_rels: list) -> list:
+    """Speedups of mmrnn_ext over each other provider across separate runs: mean and minimum."""
+    if len(results) < 2:
+        return []
+    keys = [(tuple(r["shape"]), r["provider"], r["pass"]) for r in results[0]["rows"]
+            if r["provider"] != "mmrnn_ext" and not r["provider"].startswith("mmrnn_ext[")]
+    lines = [f"Across {len(results)} separate runs ({', '.join(f'`{j}`' for j in json_rels)}), x = that provider's "
+             "time / mmrnn_ext's, mean (minimum):", "",
+             "| shape (B,T,I,V,H) | provider | forward | forward+backward |", "| --- | --- | --- | --- |"]
+    for shape, provider in dict.fromkeys((k[0], k[1]) for k in keys):
+        cells = []
+        for pass_name in ("forward", "forward+backward"):
+            xs = [r["speedup_of_mmrnn_ext"] for res in results for r in res["rows"]
+                  if (tuple(r["shape"]), r["provider"], r["pass"]) == (shape, provider, pass_name)]
+            cells.append(f"{sum(xs) / len(xs):.2f}x ({min(xs):.2f}x)" if len(xs) == len(results) else "")
+        lines.append(f"| {','.join(map(str, shape))} | {provider} | {cells[0]} | {cells[1]} |")
+    return lines + [""]
+
+
 def section(result: dict, json_rel: str, png_rel: str) -> str:
     m = result["machine"]
     cell = result.get("cell", "rnn")
@@ -96,6 +116,12 @@ def section(result: dict, json_rel: str, png_rel: str) -> str:
              "x = that provider's time / mmrnn_ext's; saved MB = what autograd keeps for backward during "
              f"the forward (parameters excluded): nn.{cell.upper()}(concat) keeps the input widened by the "
              "image at every step. " + CELL_NOTES[cell], ""]
+    runs = sorted(glob.glob(os.path.join(ROOT, os.path.splitext(json_rel)[0] + "_run*.json")))
+    extra = []
+    for path in runs:
+        with open(path) as f:
+            extra.append(json.load(f))
+    lines += spread_table([result] + extra, [json_rel] + [os.path.relpath(p, ROOT) for p in runs])
     lines += gflops_table(result)
     if result.get("recurrence"):
         lines.append(f"The recurrence alone (forward) against T calls of torch.mm on the same [B,H]×[H,{G}H] GEMM:")
