@@ -31,6 +31,17 @@ def activation_grad_from_output(h: torch.Tensor, nonlinearity: str) -> torch.Ten
     return (h > 0).to(h.dtype)
 
 
+def _advance(t, lengths, new, old, outs):
+    """A readable definition's lengths rule: rows live at step t take the new state and output it;
+    the others keep their state and output zero. Returns the state after step t."""
+    if lengths is None:
+        outs.append(new)
+        return new
+    live = (t < lengths).unsqueeze(1)
+    outs.append(torch.where(live, new, torch.zeros_like(new)))
+    return torch.where(live, new, old)
+
+
 def rnn_recurrence_ref(xp, w_hh, h0, image_term=None, lengths=None, nonlinearity="tanh"):
     """Naive step loop, differentiable by autograd. The definition of the op, not a fast path."""
     T, B, _ = xp.shape
@@ -40,14 +51,7 @@ def rnn_recurrence_ref(xp, w_hh, h0, image_term=None, lengths=None, nonlinearity
         a = xp[t] + h @ w_hh.t()
         if image_term is not None:
             a = a + (image_term if image_term.dim() == 2 else image_term[t])
-        h_new = activation(a, nonlinearity)
-        if lengths is None:
-            h = h_new
-            outs.append(h_new)
-        else:
-            live = (t < lengths).unsqueeze(1)
-            h = torch.where(live, h_new, h)
-            outs.append(torch.where(live, h_new, torch.zeros_like(h_new)))
+        h = _advance(t, lengths, activation(a, nonlinearity), h, outs)
     out = torch.stack(outs) if outs else xp.new_zeros(0, B, w_hh.shape[0])
     return out, h
 
@@ -188,14 +192,7 @@ def gru_recurrence_ref(xp, w_hh, h0, image_term=None, lengths=None, b_hn=None):
         if image_term is not None:
             x = x + (image_term if image_term.dim() == 2 else image_term[t])
         r, z, n, _ = gru_gates(x, h, w_hh, b_hn)
-        h_new = (1 - z) * n + z * h
-        if lengths is None:
-            h = h_new
-            outs.append(h_new)
-        else:
-            live = (t < lengths).unsqueeze(1)
-            h = torch.where(live, h_new, h)
-            outs.append(torch.where(live, h_new, torch.zeros_like(h_new)))
+        h = _advance(t, lengths, (1 - z) * n + z * h, h, outs)
     out = torch.stack(outs) if outs else xp.new_zeros(0, B, h0.shape[1])
     return out, h
 

@@ -1,5 +1,5 @@
-"""mmrnn_ext.RNN / LSTM / GRU and their cells as drop-ins for torch's, and their image conditioning
-(the RNN's own full grid, with its nonlinearity, is in test_modules.py)."""
+"""mmrnn_ext.RNN / LSTM / GRU and their cells as drop-ins for torch's (the RNN with both
+nonlinearities), and their image conditioning."""
 import itertools
 
 import pytest
@@ -61,12 +61,14 @@ def _grads(module):
 
 
 def _cases():
+    """variant ("rnn-tanh", "rnn-relu", "lstm", "gru") x layers x bidirectional x batch_first x bias x
+    input mode x hx given (x proj_size for the LSTM)."""
     cases = []
-    for cell in ("lstm", "gru"):
+    for variant in ("rnn-tanh", "rnn-relu", "lstm", "gru"):
         for L, bi, bf, bias, mode, hx in itertools.product([1, 2, 3], [False, True], [False, True], [False, True],
                                                            ["batched", "unbatched", "packed"], [False, True]):
-            for proj in ([0, P] if cell == "lstm" else [0]):
-                cases.append((cell, L, bi, bf, bias, mode, hx, proj))
+            for proj in ([0, P] if variant == "lstm" else [0]):
+                cases.append((variant, L, bi, bf, bias, mode, hx, proj))
     return cases
 
 
@@ -74,8 +76,8 @@ GRID = _cases()
 
 
 def _grid_id(c):
-    cell, L, bi, bf, bias, mode, hx, proj = c
-    return (f"{cell}-L{L}-{'bi' if bi else 'uni'}-{'bf' if bf else 'tf'}-{'bias' if bias else 'nobias'}-{mode}-"
+    variant, L, bi, bf, bias, mode, hx, proj = c
+    return (f"{variant}-L{L}-{'bi' if bi else 'uni'}-{'bf' if bf else 'tf'}-{'bias' if bias else 'nobias'}-{mode}-"
             f"{'hx' if hx else 'nohx'}" + (f"-proj{proj}" if proj else ""))
 
 
@@ -86,11 +88,14 @@ def _random_hx(cell, shapes, g, dtype):
 
 @pytest.mark.parametrize("case", GRID, ids=[_grid_id(c) for c in GRID])
 def test_matches_torch(cpu_backend, case):
-    cell, num_layers, bidirectional, batch_first, bias, mode, give_hx, proj = case
+    variant, num_layers, bidirectional, batch_first, bias, mode, give_hx, proj = case
+    cell, _, nonlinearity = variant.partition("-")
     dtype = torch.float64
     kw = dict(num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first, bias=bias)
     if proj:
         kw["proj_size"] = proj
+    if nonlinearity:
+        kw["nonlinearity"] = nonlinearity
     ref, ours = _twins(cell, cpu_backend, dtype, **kw)
     D = 2 if bidirectional else 1
     B, T = len(LENGTHS), max(LENGTHS)
@@ -129,7 +134,7 @@ def test_matches_torch(cpu_backend, case):
             assert_close(a.grad, b.grad, dtype, f"grad hx[{k}]")
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ALL)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 def test_matches_torch_fp32_sample(cpu_backend, cell, dtype, bidirectional):
@@ -363,7 +368,7 @@ def test_empty_batch_matches_torch(cpu_backend, cell):
     assert [s.shape for s in _states(h_o)] == [s.shape for s in _states(h_r)]
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ALL)
 def test_state_dict_and_init_match_torch(cell):
     kw = dict(num_layers=2, bidirectional=True, bias=False)
     if cell == "lstm":
@@ -376,7 +381,7 @@ def test_state_dict_and_init_match_torch(cell):
     for (n1, p1), (n2, p2) in zip(ours.named_parameters(), ref.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2), n1  # same names, shapes and initial values
     ours.load_state_dict(ref.state_dict(), strict=True)
-    G = 4 if cell == "lstm" else 3
+    G = {"rnn": 1, "lstm": 4, "gru": 3}[cell]
     img = OURS[cell](I, H, num_layers=2, bidirectional=True, image_size=V)
     assert img.weight_img_l1_reverse.shape == (G * H, V)
     stdv = 1 / H ** 0.5
@@ -388,6 +393,15 @@ def test_state_dict_and_init_match_torch(cell):
     for (n1, p1), (n2, p2) in zip(our_cell.named_parameters(), ref_cell.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2), n1
     assert OURS_CELL[cell](I, H, image_size=V).weight_img.shape == (G * H, V)
+
+
+def test_rnn_repr_and_flatten_parameters():
+    m = mmrnn_ext.RNN(I, H, 2, nonlinearity="relu", batch_first=True, bidirectional=True, image_size=V)
+    assert repr(m) == f"RNN({I}, {H}, num_layers=2, nonlinearity=relu, batch_first=True, bidirectional=True, image_size={V})"
+    assert repr(mmrnn_ext.RNN(I, H)) == repr(nn.RNN(I, H))
+    assert repr(mmrnn_ext.RNNCell(I, H)) == repr(nn.RNNCell(I, H))
+    m.flatten_parameters()
+    assert len(m.all_weights) == 4 and len(m.all_weights[0]) == 5
 
 
 def test_repr_matches_torch():
