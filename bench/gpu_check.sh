@@ -34,7 +34,7 @@ step "kernel sweep"
 run 150 python3 -W ignore bench/gpu_sweep.py "$OUT/sweep.json" --jobs "$JOBS"
 grep -E "\[auto\]|FAILED" "$LOG" | tail -n 25
 step "GPU tests"
-run 170 python3 -m pytest tests/test_triton.py tests/test_ecosystem.py tests/test_cells.py -m gpu -q -p no:cacheprovider -rs -n "$JOBS"
+run 170 python3 -m pytest tests/test_triton.py tests/test_ecosystem.py tests/test_cells.py tests/test_higher_order.py -m gpu -q -p no:cacheprovider -rs -n "$JOBS"
 grep -E "passed|failed|error" "$LOG" | tail -n 3
 step "bench (TF32 default)"
 run 190 python3 -m mmrnn_ext.bench --device cuda --dtype float32,bfloat16,float16 \

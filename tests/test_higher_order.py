@@ -293,3 +293,30 @@ def test_jacrev_matches_autograd_jacobian(cpu_backend, cell):
     f = lambda x: m(x, image=img, lengths=torch.tensor([4, 2]))[0]  # noqa: E731
     torch.testing.assert_close(torch.func.jacrev(f)(x), torch.autograd.functional.jacobian(f, x),
                                atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+@pytest.mark.parametrize("cell", CELLS)
+def test_gpu_second_order_matches_float64(cell):
+    """On CUDA (Triton for the RNN, the reference backend for LSTM/GRU) in float32 with TF32 off, a
+    gradient-penalty-style second-order pass agrees with float64 on the CPU."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        torch.manual_seed(12)
+        m64 = MODULES[cell](I, 16, num_layers=2, image_size=V, dtype=torch.float64)
+        m32 = MODULES[cell](I, 16, num_layers=2, image_size=V).cuda()
+        m32.load_state_dict({k: v.float() for k, v in m64.state_dict().items()})
+        x, img = _inputs(T=5, B=3, seed=13)
+        results = []
+        for m, dev, dt in ((m32, "cuda", torch.float32), (m64, "cpu", torch.float64)):
+            xi = x.to(dev, dt).requires_grad_()
+            out = m(xi, image=img.to(dev, dt), lengths=torch.tensor([5, 2, 4]))[0]
+            g, = torch.autograd.grad(out.square().sum(), xi, create_graph=True)
+            results.append(torch.autograd.grad(g.square().sum(), [xi] + list(m.parameters())))
+        for a, b in zip(*results):
+            rel = ((a.double().cpu() - b).norm() / b.norm().clamp_min(1e-30)).item()
+            assert rel <= 1e-5, rel
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
