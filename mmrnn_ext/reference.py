@@ -31,15 +31,20 @@ def activation_grad_from_output(h: torch.Tensor, nonlinearity: str) -> torch.Ten
     return (h > 0).to(h.dtype)
 
 
-def _advance(t, lengths, new, old, outs):
-    """A readable definition's lengths rule: rows live at step t take the new state and output it;
-    the others keep their state and output zero. Returns the state after step t."""
+def _masked(t, lengths, new, kept):
+    """The lengths rule of every cell at step t: rows live at t take the new value and output it;
+    the others keep `kept` and output zero. -> (state after step t, output of step t)."""
     if lengths is None:
-        outs.append(new)
-        return new
+        return new, new
     live = (t < lengths).unsqueeze(1)
-    outs.append(torch.where(live, new, torch.zeros_like(new)))
-    return torch.where(live, new, old)
+    return torch.where(live, new, kept), torch.where(live, new, 0)
+
+
+def _advance(t, lengths, new, old, outs):
+    """_masked for a readable definition: appends the step's output, returns the state."""
+    state, output = _masked(t, lengths, new, old)
+    outs.append(output)
+    return state
 
 
 def rnn_recurrence_ref(xp, w_hh, h0, image_term=None, lengths=None, nonlinearity="tanh"):
@@ -210,10 +215,6 @@ def gru_recurrence_ref(xp, w_hh, h0, image_term=None, lengths=None, b_hn=None):
 #                  dW_hh = [dGx_r, dGx_z, dhn]^T h_{t-1} summed over steps, d b_hn = sum of dhn; also
 #                  takes the gradient of gates (None: zero), as the LSTM's.
 
-def _live(t, lengths, like):
-    return None if lengths is None else (t < lengths).unsqueeze(1).expand_as(like)
-
-
 def _carried(t, lengths, g_last, g):
     """The gradient arriving at step t: the final state's gradient at each row's last step."""
     if lengths is None:
@@ -245,17 +246,9 @@ def lstm_reference_forward(xp, w_hh, h0, c0, image_term, lengths):
         i, f, g, o = a.chunk(4, dim=-1)
         i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
         c_new = f * c + i * g
-        h_new = o * torch.tanh(c_new)
-        live = _live(t, lengths, h_new)
-        if live is None:
-            h, c = h_new, c_new
-            gates[t] = torch.cat([i, f, g, o], -1)
-            out[t], c_all[t] = h_new, c_new
-        else:
-            h, c = torch.where(live, h_new, h), torch.where(live, c_new, c)
-            zero = torch.zeros_like(h_new)
-            gates[t] = torch.where((t < lengths).unsqueeze(1), torch.cat([i, f, g, o], -1), 0)
-            out[t], c_all[t] = torch.where(live, h_new, zero), torch.where(live, c_new, zero)
+        h, out[t] = _masked(t, lengths, o * torch.tanh(c_new), h)
+        c, c_all[t] = _masked(t, lengths, c_new, c)
+        _, gates[t] = _masked(t, lengths, torch.cat([i, f, g, o], -1), 0)
     return out.to(xp.dtype), c_all.to(xp.dtype), gates.to(xp.dtype)
 
 
@@ -303,15 +296,8 @@ def gru_reference_forward(xp, w_hh, b_hn, h0, image_term, lengths):
         if img is not None:
             x = x + (img if img.dim() == 2 else img[t])
         r, z, n, hn = gru_gates(x, h, w_c, bhn)
-        h_new = n + z * (h - n)
-        row = torch.cat([r, z, n, hn], -1)
-        if lengths is None:
-            h = h_new
-            out[t], gates[t] = h_new, row
-        else:
-            live = (t < lengths).unsqueeze(1)
-            h = torch.where(live, h_new, h)
-            out[t], gates[t] = torch.where(live, h_new, 0), torch.where(live, row, 0)
+        h, out[t] = _masked(t, lengths, n + z * (h - n), h)
+        _, gates[t] = _masked(t, lengths, torch.cat([r, z, n, hn], -1), 0)
     return out.to(xp.dtype), gates.to(xp.dtype)
 
 
@@ -355,13 +341,6 @@ def _tangent_step(d, t):
     if d is None:
         return 0
     return d if d.dim() == 2 else d[t]
-
-
-def _masked(t, lengths, new, kept):
-    if lengths is None:
-        return new, new
-    live = (t < lengths).unsqueeze(1)
-    return torch.where(live, new, kept), torch.where(live, new, 0)
 
 
 def rnn_reference_jvp(out, h0, w_hh, lengths, nonlinearity, d_xp, d_w, d_h0, d_img):

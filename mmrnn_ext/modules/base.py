@@ -52,6 +52,11 @@ def _autocast_dtype(device: torch.device, param_dtype: torch.dtype):
     return torch.get_autocast_dtype(device.type)
 
 
+# The parameters a cell's _recurrence reads (the input-side ones went into the projections): under
+# autocast only these are cast, once per layer and direction.
+_RECURRENT_PARAMS = ("weight_hh", "weight_hr", "bias_hh")
+
+
 def _to(t, dtype):
     return t if t is None or dtype is None else t.to(dtype)
 
@@ -113,7 +118,8 @@ class RecurrentBase(nn.Module):
         STATES   1 (h) or 2 (h, c)
 
     and implement ``_recurrence(params, xp, image_term, states, lengths) -> (out, final_states)``
-    on time-major tensors (see mmrnn_ext.ops)."""
+    on time-major tensors (see mmrnn_ext.ops); params holds weight_hh, weight_hr and bias_hh (where
+    the layer has them), in the dtype the recurrence runs in."""
 
     CELL, GATES, STATES = "rnn", 1, 1
 
@@ -331,8 +337,8 @@ class RecurrentBase(nn.Module):
                     if img_term is not None and img_term.dim() == 3:
                         img_term = _time_reverse(img_term, lengths)
                 idx = layer * num_directions + direction
-                out, last = self._recurrence({k: _to(v, amp) for k, v in p.items()}, xp, img_term,
-                                             [_to(s[idx], amp) for s in states0], lengths)
+                recurrent = {k: _to(v, amp) for k, v in p.items() if k in _RECURRENT_PARAMS}
+                out, last = self._recurrence(recurrent, xp, img_term, [_to(s[idx], amp) for s in states0], lengths)
                 outs.append(_time_reverse(out, lengths) if direction == 1 else out)
                 for k, s in enumerate(last):
                     finals[k].append(s)

@@ -12,12 +12,17 @@ from ..ops import gru_recurrence
 from .base import CellBase, RecurrentBase
 
 
-def _gru_biases(b_ih, b_hh):
-    """(the biases outside the recurrent product: b_ih + [b_hr, b_hz, 0], b_hn) or (None, None)."""
+def _outer_bias(b_ih, b_hh):
+    """The biases outside the recurrent product: b_ih + [b_hr, b_hz, 0] (None without bias)."""
     if b_ih is None:
-        return None, None
+        return None
     H = b_hh.shape[0] // 3
-    return b_ih + torch.cat([b_hh[:2 * H], b_hh.new_zeros(H)]), b_hh[2 * H:]
+    return b_ih + torch.cat([b_hh[:2 * H], b_hh.new_zeros(H)])
+
+
+def _b_hn(b_hh):
+    """The bias inside the reset product (None without bias)."""
+    return None if b_hh is None else b_hh[2 * (b_hh.shape[0] // 3):]
 
 
 class GRU(RecurrentBase):
@@ -36,11 +41,11 @@ class GRU(RecurrentBase):
         self.mode = "GRU"
 
     def _outer_bias(self, p):
-        return _gru_biases(p.get("bias_ih"), p.get("bias_hh"))[0]
+        return _outer_bias(p.get("bias_ih"), p.get("bias_hh"))
 
     def _recurrence(self, p, xp, image_term, states, lengths):
-        b_hn = _gru_biases(p.get("bias_ih"), p.get("bias_hh"))[1]
-        out, h = gru_recurrence(xp, p["weight_hh"], b_hn, states[0], image_term, lengths, self.backend)
+        out, h = gru_recurrence(xp, p["weight_hh"], _b_hn(p.get("bias_hh")), states[0], image_term, lengths,
+                                self.backend)
         return out, (h,)
 
 
@@ -54,10 +59,10 @@ class GRUCell(CellBase):
     CELL, GATES, STATES = "gru", 3, 1
 
     def _outer_bias(self):
-        return _gru_biases(self.bias_ih, self.bias_hh)[0]
+        return _outer_bias(self.bias_ih, self.bias_hh)
 
     def _step(self, xp, image_term, states, amp):
-        b_hn = _gru_biases(self.bias_ih, self.bias_hh)[1]
+        b_hn = _b_hn(self.bias_hh)
         w_hh = self.weight_hh
         if amp is not None:
             w_hh, b_hn = w_hh.to(amp), None if b_hn is None else b_hn.to(amp)
