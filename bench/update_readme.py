@@ -7,7 +7,7 @@ and <!-- cpu-gru-table:... --> for the gated cells) from bench/results/cpu.json,
 cpu_gru.json: the machine, the table (mmrnn-bench --markdown), the GEMM rates, the recurrence-vs-torch.mm
 figures and the plot.
 The training results (between <!-- train-table:start/end -->) from
-bench/results/train_quick_ablate.json (mmrnn-train --quick --ablate --json ...).
+bench/results/train_quick_ablate.json and its log (bash bench/train_ablation.sh).
 The GPU section (between <!-- gpu-table:start/end -->) from bench/results/gpu_h100_*.json, the
 files bench/gpu_check.sh wrote on a lent H100 (tables by bench/gpu_summary.py)."""
 import glob
@@ -137,12 +137,16 @@ def section(result: dict, json_rel: str, png_rel: str) -> str:
 
 
 def train_section(result: dict, json_rel: str, machine: str) -> str:
-    lines = [f"Measured with `mmrnn-train --quick --ablate --explain 3 --json {json_rel}` on {machine} "
-             "(the built-in task's test split; targets: `add` >= 0.95, text-only and image-only <= 0.65):", "",
-             "| variant | test accuracy | macro-F1 | epochs | seconds |", "| --- | --- | --- | --- | --- |"]
+    seeds = sorted(next(iter(result.values())).get("seeds", {}), key=int)
+    lines = [f"Measured with `bash bench/train_ablation.sh` (`mmrnn-train --quick --ablate --seeds {','.join(seeds)} "
+             f"--explain 3 --json {json_rel}`) on {machine}: the built-in task's test split, each variant trained "
+             f"once per seed (seed = split and initialisation), mean and minimum over the {len(seeds)} seeds "
+             "(targets: `add` >= 0.95, text-only and image-only <= 0.65):", "",
+             "| variant | test accuracy, mean (min) | macro-F1, mean (min) | epochs (mean) | seconds (mean) |",
+             "| --- | --- | --- | --- | --- |"]
     for name, r in result.items():
-        lines.append(f"| {name} | {r['test_accuracy']:.4f} | {r['macro_f1']:.4f} | {r.get('epochs', '')} | "
-                     f"{r.get('seconds', 0):.1f} |")
+        lines.append(f"| {name} | {r['test_accuracy']:.4f} ({r['test_accuracy_min']:.4f}) | {r['macro_f1']:.4f} "
+                     f"({r['macro_f1_min']:.4f}) | {r['epochs']:.1f} | {r['seconds']:.1f} |")
     return "\n".join(lines)
 
 
@@ -193,7 +197,8 @@ def main():
     if os.path.exists(train_path):
         with open(train_path) as f:
             trained = json.load(f)
-        machine = f"{result['machine']['device']}, {result['machine']['cpu_cores']} cores"
+        with open(os.path.splitext(train_path)[0] + ".txt") as f:
+            machine = f.readline().removeprefix("machine: ").strip()  # bench/train_ablation.sh writes it first
         text = _replace(text, TRAIN_START, TRAIN_END, train_section(trained, os.path.relpath(train_path, ROOT), machine))
     gpu = gpu_section()
     if gpu:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import mmrnn_ext
-from mmrnn_ext import _backends
+from mmrnn_ext import _backends, _cli
 
 CPU_GRID = [(32, 128, 128, 128, 64), (32, 128, 128, 128, 256), (64, 256, 256, 512, 512), (8, 512, 128, 256, 1024)]
 GPU_GRID = [(16, 256, 128, 256, 128), (64, 256, 256, 512, 256), (64, 256, 512, 1024, 512),
@@ -532,16 +532,16 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, help="comma-separated: float32,float64,bfloat16,float16 (default float32)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--cell", choices=list(CELLS), default="rnn", help="the recurrent cell (default rnn)")
-    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--layers", type=_cli.positive_int, default=1)
     p.add_argument("--bidirectional", action="store_true")
     p.add_argument("--all-backends", action="store_true", help="also time each available mmrnn_ext backend")
     p.add_argument("--quick", action="store_true", help="a small grid, few repeats, no torch.compile")
-    p.add_argument("--repeats", type=int, default=None, help="CPU timing repeats (median; default 5, quick 3)")
+    p.add_argument("--repeats", type=_cli.positive_int, default=None, help="CPU timing repeats (median; default 5, quick 3)")
     p.add_argument("--tf32", choices=["default", "on", "off"], default="default",
                    help="TF32 for float32 on CUDA (sets torch.backends.cudnn/cuda.matmul.allow_tf32)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    p.add_argument("--compile-max-steps", type=int, default=64, help="skip torch.compile above this many unrolled steps")
-    p.add_argument("--compile-timeout", type=float, default=240.0, help="seconds allowed for torch.compile")
+    p.add_argument("--compile-max-steps", type=_cli.non_negative_int, default=64, help="skip torch.compile above this many unrolled steps")
+    p.add_argument("--compile-timeout", type=_cli.positive_float, default=240.0, help="seconds allowed for torch.compile")
     p.add_argument("--no-recurrence", action="store_true", help="skip the recurrence-vs-torch.mm GF/s section")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="PATH.png", help="write the speedups as a grouped bar chart")
@@ -555,9 +555,11 @@ def main(argv=None) -> int:
         with open(args.markdown) as f:
             print(markdown_table(json.load(f)))
         return 0
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    if args.plot:
+        _cli.require("mmrnn-bench", {"matplotlib": "--plot"}, "bench")
+    _cli.writable_file("mmrnn-bench", "--json", args.json)
+    _cli.writable_file("mmrnn-bench", "--plot", args.plot)
+    device = _cli.device("mmrnn-bench", args.device)
     if args.tf32 != "default":
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
     dtype_names = (args.dtype or "float32").split(",")

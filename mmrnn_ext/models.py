@@ -1,4 +1,4 @@
-"""MultimodalClassifier: token embedding -> mmrnn_ext.RNN whose steps see the image -> a head.
+"""MultimodalClassifier: token embedding -> mmrnn_ext.RNN, LSTM or GRU whose steps see the image -> a head.
 
 Fusion modes (so that users can compare):
     add         image features enter every step's pre-activation (W_img v): the fused kernel's path
@@ -13,34 +13,65 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .modules import RNN
+from .modules import GRU, LSTM, RNN
 
 FUSIONS = ("add", "concat", "init", "late", "text_only", "image_only")
+CELLS = {"rnn": RNN, "lstm": LSTM, "gru": GRU}
+FUSION_HELP = {
+    "add": "the image in every step's pre-activation (W_img v): the fused kernel's path",
+    "concat": "the image concatenated onto every input step",
+    "init": "the image projected into the initial state h0",
+    "late": "the image concatenated with the final text state, before the head",
+    "text_only": "no image (a baseline)",
+    "image_only": "no text: the head sees the image alone (a baseline)",
+}
 
 
 class DigitEncoder(nn.Module):
-    """A small encoder for the built-in task's 8x8 digits, given as 64 pixel intensities."""
+    """A small encoder for the built-in task's 8x8 digits, given as 64 pixel intensities.
+
+    Pixels are standardised with the training split's per-pixel mean and spread (`fit`; buffers,
+    saved in the checkpoint) and the output is layer-normalised. Without both, raw [0, 1] pixels
+    through a ReLU MLP give image features that are nearly the same vector for every digit at
+    initialisation (their per-example spread is ~0.02 against the text's pre-activations), the
+    image x statement interaction that decides the label has almost no gradient, and training sits
+    at chance on some seeds (1, 2, 5 of 0-5 before this change)."""
 
     def __init__(self, in_dim: int = 64, out_dim: int = 64):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, 128), nn.ReLU(), nn.Linear(128, out_dim), nn.ReLU())
+        self.register_buffer("pixel_mean", torch.zeros(in_dim))
+        self.register_buffer("pixel_scale", torch.ones(in_dim))
+        self.net = nn.Sequential(nn.Linear(in_dim, 128), nn.ReLU(), nn.Linear(128, out_dim), nn.LayerNorm(out_dim))
+
+    @torch.no_grad()
+    def fit(self, pixels):
+        """Set the standardisation from training pixels [N, in_dim]; spreads below 0.05 (the corner
+        pixels, almost always blank) count as 0.05, so a rare ink there is not blown up."""
+        self.pixel_mean.copy_(pixels.mean(0))
+        self.pixel_scale.copy_(1 / pixels.std(0).clamp(min=0.05))
 
     def forward(self, pixels):
-        return self.net(pixels)
+        return self.net((pixels - self.pixel_mean) * self.pixel_scale)
 
 
 class MultimodalClassifier(nn.Module):
     """forward(tokens [N, L], lengths [N], image [N, image_dim]) -> logits [N, num_classes].
 
+    cell: "rnn" (tanh), "lstm" or "gru": the recurrent layer (mmrnn_ext.RNN / LSTM / GRU). With
+    fusion "init" the image is projected into the initial state: h0 = tanh(P_h v) for every cell,
+    and for the LSTM also c0 = P_c v (the cell state is not squashed).
     image_encoder: "digits" (a DigitEncoder trained with the model) or None (the given image
     features are used as they are, e.g. precomputed by any image model)."""
 
     def __init__(self, vocab_size: int, num_classes: int, image_dim: int, *, embed_dim: int = 32, hidden_size: int = 64,
                  num_layers: int = 1, bidirectional: bool = False, dropout: float = 0.0, fusion: str = "add",
-                 image_encoder: str | None = None, image_features: int = 64, backend: str = "auto"):
+                 image_encoder: str | None = None, image_features: int = 64, backend: str = "auto", cell: str = "rnn"):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"fusion: expected one of {FUSIONS}, got {fusion!r}")
+        if cell not in CELLS:
+            raise ValueError(f"cell: expected one of {tuple(CELLS)}, got {cell!r}")
+        self.cell = cell
         if image_encoder not in (None, "digits"):
             raise ValueError(f"image_encoder: expected None or 'digits', got {image_encoder!r}")
         self.fusion = fusion
@@ -51,10 +82,10 @@ class MultimodalClassifier(nn.Module):
         self.rnn = None
         if fusion != "image_only":
             in_size = embed_dim + (feat if fusion == "concat" else 0)
-            self.rnn = RNN(in_size, hidden_size, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0,
+            self.rnn = CELLS[cell](in_size, hidden_size, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0,
                            bidirectional=bidirectional, image_size=feat if fusion == "add" else None, backend=backend)
         if fusion == "init":
-            self.init_proj = nn.Linear(feat, num_layers * D * hidden_size)
+            self.init_proj = nn.Linear(feat, (2 if cell == "lstm" else 1) * num_layers * D * hidden_size)
         head_in = {"image_only": feat, "late": 2 * D * hidden_size + feat}.get(fusion, 2 * D * hidden_size)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(head_in, num_classes))
 
@@ -76,8 +107,13 @@ class MultimodalClassifier(nn.Module):
             x = torch.cat([x, v.unsqueeze(1).expand(-1, x.shape[1], -1)], dim=-1)
         elif self.fusion == "init":
             L, D, H = self.rnn.num_layers, 2 if self.rnn.bidirectional else 1, self.rnn.hidden_size
-            hx = torch.tanh(self.init_proj(v)).view(-1, L * D, H).transpose(0, 1).contiguous()
+            states = self.init_proj(v).view(-1, 2 if self.cell == "lstm" else 1, L * D, H).permute(1, 2, 0, 3)
+            hx = torch.tanh(states[0]).contiguous()
+            if self.cell == "lstm":
+                hx = (hx, states[1].contiguous())
         out, h_n = self.rnn(x, hx, image=img, lengths=lengths)
+        if self.cell == "lstm":
+            h_n = h_n[0]
         D = 2 if self.rnn.bidirectional else 1
         last = h_n[-D:].transpose(0, 1).reshape(x.shape[0], -1)  # last layer, every direction
         mask = (torch.arange(out.shape[1], device=out.device)[None, :] < lengths[:, None]).unsqueeze(-1)

@@ -14,20 +14,24 @@ it trains with DistributedDataParallel, each process on its share of every batch
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data as data_mod
-from .models import FUSIONS, MultimodalClassifier
+from . import _cli
+from .models import FUSION_HELP, FUSIONS, MultimodalClassifier
 
-CHECKPOINT_FORMAT = "mmrnn-train/1"
+# numpy, scikit-learn, matplotlib (the "train" extra) and captum (--explain) are imported where they
+# are used, after main() has checked that they are installed: --help works with the core install.
+
+CHECKPOINT_FORMAT = "mmrnn-train/2"
 ABLATION = ("add", "concat", "init", "late", "text_only", "image_only")
+PROG = "mmrnn-train"
 
 
 # --- distributed (torchrun) ----------------------------------------------------------------------
@@ -54,7 +58,7 @@ def build_model(config: dict) -> MultimodalClassifier:
         config["vocab_size"], config["num_classes"], config["image_dim"], embed_dim=config["embed_dim"],
         hidden_size=config["hidden_size"], num_layers=config["num_layers"], bidirectional=config["bidirectional"],
         dropout=config["dropout"], fusion=config["fusion"], image_encoder=config["image_encoder"],
-        backend=config["backend"])
+        backend=config["backend"], cell=config["cell"])
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1):
@@ -64,6 +68,7 @@ def _batches(n: int, batch_size: int, generator: torch.Generator, rank: int = 0,
 
 
 def evaluate(model, split, device, batch_size=1024) -> dict:
+    import numpy as np
     from sklearn.metrics import confusion_matrix, f1_score
 
     model.eval()
@@ -87,7 +92,10 @@ def train(dataset, config: dict, args, device, rank=0, world=1, progress=True, l
     """-> (model, history, steps) with the best validation weights restored. history: per epoch
     train loss/accuracy and validation accuracy; steps: every optimisation step's training loss."""
     torch.manual_seed(config["seed"])
-    model = build_model(config).to(device)
+    model = build_model(config)
+    if model.encoder is not None:
+        model.encoder.fit(dataset.train.images)
+    model = model.to(device)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)
@@ -143,31 +151,67 @@ def train(dataset, config: dict, args, device, rank=0, world=1, progress=True, l
 
 # --- checkpoints ---------------------------------------------------------------------------------
 
+def content_digest(meta: dict, state_dict: dict) -> str:
+    """sha256 over the metadata (JSON, sorted keys) and every stored tensor's name, dtype, shape and
+    bytes: any changed byte of what a checkpoint holds changes it."""
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu").contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_checkpoint(path, model, config, dataset):
+    """model.pt: weights, vocabulary, labels, config and what evaluation needs to rebuild the test
+    split (the data's kind, seed, split rule, file fingerprints, the test split's digest), sealed
+    with a content digest that load_checkpoint verifies."""
+    from .data import split_digest
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"format": CHECKPOINT_FORMAT, "config": config, "vocab": list(dataset.vocab),
-                "labels": list(dataset.labels), "state_dict": model.state_dict()}, path)
+    meta = {"format": CHECKPOINT_FORMAT, "config": config, "vocab": list(dataset.vocab),
+            "labels": list(dataset.labels), "data": dict(dataset.source, test_digest=split_digest(dataset.test))}
+    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    torch.save(dict(meta, state_dict=state, digest=content_digest(meta, state)), path)
 
 
 def load_checkpoint(path, device="cpu"):
-    """-> (model, config, vocab, labels). A checkpoint is data: torch.load(weights_only=True)."""
+    """-> (model, config, vocab, labels, data). A checkpoint is data: torch.load(weights_only=True);
+    its content digest must match what it holds. Every failure is a one-line ValueError."""
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint: no file at {path!r}")
+        raise ValueError(f"checkpoint {path!r}: no such file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"checkpoint {path!r}: the file is empty (0 bytes)")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"checkpoint {path!r} cannot be read (truncated, tampered with, or not an mmrnn-train "
-                         f"checkpoint): {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # never repeat torch's advice to load without weights_only
+        if "GLOBAL" in str(exc):  # the weights-only unpickler met a class or function
+            raise ValueError(f"checkpoint {path!r}: holds Python objects other than tensors and plain data; "
+                             "mmrnn-train loads checkpoints as data only, never code, and refuses it") from None
+        raise ValueError(f"checkpoint {path!r} cannot be read: not a complete torch checkpoint (truncated or "
+                         f"damaged; {type(exc).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path!r}: expected format {CHECKPOINT_FORMAT!r}, got "
-                         f"{ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r}")
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"checkpoint {path!r}: expected format {CHECKPOINT_FORMAT!r}, got {found!r}"
+                         + (" (written by an earlier mmrnn-train: retrain it)" if str(found).startswith("mmrnn-train/") else ""))
+    keys = ("format", "config", "vocab", "labels", "data", "state_dict", "digest")
+    if set(ckpt) != set(keys) or not isinstance(ckpt["state_dict"], dict):
+        raise ValueError(f"checkpoint {path!r}: expected the entries {list(keys)}, got {sorted(ckpt)}")
+    meta = {k: ckpt[k] for k in keys if k not in ("state_dict", "digest")}
+    try:
+        digest = content_digest(meta, ckpt["state_dict"])
+    except (TypeError, AttributeError, RuntimeError) as exc:
+        raise ValueError(f"checkpoint {path!r}: malformed contents ({type(exc).__name__})") from None
+    if digest != ckpt["digest"]:
+        raise ValueError(f"checkpoint {path!r}: content digest mismatch: its weights or metadata changed after it "
+                         "was saved (damaged or edited)")
     config = ckpt["config"]
-    model = build_model(config).to(device)
+    model = build_model(config)
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:
         raise ValueError(f"checkpoint {path!r}: its weights do not fit its own config: {str(exc)[:300]}") from None
-    return model, config, ckpt["vocab"], ckpt["labels"]
+    return model.to(device), config, ckpt["vocab"], ckpt["labels"], ckpt["data"]
 
 
 # --- plots ---------------------------------------------------------------------------------------
@@ -199,6 +243,7 @@ def plot_curves(history, path, title):
 
 def plot_confusion(cm, labels, path, title):
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -219,6 +264,7 @@ def explain(model, split, vocab, labels, indices, out_dir, device, pixels=True) 
     explain_<i>.png per example and returns per-token / per-input attributions and modality shares."""
     from captum.attr import IntegratedGradients
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -280,51 +326,126 @@ def explain(model, split, vocab, labels, indices, out_dir, device, pixels=True) 
 
 # --- CLI -----------------------------------------------------------------------------------------
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and shows each option's default where it has one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = not (action.default is None or action.default is False or action.default is argparse.SUPPRESS)
+        if shown and "%(default)" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="mmrnn-train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    epilog = "fusion modes:\n" + "\n".join(f"  {k:<11} {v}" for k, v in FUSION_HELP.items())
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=epilog,
+                                formatter_class=_HelpFormatter)
     p.add_argument("--data", help="your data: .jsonl or .csv with text, label, image_index (default: the built-in task)")
     p.add_argument("--features", help="your image features: .npy [num_images, F] (with --data)")
-    p.add_argument("--fusion", choices=FUSIONS, default="add")
-    p.add_argument("--embed", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--bidirectional", action="store_true")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--epochs", type=int, default=None, help="at most this many epochs (default 60, --quick 30)")
-    p.add_argument("--patience", type=int, default=None, help="early stopping: epochs without validation gain (default 8, --quick 5)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimisation steps (0: no limit)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="auto", help="mmrnn_ext backend: auto, cpp, triton, reference")
+    p.add_argument("--fusion", choices=FUSIONS, default="add", help="how the image enters the model (below)")
+    p.add_argument("--embed", type=_cli.positive_int, default=32, help="token embedding size")
+    p.add_argument("--hidden", type=_cli.positive_int, default=64, help="recurrent hidden size")
+    p.add_argument("--layers", type=_cli.positive_int, default=1, help="recurrent layers")
+    p.add_argument("--bidirectional", action="store_true", help="a bidirectional recurrence")
+    p.add_argument("--dropout", type=_cli.probability, default=0.0, help="dropout between layers and before the head")
+    p.add_argument("--epochs", type=_cli.positive_int, default=None, help="at most this many epochs (default 60, --quick 30)")
+    p.add_argument("--patience", type=_cli.positive_int, default=None,
+                   help="early stopping: epochs without validation gain (default 8, --quick 5)")
+    p.add_argument("--batch-size", type=_cli.positive_int, default=128, help="examples per optimisation step")
+    p.add_argument("--lr", type=_cli.positive_float, default=3e-3, help="Adam learning rate")
+    p.add_argument("--max-steps", type=_cli.non_negative_int, default=0,
+                   help="stop after this many optimisation steps (0: no limit)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the split and the initialisation (default 0; --eval: the checkpoint's)")
+    p.add_argument("--seeds", metavar="LIST", help="comma-separated seeds: train every variant once per seed and "
+                   "report mean and minimum (JSON: test_accuracy is the mean)")
+    p.add_argument("--backend", default="auto", choices=["auto", "cpp", "triton", "reference"], help="mmrnn_ext backend")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--quick", action="store_true", help="fewer epochs: under 3 minutes on a 2-core CPU")
+    p.add_argument("--quick", action="store_true", help="fewer epochs: a few minutes on a 2-core CPU")
     p.add_argument("--ablate", action="store_true", help="also train text-only, image-only and every fusion mode")
-    p.add_argument("--explain", type=int, default=0, metavar="N", help="attribution PNGs for N test examples")
-    p.add_argument("--eval", metavar="CHECKPOINT", help="evaluate a saved checkpoint on the test split")
+    p.add_argument("--explain", type=_cli.non_negative_int, default=0, metavar="N",
+                   help="attribution PNGs for N test examples (needs captum)")
+    p.add_argument("--eval", metavar="CHECKPOINT", help="evaluate a saved checkpoint on the test split it was tested on")
     p.add_argument("--out", default="runs/mmrnn-train", help="folder for the checkpoint and plots")
     p.add_argument("--json", metavar="PATH", help="write all metrics, keyed by variant")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.seeds is not None:
+        try:
+            args.seeds = [int(x) for x in args.seeds.split(",")]
+        except ValueError:
+            p.error(f"argument --seeds: expected comma-separated integers, got {args.seeds!r}")
+        if len(set(args.seeds)) != len(args.seeds):
+            p.error(f"argument --seeds: a seed is repeated in {args.seeds}")
+        if args.seed is not None:
+            p.error("argument --seeds: not with --seed")
+    if (args.data is None) != (args.features is None):
+        p.error("--data and --features go together: records (.jsonl/.csv) and their image features (.npy)")
+    if args.eval:
+        for flag in ("seeds", "explain", "ablate"):
+            if getattr(args, flag):
+                p.error(f"--eval: not with --{flag} (evaluation reuses the checkpoint's model, seed and split)")
+    return args
 
 
-def _load_data(args, vocab=None, labels=None, image_dim=None):
+def _check_environment(args):
+    """Everything a run needs, checked before it loads data or trains."""
+    needs = {"numpy": "data and metrics", "sklearn": "the built-in task and the metrics"}
+    if not args.eval:
+        needs["matplotlib"] = "the loss curves and confusion plots"
+    if args.explain:
+        needs["captum"] = "--explain"
+    _cli.require(PROG, needs, "train")
+    device = _cli.device(PROG, args.device)
+    if args.eval and not os.path.isfile(args.eval):
+        raise SystemExit(f"{PROG}: --eval {args.eval}: no such file")
+    for flag in ("data", "features"):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            raise SystemExit(f"{PROG}: --{flag} {path}: no such file")
+    _cli.writable_file(PROG, "--json", args.json)
+    if not args.eval:
+        _cli.writable_folder(PROG, "--out", args.out)
+    return device
+
+
+def _load_data(args, seed):
+    from . import data as data_mod
+
     if args.data:
-        if not args.features:
-            raise SystemExit("--data needs --features (a .npy of image feature vectors)")
-        ds = data_mod.load_user_data(args.data, args.features, args.seed, vocab=vocab, labels=labels)
-        encoder = None
+        return data_mod.load_user_data(args.data, args.features, seed), None
+    return data_mod.digits_task(seed), "digits"
+
+
+def _load_eval_data(args, path, config, vocab, labels, source):
+    """The checkpoint's test split, rebuilt from its record of the data; refuses when the data given
+    are not the data it was trained and tested on."""
+    from . import data as data_mod
+
+    where = f"--eval {path}"
+    if source["kind"] == "digits":
+        if args.data:
+            raise SystemExit(f"{PROG}: {where}: the model was trained on the built-in task; drop --data/--features")
+        ds = data_mod.digits_task(source["seed"])
+        for split in (ds.train, ds.val, ds.test):
+            split.tokens, split.lengths = data_mod.encode(split.texts, vocab)
+        ds.vocab = vocab
     else:
-        ds = data_mod.digits_task(args.seed)
-        if vocab is not None:  # a checkpoint's vocabulary: re-encode with it
-            for split in (ds.train, ds.val, ds.test):
-                split.tokens, split.lengths = data_mod.encode(split.texts, vocab)
-            ds.vocab = vocab
-        encoder = "digits"
-    if image_dim is not None and ds.image_dim != image_dim:
-        raise SystemExit(f"--features: the checkpoint was trained on {image_dim}-wide image features, "
-                         f"these are {ds.image_dim} wide")
-    return ds, encoder
+        if not args.data:
+            raise SystemExit(f"{PROG}: {where}: the model was trained on your data ({source['data']} with "
+                             f"{source['features']}); pass them with --data and --features")
+        for flag, key in (("data", "data_sha256"), ("features", "features_sha256")):
+            if data_mod.file_digest(getattr(args, flag)) != source[key]:
+                raise SystemExit(f"{PROG}: {where}: --{flag} {getattr(args, flag)} is not the file the model was "
+                                 f"trained and tested on ({source[flag]}: its sha256 differs)")
+        ds = data_mod.load_user_data(args.data, args.features, source["seed"], vocab=vocab, labels=labels)
+    if ds.image_dim != config["image_dim"]:
+        raise SystemExit(f"{PROG}: {where}: the model takes {config['image_dim']}-wide image features, the data give "
+                         f"{ds.image_dim}")
+    if data_mod.split_digest(ds.test) != source["test_digest"]:
+        raise SystemExit(f"{PROG}: {where}: the rebuilt test split differs from the one the model was tested on "
+                         "(a different mmrnn_ext version splits differently): not evaluated")
+    return ds
 
 
 def _report(name, metrics, labels):
@@ -335,56 +456,100 @@ def _report(name, metrics, labels):
     return "\n".join(lines)
 
 
+def _evaluate_checkpoint(args, device, rank):
+    from .data import DataError
+
+    try:
+        model, config, vocab, labels, source = load_checkpoint(args.eval, device)
+        if args.seed is not None and args.seed != source["seed"]:
+            raise SystemExit(f"{PROG}: --seed {args.seed}: the checkpoint was trained and tested with seed "
+                             f"{source['seed']}; --eval uses its split (drop --seed)")
+        ds = _load_eval_data(args, args.eval, config, vocab, labels, source)
+    except (ValueError, DataError) as exc:
+        raise SystemExit(f"{PROG}: {exc}") from None
+    metrics = evaluate(model, ds.test, device)
+    _log(rank, _report(config["fusion"], metrics, labels))
+    return {config["fusion"]: {"test_accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+                               "confusion_matrix": metrics["confusion_matrix"], "seed": source["seed"]}}
+
+
+def _train_variants(args, device, rank, world, seed, suffix_seed):
+    """Train every requested variant on one seed's split -> ({variant: metrics}, dataset, main model)."""
+    ds, encoder = _load_data(args, seed)
+    for note in ds.notes:
+        _log(rank, f"note: {note}")
+    epochs = args.epochs or (30 if args.quick else 60)
+    patience = args.patience or (5 if args.quick else 8)
+    results, main_model = {}, None
+    for fusion in (ABLATION if args.ablate else (args.fusion,)):
+        config = {"vocab_size": len(ds.vocab), "num_classes": len(ds.labels), "image_dim": ds.image_dim,
+                  "embed_dim": args.embed, "hidden_size": args.hidden, "num_layers": args.layers,
+                  "bidirectional": args.bidirectional, "dropout": args.dropout, "fusion": fusion,
+                  "cell": "rnn", "image_encoder": encoder, "backend": args.backend, "seed": seed, "lr": args.lr,
+                  "batch_size": args.batch_size, "epochs": epochs, "patience": patience}
+        start = time.time()
+        model, history, _ = train(ds, config, args, device, rank, world)
+        metrics = evaluate(model, ds.test, device)
+        seconds = time.time() - start
+        _log(rank, _report(fusion, metrics, ds.labels) + f"\n  (seed {seed}, {len(history)} epochs, {seconds:.1f} s)")
+        results[fusion] = {"test_accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+                           "confusion_matrix": metrics["confusion_matrix"], "epochs": len(history),
+                           "seconds": seconds, "seed": seed, "history": history}
+        if rank == 0:
+            suffix = ("" if fusion == args.fusion else f"_{fusion}") + (f"_seed{seed}" if suffix_seed else "")
+            save_checkpoint(os.path.join(args.out, f"model{suffix}.pt"), model, config, ds)
+            plot_curves(history, os.path.join(args.out, f"curves{suffix}.png"), f"mmrnn-train, fusion {fusion}, seed {seed}")
+            plot_confusion(metrics["confusion_matrix"], ds.labels, os.path.join(args.out, f"confusion{suffix}.png"),
+                           f"test confusion matrix, fusion {fusion}")
+        if fusion == args.fusion:
+            main_model = model
+    return results, ds, main_model
+
+
+def _over_seeds(per_seed: dict) -> dict:
+    """{seed: {variant: metrics}} -> {variant: mean and minimum over seeds, and each seed's metrics}."""
+    out = {}
+    for variant in next(iter(per_seed.values())):
+        runs = {s: r[variant] for s, r in per_seed.items()}
+        acc = [r["test_accuracy"] for r in runs.values()]
+        f1 = [r["macro_f1"] for r in runs.values()]
+        out[variant] = {"test_accuracy": sum(acc) / len(acc), "test_accuracy_min": min(acc),
+                        "macro_f1": sum(f1) / len(f1), "macro_f1_min": min(f1),
+                        "epochs": sum(r["epochs"] for r in runs.values()) / len(acc),
+                        "seconds": sum(r["seconds"] for r in runs.values()) / len(acc),
+                        "seeds": {str(s): {k: v for k, v in r.items() if k != "history"} for s, r in runs.items()}}
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _check_environment(args)
     rank, world = _dist_setup(device)
-    os.makedirs(args.out, exist_ok=True)
-    results = {}
     if args.eval:
-        try:
-            model, config, vocab, labels = load_checkpoint(args.eval, device)
-        except ValueError as exc:
-            print(f"mmrnn-train: {exc}", file=sys.stderr)
-            return 2
-        ds, _ = _load_data(args, vocab=vocab, labels=labels, image_dim=config["image_dim"])
-        metrics = evaluate(model, ds.test, device)
-        _log(rank, _report(config["fusion"], metrics, labels))
-        results[config["fusion"]] = {"test_accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
-                                     "confusion_matrix": metrics["confusion_matrix"]}
+        results = _evaluate_checkpoint(args, device, rank)
     else:
-        ds, encoder = _load_data(args)
-        epochs = args.epochs or (30 if args.quick else 60)
-        patience = args.patience or (5 if args.quick else 8)
-        variants = ABLATION if args.ablate else (args.fusion,)
-        for fusion in variants:
-            config = {"vocab_size": len(ds.vocab), "num_classes": len(ds.labels), "image_dim": ds.image_dim,
-                      "embed_dim": args.embed, "hidden_size": args.hidden, "num_layers": args.layers,
-                      "bidirectional": args.bidirectional, "dropout": args.dropout, "fusion": fusion,
-                      "image_encoder": encoder, "backend": args.backend, "seed": args.seed, "lr": args.lr,
-                      "batch_size": args.batch_size, "epochs": epochs, "patience": patience}
-            start = time.time()
-            model, history, _ = train(ds, config, args, device, rank, world)
-            metrics = evaluate(model, ds.test, device)
-            _log(rank, _report(fusion, metrics, ds.labels) + f"\n  ({len(history)} epochs, {time.time() - start:.1f} s)")
-            results[fusion] = {"test_accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
-                               "confusion_matrix": metrics["confusion_matrix"], "epochs": len(history),
-                               "seconds": time.time() - start, "history": history}
-            if rank == 0:
-                suffix = "" if fusion == args.fusion else f"_{fusion}"
-                save_checkpoint(os.path.join(args.out, f"model{suffix}.pt"), model, config, ds)
-                plot_curves(history, os.path.join(args.out, f"curves{suffix}.png"), f"mmrnn-train, fusion {fusion}")
-                plot_confusion(metrics["confusion_matrix"], ds.labels, os.path.join(args.out, f"confusion{suffix}.png"),
-                               f"test confusion matrix, fusion {fusion}")
-            if fusion == args.fusion:
-                main_model = model
-        if args.ablate:
-            _log(rank, "\nablation (test split):\n  variant      accuracy  macro-F1")
+        from .data import DataError
+
+        seeds = args.seeds or [0 if args.seed is None else args.seed]
+        per_seed = {}
+        try:
+            for seed in seeds:
+                per_seed[seed], ds, main_model = _train_variants(args, device, rank, world, seed, len(seeds) > 1)
+        except DataError as exc:
+            raise SystemExit(f"{PROG}: {exc}") from None
+        results = per_seed[seeds[0]] if len(seeds) == 1 else _over_seeds(per_seed)
+        if args.ablate or len(seeds) > 1:
+            label = "mean (min)" if len(seeds) > 1 else ""
+            _log(rank, f"\nsummary (test split{', seeds ' + ','.join(map(str, seeds)) if len(seeds) > 1 else ''}):"
+                 f"\n  variant      accuracy {label}  macro-F1 {label}")
             for name, r in results.items():
-                _log(rank, f"  {name:<12} {r['test_accuracy']:.4f}    {r['macro_f1']:.4f}")
+                mins = (f" ({r['test_accuracy_min']:.4f})", f" ({r['macro_f1_min']:.4f})") if len(seeds) > 1 else ("", "")
+                _log(rank, f"  {name:<12} {r['test_accuracy']:.4f}{mins[0]}    {r['macro_f1']:.4f}{mins[1]}")
         if args.explain and rank == 0:
+            import numpy as np
+
             n = min(args.explain, len(ds.test))
-            picks = np.random.default_rng(args.seed).choice(len(ds.test), size=n, replace=False)
+            picks = np.random.default_rng(seeds[-1]).choice(len(ds.test), size=n, replace=False)
             expl = explain(main_model, ds.test, ds.vocab, ds.labels, [int(k) for k in picks], args.out, device)
             for e in expl:
                 _log(rank, f"explain #{e['index']}: {e['text']!r} label {e['label']} predicted {e['prediction']}; "
