@@ -7,7 +7,9 @@ and <!-- cpu-gru-table:... --> for the gated cells) from bench/results/cpu.json,
 cpu_gru.json: the machine, the table (mmrnn-bench --markdown), the GEMM rates, the recurrence-vs-torch.mm
 figures and the plot.
 The training results (between <!-- train-table:start/end -->) from
-bench/results/train_quick_ablate.json and its log (bash bench/train_ablation.sh).
+bench/results/train_quick_ablate.json and its log (bash bench/train_ablation.sh), and the gap sweep
+(between <!-- gap-table:start/end -->) from bench/results/gap_sweep_quick.json and its log
+(bash bench/gap_sweep.sh).
 The GPU section (between <!-- gpu-table:start/end -->) from bench/results/gpu_h100_*.json, the
 files bench/gpu_check.sh wrote on a lent H100 (tables by bench/gpu_summary.py)."""
 import glob
@@ -22,6 +24,7 @@ from mmrnn_ext.bench import markdown_table  # noqa: E402
 
 START, END = "<!-- cpu-table:start -->", "<!-- cpu-table:end -->"
 TRAIN_START, TRAIN_END = "<!-- train-table:start -->", "<!-- train-table:end -->"
+GAP_START, GAP_END = "<!-- gap-table:start -->", "<!-- gap-table:end -->"
 GPU_START, GPU_END = "<!-- gpu-table:start -->", "<!-- gpu-table:end -->"
 GATED = {cell: (f"<!-- cpu-{cell}-table:start -->", f"<!-- cpu-{cell}-table:end -->") for cell in ("lstm", "gru")}
 GPU_PREFIX = "gpu_h100_"
@@ -138,7 +141,7 @@ def section(result: dict, json_rel: str, png_rel: str) -> str:
 
 def train_section(result: dict, json_rel: str, machine: str) -> str:
     seeds = sorted(next(iter(result.values())).get("seeds", {}), key=int)
-    lines = [f"Measured with `bash bench/train_ablation.sh` (`mmrnn-train --quick --ablate --seeds {','.join(seeds)} "
+    lines = [f"Measured with `bash bench/train_ablation.sh` (`mmrnn-train --quick --ablate --cell rnn --seeds {','.join(seeds)} "
              f"--explain 3 --json {json_rel}`) on {machine}: the built-in task's test split, each variant trained "
              f"once per seed (seed = split and initialisation), mean and minimum over the {len(seeds)} seeds "
              "(targets: `add` >= 0.95, text-only and image-only <= 0.65):", "",
@@ -147,6 +150,67 @@ def train_section(result: dict, json_rel: str, machine: str) -> str:
     for name, r in result.items():
         lines.append(f"| {name} | {r['test_accuracy']:.4f} ({r['test_accuracy_min']:.4f}) | {r['macro_f1']:.4f} "
                      f"({r['macro_f1_min']:.4f}) | {r['epochs']:.1f} | {r['seconds']:.1f} |")
+    stem = os.path.splitext(json_rel)[0]
+    others = {}
+    for cell in ("lstm", "gru"):
+        path = os.path.join(ROOT, f"{stem}_{cell}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                others[cell] = json.load(f)
+    if others:
+        lines += ["", f"The same ablation with `--cell {'|'.join(others)}` (same seeds and budget; "
+                  + ", ".join(f"`{stem}_{c}.json`" for c in others) + "): test accuracy, mean (min):", "",
+                  "| variant | rnn | " + " | ".join(others) + " |", "| --- | --- |" + " --- |" * len(others)]
+        for name, r in result.items():
+            lines.append(f"| {name} | {r['test_accuracy']:.4f} ({r['test_accuracy_min']:.4f}) | " + " | ".join(
+                f"{o[name]['test_accuracy']:.4f} ({o[name]['test_accuracy_min']:.4f})" for o in others.values()) + " |")
+    return "\n".join(lines)
+
+
+def gap_section(result: dict, json_rel: str, log_rel: str) -> str:
+    with open(os.path.join(ROOT, log_rel)) as f:
+        log = f.read().splitlines()
+    machine = log[0].removeprefix("machine: ").strip()
+    wall = next((int(line.split(":")[1]) for line in log if line.startswith("wall seconds:")), None)
+    gaps = sorted(next(iter(result.values())), key=int)
+    lines = [f"Measured with `bash bench/gap_sweep.sh` (`mmrnn-train --quick --sweep-gaps {','.join(gaps)} --cells "
+             f"rnn,lstm,gru --ablate --json {json_rel} --plot {os.path.splitext(json_rel)[0]}.png`; log: `{log_rel}`) "
+             f"on {machine}, seed 0, fusion `add` for the cells, the baselines on the tanh RNN"
+             + (f"; the whole sweep took {wall / 60:.1f} min" if wall else "") + ". Test accuracy (targets: gap 0 "
+             ">= 0.95 for every cell, gap 100 >= 0.90 for LSTM and GRU, baselines <= 0.65; chance 0.50):", "",
+             "| | " + " | ".join(f"gap {g}" for g in gaps) + " |", "| --- |" + " --- |" * len(gaps)]
+    for key, per_gap in result.items():
+        lines.append(f"| {key} | " + " | ".join(f"{per_gap[g]['test_accuracy']:.4f}" for g in gaps) + " |")
+    lines += ["", "Gap reached by the curriculum / epochs / seconds per run:", "",
+              "| | " + " | ".join(f"gap {g}" for g in gaps) + " |", "| --- |" + " --- |" * len(gaps)]
+    for key, per_gap in result.items():
+        lines.append(f"| {key} | " + " | ".join(
+            f"{per_gap[g]['curriculum_reached']} / {per_gap[g]['epochs']} / {per_gap[g]['seconds']:.0f}" for g in gaps) + " |")
+    lines += ["", f"![test accuracy against gap]({os.path.splitext(json_rel)[0]}.png)"]
+    stem = os.path.splitext(json_rel)[0]
+    seeds_path = os.path.join(ROOT, stem + "_seeds.json")
+    if os.path.exists(seeds_path):
+        with open(seeds_path) as f:
+            seeded = json.load(f)
+        names = sorted(next(iter(next(iter(seeded.values())).values()))["seeds"], key=int)
+        gaps_s = sorted(next(iter(seeded.values())), key=int)
+        lines += ["", f"Across seeds ({', '.join(names)}; `{stem}_seeds.json`, [plot]({stem}_seeds.png)): test "
+                  "accuracy, mean (minimum):", "",
+                  "| | " + " | ".join(f"gap {g}" for g in gaps_s) + " |", "| --- |" + " --- |" * len(gaps_s)]
+        for key, per_gap in seeded.items():
+            lines.append(f"| {key} | " + " | ".join(
+                f"{per_gap[g]['test_accuracy']:.4f} ({per_gap[g]['test_accuracy_min']:.4f})" for g in gaps_s) + " |")
+    plain_path = os.path.join(ROOT, stem + "_nocurriculum.json")
+    if os.path.exists(plain_path):
+        with open(plain_path) as f:
+            plain = json.load(f)
+        gaps_p = sorted(next(iter(plain.values())), key=int)
+        lines += ["", f"Without the curriculum (`--no-curriculum`: the target gap from the first epoch; "
+                  f"`{stem}_nocurriculum.json`, seed 0): test accuracy / epochs:", "",
+                  "| | " + " | ".join(f"gap {g}" for g in gaps_p) + " |", "| --- |" + " --- |" * len(gaps_p)]
+        for key, per_gap in plain.items():
+            lines.append(f"| {key} | " + " | ".join(
+                f"{per_gap[g]['test_accuracy']:.4f} / {per_gap[g]['epochs']}" for g in gaps_p) + " |")
     return "\n".join(lines)
 
 
@@ -200,6 +264,12 @@ def main():
         with open(os.path.splitext(train_path)[0] + ".txt") as f:
             machine = f.readline().removeprefix("machine: ").strip()  # bench/train_ablation.sh writes it first
         text = _replace(text, TRAIN_START, TRAIN_END, train_section(trained, os.path.relpath(train_path, ROOT), machine))
+    gap_path = os.path.join(ROOT, "bench", "results", "gap_sweep_quick.json")
+    if os.path.exists(gap_path):
+        with open(gap_path) as f:
+            swept = json.load(f)
+        rel = os.path.relpath(gap_path, ROOT)
+        text = _replace(text, GAP_START, GAP_END, gap_section(swept, rel, os.path.splitext(rel)[0] + ".txt"))
     gpu = gpu_section()
     if gpu:
         text = _replace(text, GPU_START, GPU_END, gpu)

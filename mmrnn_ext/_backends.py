@@ -108,22 +108,31 @@ def _triton_status() -> tuple[bool, str]:
         return True, "TRITON_INTERPRET=1: the Triton kernels run on CPU tensors through the interpreter (slow; for testing)"
     if not torch.cuda.is_available():
         return False, "no CUDA device is visible to torch (set TRITON_INTERPRET=1 to run the kernels on CPU tensors for testing)"
-    return True, ("rnn only (LSTM and GRU on CUDA run the 'reference' backend until their Triton kernels land); "
-                  "CUDA tensors; float32 (TF32 dots only where torch allows TF32), bfloat16, float16")
+    return True, ("CUDA tensors; float32 (TF32 dots only where torch allows TF32), bfloat16, float16. "
+                  + _GATED_ON_CUDA)
 
 
-_CELLS_OF = {"cpp": CELLS, "triton": ("rnn",), "reference": CELLS}
+# The LSTM and GRU Triton kernels are verified under Triton's interpreter only: until the GPU check
+# (bench/gpu_check.sh) has passed on a GPU, "auto" keeps those cells on the reference backend on CUDA.
+_GATED_ON_CUDA = ("rnn: persistent / cooperative / step forms, picked by backend='auto'. lstm, gru: step and "
+                  "cooperative forms, verified under Triton's interpreter but not yet on a GPU, so they run only "
+                  "when asked for (backend='triton'); backend='auto' runs LSTM and GRU on CUDA with 'reference'")
+_CELLS_OF = {"cpp": CELLS, "triton": CELLS, "reference": CELLS}
+_AUTO_CELLS_OF = {"cpp": CELLS, "triton": ("rnn",), "reference": CELLS}
 
 
 def backends() -> dict:
-    """{name: {"available": bool, "cells": tuple, "detail": str}} for "cpp", "triton" and "reference":
+    """{name: {"available": bool, "cells": tuple, "auto_cells": tuple, "detail": str}} for "cpp", "triton" and
+    "reference" (cells: what backend=name runs; auto_cells: what backend="auto" gives it):
     what runs here, for which cells, and, for what does not, why not and what provides it."""
     cpp_mod, cpp_why = _cpp()
     tri_ok, tri_why = _triton_status()
     return {
-        "cpp": {"available": cpp_mod is not None, "cells": _CELLS_OF["cpp"], "detail": cpp_why},
-        "triton": {"available": tri_ok, "cells": _CELLS_OF["triton"], "detail": tri_why},
-        "reference": {"available": True, "cells": _CELLS_OF["reference"],
+        "cpp": {"available": cpp_mod is not None, "cells": _CELLS_OF["cpp"], "auto_cells": _AUTO_CELLS_OF["cpp"],
+                "detail": cpp_why},
+        "triton": {"available": tri_ok, "cells": _CELLS_OF["triton"], "auto_cells": _AUTO_CELLS_OF["triton"],
+                   "detail": tri_why},
+        "reference": {"available": True, "cells": _CELLS_OF["reference"], "auto_cells": _AUTO_CELLS_OF["reference"],
                       "detail": "plain PyTorch step loop, any device and dtype (low precision computed in float32)"},
     }
 
@@ -160,7 +169,9 @@ def _cpp_backend() -> Backend:
 def _triton_backend() -> Backend:
     mod, _ = _kernels()
     devices = ("cuda", "cpu") if _triton_interpret() else ("cuda",)
-    return Backend("triton", {"rnn": CellImpl(mod.rnn_forward, mod.rnn_backward)},
+    return Backend("triton", {"rnn": CellImpl(mod.rnn_forward, mod.rnn_backward),
+                              "lstm": CellImpl(mod.lstm_forward, mod.lstm_backward),
+                              "gru": CellImpl(mod.gru_forward, mod.gru_backward)},
                    (torch.float32, torch.bfloat16, torch.float16), devices)
 
 
@@ -182,7 +193,7 @@ def select(backend: str, device: torch.device, dtype: torch.dtype, cell: str = "
     if backend == "auto":
         preferred = ("triton",) if device.type == "cuda" else ("cpp",)
         for name in preferred:
-            if status[name]["available"] and cell in _CELLS_OF[name]:
+            if status[name]["available"] and cell in _AUTO_CELLS_OF[name]:
                 candidate = _cpp_backend() if name == "cpp" else _triton_backend()
                 if dtype in candidate.dtypes and device.type in candidate.devices:
                     return candidate

@@ -1,15 +1,18 @@
-"""mmrnn-train: train and evaluate a multimodal (text + image) classifier on mmrnn_ext.RNN.
+"""mmrnn-train: train and evaluate a multimodal (text + image) classifier on mmrnn_ext.RNN, LSTM or GRU.
 
     mmrnn-train --quick                      the built-in digits-and-statements task, fusion "add"
+    mmrnn-train --quick --cell lstm --gap 100    the same with 100 filler words after the negation
     mmrnn-train --quick --ablate --json m.json   + text-only / image-only baselines and every fusion mode
+    mmrnn-train --quick --sweep-gaps 0,25,50,100,200 --cells rnn,lstm,gru --json s.json --plot s.png
     mmrnn-train --data my.jsonl --features feats.npy   your own data (see mmrnn_ext.data)
-    mmrnn-train --eval runs/mmrnn-train/model.pt       reload a checkpoint and evaluate it
+    mmrnn-train --eval runs/mmrnn-train/model.pt       evaluate a checkpoint on its own test split
     mmrnn-train --quick --explain 4          Integrated Gradients: a PNG per test example
 
-Writes under --out (default runs/mmrnn-train): model.pt (weights, vocabulary, labels and config;
-loaded with torch.load(weights_only=True), so a checkpoint is data, never code), curves.png,
-confusion.png, explain_*.png. Metrics come from scikit-learn. Launched by torchrun (WORLD_SIZE > 1)
-it trains with DistributedDataParallel, each process on its share of every batch.
+Writes under --out (default runs/mmrnn-train): model.pt (weights, vocabulary, labels, config and
+the data's record, sealed with a content digest; loaded with torch.load(weights_only=True), so a
+checkpoint is data, never code), curves.png, confusion.png, explain_*.png. Metrics come from
+scikit-learn. Launched by torchrun (WORLD_SIZE > 1) it trains with DistributedDataParallel, each
+process on its share of every batch.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _cli
-from .models import FUSION_HELP, FUSIONS, MultimodalClassifier
+from .models import CELLS, FUSION_HELP, FUSIONS, MultimodalClassifier
 
 # numpy, scikit-learn, matplotlib (the "train" extra) and captum (--explain) are imported where they
 # are used, after main() has checked that they are installed: --help works with the core install.
@@ -32,6 +35,11 @@ from .models import FUSION_HELP, FUSIONS, MultimodalClassifier
 CHECKPOINT_FORMAT = "mmrnn-train/2"
 ABLATION = ("add", "concat", "init", "late", "text_only", "image_only")
 PROG = "mmrnn-train"
+DEFAULT_CELL = "rnn"
+CELL_HELP = ("the recurrent cell (default rnn: on the built-in task at gap 0 with --quick it reached 0.9723 mean, "
+             "0.9668 minimum test accuracy over seeds 0-4, the LSTM 0.8849 mean with one seed of five stopped early "
+             "at chance; the LSTM and GRU keep the negation across long gaps where the tanh RNN fails: README, "
+             "'Long gaps')")
 
 
 # --- distributed (torchrun) ----------------------------------------------------------------------
@@ -88,9 +96,23 @@ def evaluate(model, split, device, batch_size=1024) -> dict:
             "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist()}
 
 
-def train(dataset, config: dict, args, device, rank=0, world=1, progress=True, log_every=None):
+CURRICULUM_ADVANCE = 0.9  # validation accuracy on a stage's gap that moves training to the next stage
+
+
+def curriculum_gaps(gap: int) -> list:
+    """The stages before the target gap: 0, gap/8, gap/4, gap/2 (distinct, below gap)."""
+    return sorted({g for g in (0, gap // 8, gap // 4, gap // 2) if g < gap}) if gap > 0 else []
+
+
+def train(dataset, config: dict, args, device, rank=0, world=1, progress=True, log_every=None, stages=()):
     """-> (model, history, steps) with the best validation weights restored. history: per epoch
-    train loss/accuracy and validation accuracy; steps: every optimisation step's training loss."""
+    train loss/accuracy, the gap trained on and validation accuracy; steps: every optimisation
+    step's training loss.
+
+    stages: a curriculum, [(gap, Dataset)] before `dataset` (the same examples with shorter gaps):
+    training starts on the first and moves to the next once its validation accuracy reaches
+    CURRICULUM_ADVANCE. The weights kept are always the best on `dataset`'s own validation split;
+    early stopping counts only epochs on `dataset` itself."""
     torch.manual_seed(config["seed"])
     model = build_model(config)
     if model.encoder is not None:
@@ -101,7 +123,8 @@ def train(dataset, config: dict, args, device, rank=0, world=1, progress=True, l
         net = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.Adam(model.parameters(), lr=config["lr"])
     gen = torch.Generator().manual_seed(config["seed"])
-    tr = dataset.train
+    stages = list(stages) + [(config.get("gap", 0), dataset)]
+    stage = 0
     history, steps = [], []
     best, best_state, stale = -1.0, None, 0
     bar = None
@@ -113,6 +136,8 @@ def train(dataset, config: dict, args, device, rank=0, world=1, progress=True, l
         except ImportError:
             bar = None
     for epoch in range(config["epochs"]):
+        gap, current = stages[stage]
+        tr = current.train
         net.train()
         total, correct, seen = 0.0, 0, 0
         for idx in _batches(len(tr), config["batch_size"], gen, rank, world):
@@ -129,16 +154,20 @@ def train(dataset, config: dict, args, device, rank=0, world=1, progress=True, l
             correct += int((logits.argmax(-1) == y).sum())
             seen += len(idx)
         val = evaluate(model, dataset.val, device)
-        history.append({"epoch": epoch + 1, "train_loss": total / max(1, seen), "train_accuracy": correct / max(1, seen),
-                        "val_loss": val["loss"], "val_accuracy": val["accuracy"]})
+        history.append({"epoch": epoch + 1, "gap": gap, "train_loss": total / max(1, seen),
+                        "train_accuracy": correct / max(1, seen), "val_loss": val["loss"], "val_accuracy": val["accuracy"]})
+        at_target = stage == len(stages) - 1
+        if not at_target:
+            history[-1]["stage_val_accuracy"] = evaluate(model, current.val, device)["accuracy"]
+            stage += history[-1]["stage_val_accuracy"] >= CURRICULUM_ADVANCE
         if bar is not None:
             bar.set_postfix(loss=f"{total / max(1, seen):.3f}", acc=f"{correct / max(1, seen):.3f}",
-                            val=f"{val['accuracy']:.3f}")
+                            val=f"{val['accuracy']:.3f}", gap=gap)
             bar.update(1)
         if val["accuracy"] > best:
             best, stale = val["accuracy"], 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
+        elif at_target:
             stale += 1
         if stale >= config["patience"] or (args.max_steps and len(steps) >= args.max_steps):
             break
@@ -294,15 +323,24 @@ def explain(model, split, vocab, labels, indices, out_dir, device, pixels=True) 
         results.append({"index": int(k), "text": split.texts[k], "label": labels[int(split.labels[k])],
                         "prediction": labels[pred], "token_attributions": dict(zip(range(L), tok_attr.tolist())),
                         "words": words, "modality_share": share})
-        fig, (ax_t, ax_i) = plt.subplots(1, 2, figsize=(10, 3), gridspec_kw={"width_ratios": [3, 1]})
+        # long texts (a long --gap) wrap onto as many lines as they need, in a smaller font
+        n_lines = max(1, int(np.ceil(sum(len(w) + 2 for w in words) / 75)))
+        font = 13 if n_lines == 1 else 9
+        fig, (ax_t, ax_i) = plt.subplots(1, 2, figsize=(10, max(3.0, 1.2 + 0.32 * n_lines)),
+                                         gridspec_kw={"width_ratios": [3, 1]})
         scale = max(1e-12, np.abs(tok_attr).max())
-        x = 0.02
+        renderer = fig.canvas.get_renderer()
+        x, y = 0.02, 0.5 if n_lines == 1 else 0.97
+        line_height = 0.94 / n_lines if n_lines > 1 else 0
         for w, a in zip(words, tok_attr):
             color = plt.cm.RdBu(0.5 + 0.5 * a / scale)
-            t = ax_t.text(x, 0.5, w, fontsize=13, va="center", bbox=dict(facecolor=color, edgecolor="none", pad=3))
-            fig.canvas.draw()
-            bb = t.get_window_extent().transformed(ax_t.transAxes.inverted())
-            x = bb.x1 + 0.02
+            t = ax_t.text(x, y, w, fontsize=font, va="center", bbox=dict(facecolor=color, edgecolor="none", pad=2))
+            bb = t.get_window_extent(renderer=renderer).transformed(ax_t.transAxes.inverted())
+            if bb.x1 > 1.0 and x > 0.02:  # wrap: move the word to the next line
+                x, y = 0.02, y - line_height
+                t.set_position((x, y))
+                bb = t.get_window_extent(renderer=renderer).transformed(ax_t.transAxes.inverted())
+            x = bb.x1 + 0.015
         ax_t.axis("off")
         ax_t.set_title(f"label {labels[int(split.labels[k])]}, predicted {labels[pred]}; "
                        f"text {100 * share['text']:.0f}% / image {100 * share['image']:.0f}% of |attribution| "
@@ -344,6 +382,16 @@ def parse_args(argv=None):
     p.add_argument("--data", help="your data: .jsonl or .csv with text, label, image_index (default: the built-in task)")
     p.add_argument("--features", help="your image features: .npy [num_images, F] (with --data)")
     p.add_argument("--fusion", choices=FUSIONS, default="add", help="how the image enters the model (below)")
+    p.add_argument("--cell", choices=list(CELLS), default=DEFAULT_CELL, help=CELL_HELP)
+    p.add_argument("--gap", type=_cli.non_negative_int, default=0,
+                   help="the built-in task with N filler words between the negation and the rest of each statement")
+    p.add_argument("--no-curriculum", action="store_true",
+                   help="with --gap N: train on gap N from the start (default: gaps 0, N/8, N/4, N/2, then N, each "
+                   f"until validation accuracy reaches {CURRICULUM_ADVANCE})")
+    p.add_argument("--sweep-gaps", metavar="LIST", help="comma-separated gaps: train every --cells cell at each "
+                   "(same budget and seed); --json keyed by cell and gap, --plot accuracy against gap")
+    p.add_argument("--cells", metavar="LIST", help="with --sweep-gaps: comma-separated cells (default rnn,lstm,gru)")
+    p.add_argument("--plot", metavar="PATH.png", help="with --sweep-gaps: test accuracy against gap, a line per cell")
     p.add_argument("--embed", type=_cli.positive_int, default=32, help="token embedding size")
     p.add_argument("--hidden", type=_cli.positive_int, default=64, help="recurrent hidden size")
     p.add_argument("--layers", type=_cli.positive_int, default=1, help="recurrent layers")
@@ -370,13 +418,26 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/mmrnn-train", help="folder for the checkpoint and plots")
     p.add_argument("--json", metavar="PATH", help="write all metrics, keyed by variant")
     args = p.parse_args(argv)
+    args.sweep_gaps = _int_list(p, "--sweep-gaps", args.sweep_gaps, minimum=0)
+    if args.cells is not None:
+        args.cells = args.cells.split(",")
+        unknown = [c for c in args.cells if c not in CELLS]
+        if unknown or len(set(args.cells)) != len(args.cells):
+            p.error(f"argument --cells: expected distinct cells among {list(CELLS)}, got {','.join(args.cells)!r}")
+        if args.sweep_gaps is None:
+            p.error("argument --cells: only with --sweep-gaps (one run takes --cell)")
+    if args.plot and args.sweep_gaps is None:
+        p.error("argument --plot: only with --sweep-gaps")
+    if args.sweep_gaps is not None:
+        for flag in ("eval", "explain", "data"):
+            if getattr(args, flag):
+                p.error(f"argument --sweep-gaps: not with --{flag}")
+        if args.gap:
+            p.error("argument --sweep-gaps: not with --gap")
+    if args.data and args.gap:
+        p.error("argument --gap: the built-in task's knob; not with --data")
+    args.seeds = _int_list(p, "--seeds", args.seeds, minimum=0)
     if args.seeds is not None:
-        try:
-            args.seeds = [int(x) for x in args.seeds.split(",")]
-        except ValueError:
-            p.error(f"argument --seeds: expected comma-separated integers, got {args.seeds!r}")
-        if len(set(args.seeds)) != len(args.seeds):
-            p.error(f"argument --seeds: a seed is repeated in {args.seeds}")
         if args.seed is not None:
             p.error("argument --seeds: not with --seed")
     if (args.data is None) != (args.features is None):
@@ -386,6 +447,18 @@ def parse_args(argv=None):
             if getattr(args, flag):
                 p.error(f"--eval: not with --{flag} (evaluation reuses the checkpoint's model, seed and split)")
     return args
+
+
+def _int_list(p, flag, text, minimum):
+    if text is None:
+        return None
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        p.error(f"argument {flag}: expected comma-separated integers, got {text!r}")
+    if any(v < minimum for v in values) or len(set(values)) != len(values):
+        p.error(f"argument {flag}: expected distinct integers >= {minimum}, got {text!r}")
+    return values
 
 
 def _check_environment(args):
@@ -404,17 +477,33 @@ def _check_environment(args):
         if path and not os.path.isfile(path):
             raise SystemExit(f"{PROG}: --{flag} {path}: no such file")
     _cli.writable_file(PROG, "--json", args.json)
+    _cli.writable_file(PROG, "--plot", args.plot)
     if not args.eval:
         _cli.writable_folder(PROG, "--out", args.out)
     return device
 
 
-def _load_data(args, seed):
+def _load_data(args, seed, gap=0):
     from . import data as data_mod
 
     if args.data:
         return data_mod.load_user_data(args.data, args.features, seed), None
-    return data_mod.digits_task(seed), "digits"
+    return data_mod.digits_task(seed, gap), "digits"
+
+
+def _curriculum(args, ds, seed, gap):
+    """[(gap, Dataset)] for the stages before `gap` (the same examples, encoded with ds's vocabulary)."""
+    from . import data as data_mod
+
+    if args.data or args.no_curriculum:
+        return []
+    stages = []
+    for g in curriculum_gaps(gap):
+        stage = data_mod.digits_task(seed, g)
+        for split in (stage.train, stage.val):
+            split.tokens, split.lengths = data_mod.encode(split.texts, ds.vocab)
+        stages.append((g, stage))
+    return stages
 
 
 def _load_eval_data(args, path, config, vocab, labels, source):
@@ -426,7 +515,7 @@ def _load_eval_data(args, path, config, vocab, labels, source):
     if source["kind"] == "digits":
         if args.data:
             raise SystemExit(f"{PROG}: {where}: the model was trained on the built-in task; drop --data/--features")
-        ds = data_mod.digits_task(source["seed"])
+        ds = data_mod.digits_task(source["seed"], source["gap"])
         for split in (ds.train, ds.val, ds.test):
             split.tokens, split.lengths = data_mod.encode(split.texts, vocab)
         ds.vocab = vocab
@@ -468,42 +557,112 @@ def _evaluate_checkpoint(args, device, rank):
     except (ValueError, DataError) as exc:
         raise SystemExit(f"{PROG}: {exc}") from None
     metrics = evaluate(model, ds.test, device)
-    _log(rank, _report(config["fusion"], metrics, labels))
+    gap = source.get("gap", 0)
+    _log(rank, _report(f"{config['fusion']}, {config['cell']}" + (f", gap {gap}" if gap else ""), metrics, labels))
     return {config["fusion"]: {"test_accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
-                               "confusion_matrix": metrics["confusion_matrix"], "seed": source["seed"]}}
+                               "confusion_matrix": metrics["confusion_matrix"], "seed": source["seed"],
+                               "cell": config["cell"], "gap": gap}}
 
 
-def _train_variants(args, device, rank, world, seed, suffix_seed):
+def _train_variants(args, device, rank, world, seed, suffix_seed, cell=None, gap=None, variants=None, out_suffix=""):
     """Train every requested variant on one seed's split -> ({variant: metrics}, dataset, main model)."""
-    ds, encoder = _load_data(args, seed)
+    cell = cell or args.cell
+    gap = args.gap if gap is None else gap
+    ds, encoder = _load_data(args, seed, gap)
     for note in ds.notes:
         _log(rank, f"note: {note}")
+    stages = _curriculum(args, ds, seed, gap)
     epochs = args.epochs or (30 if args.quick else 60)
     patience = args.patience or (5 if args.quick else 8)
     results, main_model = {}, None
-    for fusion in (ABLATION if args.ablate else (args.fusion,)):
+    for fusion in variants or (ABLATION if args.ablate else (args.fusion,)):
         config = {"vocab_size": len(ds.vocab), "num_classes": len(ds.labels), "image_dim": ds.image_dim,
                   "embed_dim": args.embed, "hidden_size": args.hidden, "num_layers": args.layers,
-                  "bidirectional": args.bidirectional, "dropout": args.dropout, "fusion": fusion,
-                  "cell": "rnn", "image_encoder": encoder, "backend": args.backend, "seed": seed, "lr": args.lr,
-                  "batch_size": args.batch_size, "epochs": epochs, "patience": patience}
+                  "bidirectional": args.bidirectional, "dropout": args.dropout, "fusion": fusion, "cell": cell,
+                  "gap": gap, "image_encoder": encoder, "backend": args.backend,
+                  "seed": seed, "lr": args.lr, "batch_size": args.batch_size, "epochs": epochs, "patience": patience}
+        # the baselines cannot learn the interaction a curriculum stage waits for: no curriculum
+        config["curriculum"] = [] if fusion in ("text_only", "image_only") else [g for g, _ in stages]
         start = time.time()
-        model, history, _ = train(ds, config, args, device, rank, world)
+        model, history, _ = train(ds, config, args, device, rank, world,
+                                  stages=[st for st in stages if st[0] in config["curriculum"]])
         metrics = evaluate(model, ds.test, device)
         seconds = time.time() - start
-        _log(rank, _report(fusion, metrics, ds.labels) + f"\n  (seed {seed}, {len(history)} epochs, {seconds:.1f} s)")
+        reached = max(h["gap"] for h in history)
+        _log(rank, _report(f"{fusion}, {cell}" + (f", gap {gap}" if gap else ""), metrics, ds.labels)
+             + f"\n  (seed {seed}, {len(history)} epochs, {seconds:.1f} s"
+             + (f"; curriculum {config['curriculum']} -> {gap}, reached {reached}" if config["curriculum"] else "") + ")")
         results[fusion] = {"test_accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
                            "confusion_matrix": metrics["confusion_matrix"], "epochs": len(history),
-                           "seconds": seconds, "seed": seed, "history": history}
+                           "seconds": seconds, "seed": seed, "cell": cell, "gap": gap,
+                           "curriculum_reached": reached, "history": history}
         if rank == 0:
-            suffix = ("" if fusion == args.fusion else f"_{fusion}") + (f"_seed{seed}" if suffix_seed else "")
+            suffix = ("" if fusion == args.fusion else f"_{fusion}") + out_suffix + (f"_seed{seed}" if suffix_seed else "")
             save_checkpoint(os.path.join(args.out, f"model{suffix}.pt"), model, config, ds)
-            plot_curves(history, os.path.join(args.out, f"curves{suffix}.png"), f"mmrnn-train, fusion {fusion}, seed {seed}")
+            title = f"fusion {fusion}, {cell}" + (f", gap {gap}" if gap else "")
+            plot_curves(history, os.path.join(args.out, f"curves{suffix}.png"), f"mmrnn-train, {title}, seed {seed}")
             plot_confusion(metrics["confusion_matrix"], ds.labels, os.path.join(args.out, f"confusion{suffix}.png"),
-                           f"test confusion matrix, fusion {fusion}")
+                           f"test confusion matrix, {title}")
         if fusion == args.fusion:
             main_model = model
     return results, ds, main_model
+
+
+def sweep(args, device, rank, world) -> dict:
+    """--sweep-gaps: every cell at every gap, same budget and seed -> {cell: {gap: metrics}}; with
+    --ablate also the text-only and image-only baselines at every gap (on --cell). With --seeds,
+    each (cell, gap) is trained once per seed: test_accuracy and macro_f1 are the means, with their
+    minimum and every seed's metrics beside them."""
+    seeds = args.seeds or [0 if args.seed is None else args.seed]
+    cells = args.cells or list(CELLS)
+    runs = [(cell, cell, args.fusion) for cell in cells]
+    if args.ablate:
+        runs += [(name, args.cell, name) for name in ("text_only", "image_only")]
+    result = {}
+    for key, cell, fusion in runs:
+        result[key] = {}
+        for gap in args.sweep_gaps:
+            per_seed = {}
+            for seed in seeds:
+                r, _, _ = _train_variants(args, device, rank, world, seed, len(seeds) > 1, cell=cell, gap=gap,
+                                          variants=(fusion,), out_suffix=f"_{key}_gap{gap}")
+                per_seed[seed] = {fusion: {k: v for k, v in r[fusion].items() if k != "history"} | {"fusion": fusion}}
+            result[key][str(gap)] = (per_seed[seeds[0]][fusion] if len(seeds) == 1
+                                     else _over_seeds(per_seed)[fusion] | {"cell": cell, "gap": gap, "fusion": fusion})
+    which = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean (min) over seeds {','.join(map(str, seeds))}"
+    _log(rank, f"\nsweep (test accuracy, {which}; fusion {args.fusion} for the cells):")
+    _log(rank, "  " + f"{'gap':<12}" + "".join(f"{g:>17}" for g in args.sweep_gaps))
+    for key, per_gap in result.items():
+        cells_text = [f"{m['test_accuracy']:.4f}" + (f" ({m['test_accuracy_min']:.4f})" if len(seeds) > 1 else "")
+                      for m in (per_gap[str(g)] for g in args.sweep_gaps)]
+        _log(rank, "  " + f"{key:<12}" + "".join(f"{c:>17}" for c in cells_text))
+    return result
+
+
+def plot_sweep(result: dict, path: str, title: str, chance: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for key, per_gap in result.items():
+        gaps = sorted(per_gap, key=int)
+        style = "--" if key in ("text_only", "image_only") else "-"
+        line, = ax.plot([int(g) for g in gaps], [per_gap[g]["test_accuracy"] for g in gaps], style, marker="o",
+                        label=key + (" (mean; dots: seeds)" if "seeds" in per_gap[gaps[0]] else ""))
+        for g in gaps:  # with --seeds: each seed's accuracy as a dot around the mean
+            for r in per_gap[g].get("seeds", {}).values():
+                ax.plot(int(g), r["test_accuracy"], ".", color=line.get_color(), alpha=0.5)
+    ax.axhline(chance, color="gray", linestyle=":", label=f"chance ({chance:.2f})")
+    ax.set_xlabel("gap (filler words between the negation and the rest of the statement)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _over_seeds(per_seed: dict) -> dict:
@@ -527,6 +686,12 @@ def main(argv=None) -> int:
     rank, world = _dist_setup(device)
     if args.eval:
         results = _evaluate_checkpoint(args, device, rank)
+    elif args.sweep_gaps is not None:
+        results = sweep(args, device, rank, world)
+        if args.plot and rank == 0:
+            plot_sweep(results, args.plot, f"mmrnn-train --quick, fusion {args.fusion}: accuracy against gap"
+                       if args.quick else f"fusion {args.fusion}: accuracy against gap", chance=0.5)
+            _log(rank, f"wrote {args.plot}")
     else:
         from .data import DataError
 

@@ -149,13 +149,13 @@ def test_op_bad_input(case):
         (lstm_recurrence if cell == "lstm" else gru_recurrence)(**kwargs)
 
 
-def test_triton_backend_names_what_it_lacks():
-    """The Triton kernels cover the RNN only: asking for them for LSTM/GRU is an error naming the
-    alternatives; backends() says so per cell."""
+def test_backends_say_which_cells_auto_gives_triton():
+    """The LSTM/GRU Triton kernels run when asked for; "auto" keeps those cells off them on CUDA until
+    they have passed the GPU check, and backends() says so per cell."""
     status = mmrnn_ext.backends()
-    assert status["triton"]["cells"] == ("rnn",)
-    assert set(status["cpp"]["cells"]) == set(status["reference"]["cells"]) == {"rnn", "lstm", "gru"}
-    if not status["triton"]["available"]:
-        pytest.skip(f"triton not available: {status['triton']['detail']}")
-    with pytest.raises(RuntimeError, match="no LSTM kernels yet.*'auto' or 'reference'"):
-        mmrnn_ext.LSTM(I, H, backend="triton")(_x())
+    assert set(status["triton"]["cells"]) == {"rnn", "lstm", "gru"} and status["triton"]["auto_cells"] == ("rnn",)
+    assert set(status["cpp"]["auto_cells"]) == set(status["reference"]["cells"]) == {"rnn", "lstm", "gru"}
+    if status["triton"]["available"] and torch.cuda.is_available():
+        assert "not yet on a GPU" in status["triton"]["detail"]
+        x = torch.randn(2, 3, I, device="cuda")
+        assert mmrnn_ext.backend_for(x, "auto", "lstm") == mmrnn_ext.backend_for(x, "auto", "gru") == "reference"

@@ -1,0 +1,551 @@
+"""Triton kernels of the LSTM and GRU recurrences, forward and BPTT, in two of the RNN's forms
+(kernels/rnn.py): the step form (one launch per step, CUDA-graph capturable) and the cooperative
+form (ONE launch for all steps, a grid barrier between them). Each step is one fused pass per
+[block_b, block_n] tile of hidden units: the recurrent dots of all gates of the tile ([B, H] x
+[H, G*H] restricted to the tile's G column blocks) + projected input + image term + gate
+nonlinearities + cell update (LSTM) / reset product with b_hn (GRU) + lengths mask. The dot, the
+tanh, the TF32 policy, the grid barrier, the tile choice and the launch options are the RNN's
+(imported, not copied). The persistent form (W_hh held on chip) is not written for the gated cells
+yet: "auto" picks the cooperative form.
+
+Contracts (time-major, as mmrnn_ext/reference.py's reference backend):
+    lstm_forward(xp [T,B,4H], w_hh [4H,H], h0, c0, image_term, lengths) -> out, c_all [T,B,H], gates [T,B,4H]
+    lstm_backward(grad_out, grad_h_last, grad_c_last, out, c_all, gates, h0, c0, w_hh, lengths) -> dG, dh0, dc0
+    gru_forward(xp [T,B,3H], w_hh [3H,H], b_hn [H] or None, h0, image_term, lengths) -> out, gates [T,B,4H]
+    gru_backward(grad_out, grad_h_last, out, gates, h0, w_hh, lengths) -> dGx [T,B,3H], dhn [T,B,H], dh0
+Activated gates are saved (LSTM: i, f, g, o; GRU: r, z, n, W_hn h + b_hn), zero past each length.
+The carried gradients between steps (LSTM dL/dc, GRU dL/dh through z) stay in float32 buffers.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .rnn import (_MIN_DOT, Config, _check_int32_offsets, _dot, _fp32_dot, _grid, _grid_barrier, _launch_options,
+                  _resident_programs, _tanh, dot_in_fp32, round_tf32)
+
+GATED_FORMS = ("auto", "step", "cooperative")
+
+
+@triton.jit
+def _sigmoid(a):
+    return 1.0 / (1.0 + tl.exp(-a))  # exp overflows to inf for very negative a: 1 / inf = 0
+
+
+@triton.jit
+def _tile(B, H, pid_b, pid_n, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mb, mn = rb < B, rn < H
+    return rb, rn, mb, mn, mb[:, None] & mn[None, :]
+
+
+@triton.jit
+def _gate_dot(src_ptr, ld_src, w_ptr, rb, mb, rn, mn, row0, H, acc, FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+              FORWARD: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One gate block of a recurrent dot, K = H, with W = W_hh ([G*H, H], row-major):
+    FORWARD: acc + src[rb, :] @ W[row0 + rn, :]^T  (the block's rows of W are the outputs);
+    else:    acc + src[rb, :] @ W[row0 : row0 + H, rn]  (BPTT: the block's rows are summed over).
+    src (row stride ld_src) is read through L2 (.cg): another program may have written it in this launch."""
+    for k0 in range(0, H, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mk = rk < H
+        a = tl.load(src_ptr + rb[:, None] * ld_src + rk[None, :], mask=mb[:, None] & mk[None, :], other=0.0,
+                    cache_modifier=".cg")
+        if FORWARD:
+            w = tl.load(w_ptr + (row0 + rn[None, :]) * H + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
+        else:
+            w = tl.load(w_ptr + (row0 + rk[:, None]) * H + rn[None, :], mask=mk[:, None] & mn[None, :], other=0.0)
+        acc = _dot(a, w, acc, FP32_DOT, DOT_FP32)
+    return acc
+
+
+# --- LSTM -----------------------------------------------------------------------------------------
+
+@triton.jit
+def _lstm_fwd_tile(h_prev_ptr, c_prev_ptr, w_ptr, xp_ptr, img_ptr, len_ptr, out_ptr, c_ptr, gates_ptr, t, B, H,
+                   pid_b, pid_n, HAS_IMG: tl.constexpr, HAS_LEN: tl.constexpr, FP32_DOT: tl.constexpr,
+                   DOT_FP32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Step t of the LSTM for one tile of hidden units: the four gates' dots, activations, c and h.
+    xp_ptr, img_ptr (per step), out_ptr, c_ptr and gates_ptr point at step t's slices."""
+    rb, rn, mb, mn, m = _tile(B, H, pid_b, pid_n, BLOCK_B, BLOCK_N)
+    G = 4 * H
+    og = rb[:, None] * G + rn[None, :]
+    oh = rb[:, None] * H + rn[None, :]
+    acc_i = tl.load(xp_ptr + og, mask=m, other=0.0).to(tl.float32)
+    acc_f = tl.load(xp_ptr + og + H, mask=m, other=0.0).to(tl.float32)
+    acc_g = tl.load(xp_ptr + og + 2 * H, mask=m, other=0.0).to(tl.float32)
+    acc_o = tl.load(xp_ptr + og + 3 * H, mask=m, other=0.0).to(tl.float32)
+    if HAS_IMG:
+        acc_i += tl.load(img_ptr + og, mask=m, other=0.0).to(tl.float32)
+        acc_f += tl.load(img_ptr + og + H, mask=m, other=0.0).to(tl.float32)
+        acc_g += tl.load(img_ptr + og + 2 * H, mask=m, other=0.0).to(tl.float32)
+        acc_o += tl.load(img_ptr + og + 3 * H, mask=m, other=0.0).to(tl.float32)
+    c_prev = tl.load(c_prev_ptr + oh, mask=m, other=0.0).to(tl.float32)
+    acc_i = _gate_dot(h_prev_ptr, H, w_ptr, rb, mb, rn, mn, 0, H, acc_i, FP32_DOT, DOT_FP32, True, BLOCK_K)
+    acc_f = _gate_dot(h_prev_ptr, H, w_ptr, rb, mb, rn, mn, H, H, acc_f, FP32_DOT, DOT_FP32, True, BLOCK_K)
+    acc_g = _gate_dot(h_prev_ptr, H, w_ptr, rb, mb, rn, mn, 2 * H, H, acc_g, FP32_DOT, DOT_FP32, True, BLOCK_K)
+    acc_o = _gate_dot(h_prev_ptr, H, w_ptr, rb, mb, rn, mn, 3 * H, H, acc_o, FP32_DOT, DOT_FP32, True, BLOCK_K)
+    i, f, g, o = _sigmoid(acc_i), _sigmoid(acc_f), _tanh(acc_g), _sigmoid(acc_o)
+    c = f * c_prev + i * g
+    h = o * _tanh(c)
+    if HAS_LEN:
+        live = (t < tl.load(len_ptr + rb, mask=mb, other=0))[:, None]
+        h, c = tl.where(live, h, 0.0), tl.where(live, c, 0.0)
+        i, f, g, o = tl.where(live, i, 0.0), tl.where(live, f, 0.0), tl.where(live, g, 0.0), tl.where(live, o, 0.0)
+    ty = out_ptr.dtype.element_ty
+    tl.store(out_ptr + oh, h.to(ty), mask=m)
+    tl.store(c_ptr + oh, c.to(ty), mask=m)
+    tl.store(gates_ptr + og, i.to(ty), mask=m)
+    tl.store(gates_ptr + og + H, f.to(ty), mask=m)
+    tl.store(gates_ptr + og + 2 * H, g.to(ty), mask=m)
+    tl.store(gates_ptr + og + 3 * H, o.to(ty), mask=m)
+
+
+@triton.jit
+def _lstm_bwd_tile(d_next_ptr, w_ptr, gy_ptr, ghl_ptr, gcl_ptr, c_ptr, c_prev_ptr, gates_ptr, len_ptr, gc_ptr,
+                   dst_ptr, dc0_ptr, t, T, B, H, pid_b, pid_n,
+                   HAS_NEXT: tl.constexpr, HAS_LEN: tl.constexpr, FINAL: tl.constexpr,
+                   FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+                   BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One reverse step of the LSTM's BPTT for one tile:
+        gh = dG_{t+1} @ W_hh  (K over 4H),  gc = the float32 carry dL/dc_t (gc_ptr, written at t+1)
+        both replaced by grad_h_last / grad_c_last at each row's last step
+        dh = dY_t + gh;  dc = gc + dh o (1 - tanh(c_t)^2)
+        dG_t = [dc g, dc c_{t-1}, dc i, dh tanh(c_t)] * the gates' derivatives, zero where t >= len
+        carry: gc <- dc f
+    FINAL (t = -1): writes dh0 = gh and dc0 = gc instead (the final gradients for rows of length 0)."""
+    rb, rn, mb, mn, m = _tile(B, H, pid_b, pid_n, BLOCK_B, BLOCK_N)
+    G = 4 * H
+    og = rb[:, None] * G + rn[None, :]
+    oh = rb[:, None] * H + rn[None, :]
+    if HAS_LEN:
+        lens = tl.load(len_ptr + rb, mask=mb, other=0)
+    else:
+        lens = tl.full((BLOCK_B,), T, dtype=tl.int32)
+    enters = (t == lens - 1)[:, None]
+    ghl = tl.load(ghl_ptr + oh, mask=m & enters, other=0.0).to(tl.float32)
+    gcl = tl.load(gcl_ptr + oh, mask=m & enters, other=0.0).to(tl.float32)
+    gc = tl.load(gc_ptr + oh, mask=m, other=0.0)  # float32 carry (zero before the last step)
+    if not FINAL:
+        gy = tl.load(gy_ptr + oh, mask=m, other=0.0).to(tl.float32)
+        c = tl.load(c_ptr + oh, mask=m, other=0.0).to(tl.float32)
+        c_prev = tl.load(c_prev_ptr + oh, mask=m, other=0.0).to(tl.float32)
+        i = tl.load(gates_ptr + og, mask=m, other=0.0).to(tl.float32)
+        f = tl.load(gates_ptr + og + H, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(gates_ptr + og + 2 * H, mask=m, other=0.0).to(tl.float32)
+        o = tl.load(gates_ptr + og + 3 * H, mask=m, other=0.0).to(tl.float32)
+    gh = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    if HAS_NEXT:
+        for q in range(4):
+            gh = _gate_dot(d_next_ptr + q * H, G, w_ptr, rb, mb, rn, mn, q * H, H, gh, FP32_DOT, DOT_FP32, False,
+                           BLOCK_K)
+    gh = tl.where(enters, ghl, gh)
+    gc = tl.where(enters, gcl, gc)
+    if FINAL:
+        tl.store(dst_ptr + oh, gh.to(dst_ptr.dtype.element_ty), mask=m)
+        tl.store(dc0_ptr + oh, gc.to(dc0_ptr.dtype.element_ty), mask=m)
+    else:
+        tc = _tanh(c)
+        dh = gy + gh
+        dc = gc + dh * o * (1.0 - tc * tc)
+        d_i = dc * g * i * (1.0 - i)
+        d_f = dc * c_prev * f * (1.0 - f)
+        d_g = dc * i * (1.0 - g * g)
+        d_o = dh * tc * o * (1.0 - o)
+        if HAS_LEN:
+            live = (t < lens)[:, None]
+            d_i, d_f = tl.where(live, d_i, 0.0), tl.where(live, d_f, 0.0)
+            d_g, d_o = tl.where(live, d_g, 0.0), tl.where(live, d_o, 0.0)
+        ty = dst_ptr.dtype.element_ty
+        tl.store(dst_ptr + og, d_i.to(ty), mask=m)
+        tl.store(dst_ptr + og + H, d_f.to(ty), mask=m)
+        tl.store(dst_ptr + og + 2 * H, d_g.to(ty), mask=m)
+        tl.store(dst_ptr + og + 3 * H, d_o.to(ty), mask=m)
+        tl.store(gc_ptr + oh, dc * f, mask=m)  # f is zero past the length: nothing carries from dead steps
+
+
+@triton.jit(do_not_specialize=["t"])
+def lstm_fwd_step_kernel(h_prev_ptr, c_prev_ptr, w_ptr, xp_ptr, img_ptr, len_ptr, out_ptr, c_ptr, gates_ptr, t, B, H,
+                         HAS_IMG: tl.constexpr, HAS_LEN: tl.constexpr, FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _lstm_fwd_tile(h_prev_ptr, c_prev_ptr, w_ptr, xp_ptr, img_ptr, len_ptr, out_ptr, c_ptr, gates_ptr, t, B, H,
+                   tl.program_id(0), tl.program_id(1), HAS_IMG, HAS_LEN, FP32_DOT, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
+
+
+@triton.jit(do_not_specialize=["t"])
+def lstm_bwd_step_kernel(d_next_ptr, w_ptr, gy_ptr, ghl_ptr, gcl_ptr, c_ptr, c_prev_ptr, gates_ptr, len_ptr, gc_ptr,
+                         dst_ptr, dc0_ptr, t, T, B, H, HAS_NEXT: tl.constexpr, HAS_LEN: tl.constexpr,
+                         FINAL: tl.constexpr, FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _lstm_bwd_tile(d_next_ptr, w_ptr, gy_ptr, ghl_ptr, gcl_ptr, c_ptr, c_prev_ptr, gates_ptr, len_ptr, gc_ptr,
+                   dst_ptr, dc0_ptr, t, T, B, H, tl.program_id(0), tl.program_id(1), HAS_NEXT, HAS_LEN, FINAL,
+                   FP32_DOT, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def lstm_fwd_coop_kernel(xp_ptr, w_ptr, h0_ptr, c0_ptr, img_ptr, len_ptr, out_ptr, c_ptr, gates_ptr, count_ptr,
+                         T, B, H, HAS_IMG: tl.constexpr, IMG_PER_STEP: tl.constexpr, HAS_LEN: tl.constexpr,
+                         FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Cooperative form: ONE launch for all T steps, tiles pid, pid + P, ..., a grid barrier per step."""
+    pid, nprog = tl.program_id(0), tl.num_programs(0)
+    n_tb = tl.cdiv(B, BLOCK_B)
+    n_tiles = n_tb * tl.cdiv(H, BLOCK_N)
+    step, gstep = B * H, B * 4 * H
+    for t in range(T):
+        h_prev, c_prev = out_ptr + (t - 1) * step, c_ptr + (t - 1) * step
+        if t == 0:
+            h_prev, c_prev = h0_ptr, c0_ptr
+        img_t = img_ptr
+        if IMG_PER_STEP:
+            img_t = img_ptr + t * gstep
+        for tile in range(pid, n_tiles, nprog):
+            _lstm_fwd_tile(h_prev, c_prev, w_ptr, xp_ptr + t * gstep, img_t, len_ptr, out_ptr + t * step,
+                           c_ptr + t * step, gates_ptr + t * gstep, t, B, H, tile % n_tb, tile // n_tb,
+                           HAS_IMG, HAS_LEN, FP32_DOT, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
+        _grid_barrier(count_ptr, t + 1)
+
+
+@triton.jit
+def lstm_bwd_coop_kernel(gy_ptr, ghl_ptr, gcl_ptr, c_ptr, c0_ptr, gates_ptr, w_ptr, len_ptr, gc_ptr, dG_ptr, dh0_ptr,
+                         dc0_ptr, count_ptr, T, B, H, HAS_LEN: tl.constexpr, FP32_DOT: tl.constexpr,
+                         DOT_FP32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Cooperative form, backward: all T reverse steps and (dh0, dc0) in one launch."""
+    pid, nprog = tl.program_id(0), tl.num_programs(0)
+    n_tb = tl.cdiv(B, BLOCK_B)
+    n_tiles = n_tb * tl.cdiv(H, BLOCK_N)
+    step, gstep = B * H, B * 4 * H
+    last = T - 1
+    c_prev = c_ptr + (last - 1) * step
+    if last == 0:
+        c_prev = c0_ptr
+    for tile in range(pid, n_tiles, nprog):  # step T - 1: nothing flows in from a later step
+        _lstm_bwd_tile(dG_ptr, w_ptr, gy_ptr + last * step, ghl_ptr, gcl_ptr, c_ptr + last * step, c_prev,
+                       gates_ptr + last * gstep, len_ptr, gc_ptr, dG_ptr + last * gstep, dc0_ptr, last, T, B, H,
+                       tile % n_tb, tile // n_tb, False, HAS_LEN, False, FP32_DOT, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
+    _grid_barrier(count_ptr, 1)
+    for i in range(1, T):
+        t = T - 1 - i
+        c_prev = c_ptr + (t - 1) * step
+        if t == 0:
+            c_prev = c0_ptr
+        for tile in range(pid, n_tiles, nprog):
+            _lstm_bwd_tile(dG_ptr + (t + 1) * gstep, w_ptr, gy_ptr + t * step, ghl_ptr, gcl_ptr, c_ptr + t * step,
+                           c_prev, gates_ptr + t * gstep, len_ptr, gc_ptr, dG_ptr + t * gstep, dc0_ptr, t, T, B, H,
+                           tile % n_tb, tile // n_tb, True, HAS_LEN, False, FP32_DOT, DOT_FP32,
+                           BLOCK_B, BLOCK_N, BLOCK_K)
+        _grid_barrier(count_ptr, i + 1)
+    for tile in range(pid, n_tiles, nprog):  # dh0 = dG_0 @ W_hh, dc0 = the carry (final gradients for length 0)
+        _lstm_bwd_tile(dG_ptr, w_ptr, gy_ptr, ghl_ptr, gcl_ptr, c_ptr, c0_ptr, gates_ptr, len_ptr, gc_ptr,
+                       dh0_ptr, dc0_ptr, -1, T, B, H, tile % n_tb, tile // n_tb, True, HAS_LEN, True,
+                       FP32_DOT, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
+
+
+# --- GRU ------------------------------------------------------------------------------------------
+
+@triton.jit
+def _gru_fwd_tile(h_prev_ptr, w_ptr, bhn_ptr, xp_ptr, img_ptr, len_ptr, out_ptr, gates_ptr, t, B, H, pid_b, pid_n,
+                  HAS_IMG: tl.constexpr, HAS_BHN: tl.constexpr, HAS_LEN: tl.constexpr, FP32_DOT: tl.constexpr,
+                  DOT_FP32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Step t of the GRU for one tile: r, z from (x + W h), n = tanh(x_n + r (W_hn h + b_hn)),
+    h = n + z (h_{t-1} - n). Saves r, z, n and W_hn h + b_hn."""
+    rb, rn, mb, mn, m = _tile(B, H, pid_b, pid_n, BLOCK_B, BLOCK_N)
+    G = 3 * H
+    ox = rb[:, None] * G + rn[None, :]
+    oh = rb[:, None] * H + rn[None, :]
+    og = rb[:, None] * 4 * H + rn[None, :]
+    x_r = tl.load(xp_ptr + ox, mask=m, other=0.0).to(tl.float32)
+    x_z = tl.load(xp_ptr + ox + H, mask=m, other=0.0).to(tl.float32)
+    x_n = tl.load(xp_ptr + ox + 2 * H, mask=m, other=0.0).to(tl.float32)
+    if HAS_IMG:
+        x_r += tl.load(img_ptr + ox, mask=m, other=0.0).to(tl.float32)
+        x_z += tl.load(img_ptr + ox + H, mask=m, other=0.0).to(tl.float32)
+        x_n += tl.load(img_ptr + ox + 2 * H, mask=m, other=0.0).to(tl.float32)
+    hn = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    if HAS_BHN:
+        hn += tl.load(bhn_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+    h_prev = tl.load(h_prev_ptr + oh, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
+    x_r = _gate_dot(h_prev_ptr, H, w_ptr, rb, mb, rn, mn, 0, H, x_r, FP32_DOT, DOT_FP32, True, BLOCK_K)
+    x_z = _gate_dot(h_prev_ptr, H, w_ptr, rb, mb, rn, mn, H, H, x_z, FP32_DOT, DOT_FP32, True, BLOCK_K)
+    hn = _gate_dot(h_prev_ptr, H, w_ptr, rb, mb, rn, mn, 2 * H, H, hn, FP32_DOT, DOT_FP32, True, BLOCK_K)
+    r, z = _sigmoid(x_r), _sigmoid(x_z)
+    n = _tanh(x_n + r * hn)
+    h = n + z * (h_prev - n)
+    if HAS_LEN:
+        live = (t < tl.load(len_ptr + rb, mask=mb, other=0))[:, None]
+        h, r, z = tl.where(live, h, 0.0), tl.where(live, r, 0.0), tl.where(live, z, 0.0)
+        n, hn = tl.where(live, n, 0.0), tl.where(live, hn, 0.0)
+    ty = out_ptr.dtype.element_ty
+    tl.store(out_ptr + oh, h.to(ty), mask=m)
+    tl.store(gates_ptr + og, r.to(ty), mask=m)
+    tl.store(gates_ptr + og + H, z.to(ty), mask=m)
+    tl.store(gates_ptr + og + 2 * H, n.to(ty), mask=m)
+    tl.store(gates_ptr + og + 3 * H, hn.to(ty), mask=m)
+
+
+@triton.jit
+def _gru_bwd_tile(dx_next_ptr, dhn_next_ptr, w_ptr, gy_ptr, ghl_ptr, h_prev_ptr, gates_ptr, len_ptr, carry_ptr,
+                  dx_ptr, dhn_ptr, t, T, B, H, pid_b, pid_n, HAS_NEXT: tl.constexpr, HAS_LEN: tl.constexpr,
+                  FINAL: tl.constexpr, FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One reverse step of the GRU's BPTT for one tile:
+        gh = [dGx_r, dGx_z, dhn]_{t+1} @ W_hh (K over 3H) + the float32 carry dh_{t+1} z_{t+1}
+        replaced by grad_h_last at each row's last step; dh = dY_t + gh
+        dn = dh (1 - z)(1 - n^2);  dz = dh (h_{t-1} - n) z (1 - z);  dr = dn hn r (1 - r);  dhn = dn r
+        zero where t >= len; carry <- dh z
+    FINAL (t = -1): writes dh0 = gh to dx_ptr instead."""
+    rb, rn, mb, mn, m = _tile(B, H, pid_b, pid_n, BLOCK_B, BLOCK_N)
+    G = 3 * H
+    ox = rb[:, None] * G + rn[None, :]
+    oh = rb[:, None] * H + rn[None, :]
+    og = rb[:, None] * 4 * H + rn[None, :]
+    if HAS_LEN:
+        lens = tl.load(len_ptr + rb, mask=mb, other=0)
+    else:
+        lens = tl.full((BLOCK_B,), T, dtype=tl.int32)
+    enters = (t == lens - 1)[:, None]
+    ghl = tl.load(ghl_ptr + oh, mask=m & enters, other=0.0).to(tl.float32)
+    gh = tl.load(carry_ptr + oh, mask=m, other=0.0)  # float32 dh_{t+1} z_{t+1} (zero before the last step)
+    if not FINAL:
+        gy = tl.load(gy_ptr + oh, mask=m, other=0.0).to(tl.float32)
+        h_prev = tl.load(h_prev_ptr + oh, mask=m, other=0.0).to(tl.float32)
+        r = tl.load(gates_ptr + og, mask=m, other=0.0).to(tl.float32)
+        z = tl.load(gates_ptr + og + H, mask=m, other=0.0).to(tl.float32)
+        n = tl.load(gates_ptr + og + 2 * H, mask=m, other=0.0).to(tl.float32)
+        hn = tl.load(gates_ptr + og + 3 * H, mask=m, other=0.0).to(tl.float32)
+    if HAS_NEXT:
+        gh = _gate_dot(dx_next_ptr, G, w_ptr, rb, mb, rn, mn, 0, H, gh, FP32_DOT, DOT_FP32, False, BLOCK_K)
+        gh = _gate_dot(dx_next_ptr + H, G, w_ptr, rb, mb, rn, mn, H, H, gh, FP32_DOT, DOT_FP32, False, BLOCK_K)
+        gh = _gate_dot(dhn_next_ptr, H, w_ptr, rb, mb, rn, mn, 2 * H, H, gh, FP32_DOT, DOT_FP32, False, BLOCK_K)
+    gh = tl.where(enters, ghl, gh)
+    if FINAL:
+        tl.store(dx_ptr + oh, gh.to(dx_ptr.dtype.element_ty), mask=m)
+    else:
+        dh = gy + gh
+        dn = dh * (1.0 - z) * (1.0 - n * n)
+        dz = dh * (h_prev - n) * z * (1.0 - z)
+        dr = dn * hn * r * (1.0 - r)
+        d_hn = dn * r
+        if HAS_LEN:
+            live = (t < lens)[:, None]
+            dn, dz, dr, d_hn = tl.where(live, dn, 0.0), tl.where(live, dz, 0.0), tl.where(live, dr, 0.0), tl.where(live, d_hn, 0.0)
+        ty = dx_ptr.dtype.element_ty
+        tl.store(dx_ptr + ox, dr.to(ty), mask=m)
+        tl.store(dx_ptr + ox + H, dz.to(ty), mask=m)
+        tl.store(dx_ptr + ox + 2 * H, dn.to(ty), mask=m)
+        tl.store(dhn_ptr + oh, d_hn.to(ty), mask=m)
+        tl.store(carry_ptr + oh, dh * z, mask=m)  # z is zero past the length
+
+
+@triton.jit(do_not_specialize=["t"])
+def gru_fwd_step_kernel(h_prev_ptr, w_ptr, bhn_ptr, xp_ptr, img_ptr, len_ptr, out_ptr, gates_ptr, t, B, H,
+                        HAS_IMG: tl.constexpr, HAS_BHN: tl.constexpr, HAS_LEN: tl.constexpr, FP32_DOT: tl.constexpr,
+                        DOT_FP32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _gru_fwd_tile(h_prev_ptr, w_ptr, bhn_ptr, xp_ptr, img_ptr, len_ptr, out_ptr, gates_ptr, t, B, H,
+                  tl.program_id(0), tl.program_id(1), HAS_IMG, HAS_BHN, HAS_LEN, FP32_DOT, DOT_FP32,
+                  BLOCK_B, BLOCK_N, BLOCK_K)
+
+
+@triton.jit(do_not_specialize=["t"])
+def gru_bwd_step_kernel(dx_next_ptr, dhn_next_ptr, w_ptr, gy_ptr, ghl_ptr, h_prev_ptr, gates_ptr, len_ptr, carry_ptr,
+                        dx_ptr, dhn_ptr, t, T, B, H, HAS_NEXT: tl.constexpr, HAS_LEN: tl.constexpr,
+                        FINAL: tl.constexpr, FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _gru_bwd_tile(dx_next_ptr, dhn_next_ptr, w_ptr, gy_ptr, ghl_ptr, h_prev_ptr, gates_ptr, len_ptr, carry_ptr,
+                  dx_ptr, dhn_ptr, t, T, B, H, tl.program_id(0), tl.program_id(1), HAS_NEXT, HAS_LEN, FINAL,
+                  FP32_DOT, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def gru_fwd_coop_kernel(xp_ptr, w_ptr, bhn_ptr, h0_ptr, img_ptr, len_ptr, out_ptr, gates_ptr, count_ptr, T, B, H,
+                        HAS_IMG: tl.constexpr, IMG_PER_STEP: tl.constexpr, HAS_BHN: tl.constexpr,
+                        HAS_LEN: tl.constexpr, FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid, nprog = tl.program_id(0), tl.num_programs(0)
+    n_tb = tl.cdiv(B, BLOCK_B)
+    n_tiles = n_tb * tl.cdiv(H, BLOCK_N)
+    step, xstep = B * H, B * 3 * H
+    for t in range(T):
+        h_prev = out_ptr + (t - 1) * step
+        if t == 0:
+            h_prev = h0_ptr
+        img_t = img_ptr
+        if IMG_PER_STEP:
+            img_t = img_ptr + t * xstep
+        for tile in range(pid, n_tiles, nprog):
+            _gru_fwd_tile(h_prev, w_ptr, bhn_ptr, xp_ptr + t * xstep, img_t, len_ptr, out_ptr + t * step,
+                          gates_ptr + t * 4 * step, t, B, H, tile % n_tb, tile // n_tb, HAS_IMG, HAS_BHN, HAS_LEN,
+                          FP32_DOT, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
+        _grid_barrier(count_ptr, t + 1)
+
+
+@triton.jit
+def gru_bwd_coop_kernel(gy_ptr, ghl_ptr, out_ptr, h0_ptr, gates_ptr, w_ptr, len_ptr, carry_ptr, dx_ptr, dhn_ptr,
+                        dh0_ptr, count_ptr, T, B, H, HAS_LEN: tl.constexpr, FP32_DOT: tl.constexpr,
+                        DOT_FP32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid, nprog = tl.program_id(0), tl.num_programs(0)
+    n_tb = tl.cdiv(B, BLOCK_B)
+    n_tiles = n_tb * tl.cdiv(H, BLOCK_N)
+    step, xstep = B * H, B * 3 * H
+    last = T - 1
+    h_prev = out_ptr + (last - 1) * step
+    if last == 0:
+        h_prev = h0_ptr
+    for tile in range(pid, n_tiles, nprog):
+        _gru_bwd_tile(dx_ptr, dhn_ptr, w_ptr, gy_ptr + last * step, ghl_ptr, h_prev, gates_ptr + last * 4 * step,
+                      len_ptr, carry_ptr, dx_ptr + last * xstep, dhn_ptr + last * step, last, T, B, H,
+                      tile % n_tb, tile // n_tb, False, HAS_LEN, False, FP32_DOT, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
+    _grid_barrier(count_ptr, 1)
+    for i in range(1, T):
+        t = T - 1 - i
+        h_prev = out_ptr + (t - 1) * step
+        if t == 0:
+            h_prev = h0_ptr
+        for tile in range(pid, n_tiles, nprog):
+            _gru_bwd_tile(dx_ptr + (t + 1) * xstep, dhn_ptr + (t + 1) * step, w_ptr, gy_ptr + t * step, ghl_ptr,
+                          h_prev, gates_ptr + t * 4 * step, len_ptr, carry_ptr, dx_ptr + t * xstep,
+                          dhn_ptr + t * step, t, T, B, H, tile % n_tb, tile // n_tb, True, HAS_LEN, False,
+                          FP32_DOT, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
+        _grid_barrier(count_ptr, i + 1)
+    for tile in range(pid, n_tiles, nprog):  # dh0
+        _gru_bwd_tile(dx_ptr, dhn_ptr, w_ptr, gy_ptr, ghl_ptr, h0_ptr, gates_ptr, len_ptr, carry_ptr, dh0_ptr,
+                      dhn_ptr, -1, T, B, H, tile % n_tb, tile // n_tb, True, HAS_LEN, True,
+                      FP32_DOT, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
+
+
+# --- launchers ------------------------------------------------------------------------------------
+
+def choose_gated_form(form: str | None = None) -> str:
+    """auto -> cooperative (ONE launch); step on request. MMRNN_TRITON_FORM applies as for the RNN,
+    except "persistent", which the gated cells do not have yet: a clear error, not a silent fallback."""
+    import os
+
+    form = form or os.environ.get("MMRNN_TRITON_FORM", "auto")
+    if form == "persistent":
+        raise ValueError("form: the LSTM and GRU Triton kernels have no persistent form yet (step or cooperative; "
+                         "unset MMRNN_TRITON_FORM or set it to step/cooperative)")
+    if form not in GATED_FORMS:
+        raise ValueError(f"form: expected one of {GATED_FORMS} (or MMRNN_TRITON_FORM unset), got {form!r}")
+    return "cooperative" if form == "auto" else form
+
+
+def _plan(x: torch.Tensor, B: int, H: int, form, config, backward: bool, w_hh: torch.Tensor):
+    """(form, config, grid, flags, tile kwargs, W_hh as the dots read it) for a launch on tensors like x."""
+    from .rnn import default_config
+
+    _check_int32_offsets(x)
+    form = choose_gated_form(form)
+    cfg = config or default_config(B, H, x.dtype, x.device, form)
+    fp32_dot = _fp32_dot(x.dtype, x.device.type, cfg, B, H, backward=backward)
+    if fp32_dot == "tf32":
+        w_hh = round_tf32(w_hh)
+    flags = dict(FP32_DOT=fp32_dot, DOT_FP32=dot_in_fp32(x.dtype))
+    blocks = dict(BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+    if form == "cooperative":
+        blocks.update(_launch_options(x.device))
+    return form, _grid(cfg, B, H, x.device, form), flags, blocks, w_hh
+
+
+def lstm_forward(xp, w_hh, h0, c0, image_term, lengths, form=None, config=None):
+    """-> (out [T, B, H], c_all [T, B, H], gates [T, B, 4H]); inputs contiguous, one device and dtype."""
+    T, B, G = xp.shape
+    H = G // 4
+    out, c_all, gates = xp.new_empty(T, B, H), xp.new_empty(T, B, H), torch.empty_like(xp)
+    if T == 0 or B == 0:
+        return out, c_all, gates
+    form, grid, flags, blocks, w = _plan(xp, B, H, form, config, False, w_hh)
+    has_img, has_len = image_term is not None, lengths is not None
+    per_step = has_img and image_term.dim() == 3
+    img, lens = (image_term if has_img else xp), (lengths if has_len else xp)  # never read when absent
+    flags.update(HAS_IMG=has_img, HAS_LEN=has_len)
+    if form == "cooperative":
+        count = torch.zeros(1, dtype=torch.int32, device=xp.device)
+        lstm_fwd_coop_kernel[grid](xp, w, h0, c0, img, lens, out, c_all, gates, count, T, B, H,
+                                   IMG_PER_STEP=per_step, **flags, **blocks)
+        return out, c_all, gates
+    for t in range(T):
+        lstm_fwd_step_kernel[grid](h0 if t == 0 else out[t - 1], c0 if t == 0 else c_all[t - 1], w, xp[t],
+                                   img[t] if per_step else img, lens, out[t], c_all[t], gates[t], t, B, H,
+                                   **flags, **blocks)
+    return out, c_all, gates
+
+
+def lstm_backward(grad_out, grad_h_last, grad_c_last, out, c_all, gates, h0, c0, w_hh, lengths, form=None, config=None):
+    """-> (dG [T, B, 4H], dh0 [B, H], dc0 [B, H])."""
+    T, B, H = out.shape
+    dG, dh0, dc0 = torch.empty_like(gates), torch.empty_like(h0), torch.empty_like(c0)
+    if B == 0:
+        return dG, dh0, dc0
+    if T == 0:
+        return dG, grad_h_last.clone(), grad_c_last.clone()
+    form, grid, flags, blocks, w = _plan(out, B, H, form, config, True, w_hh)
+    has_len = lengths is not None
+    lens = lengths if has_len else out
+    flags.update(HAS_LEN=has_len)
+    carry = torch.zeros(B, H, dtype=torch.float32, device=out.device)
+    if form == "cooperative":
+        count = torch.zeros(1, dtype=torch.int32, device=out.device)
+        lstm_bwd_coop_kernel[grid](grad_out, grad_h_last, grad_c_last, c_all, c0, gates, w, lens, carry, dG, dh0, dc0,
+                                   count, T, B, H, **flags, **blocks)
+        return dG, dh0, dc0
+    for t in range(T - 1, -1, -1):
+        lstm_bwd_step_kernel[grid](dG[t + 1] if t + 1 < T else dG[t], w, grad_out[t], grad_h_last, grad_c_last,
+                                   c_all[t], c0 if t == 0 else c_all[t - 1], gates[t], lens, carry, dG[t], dc0, t, T,
+                                   B, H, HAS_NEXT=t + 1 < T, FINAL=False, **flags, **blocks)
+    lstm_bwd_step_kernel[grid](dG[0], w, grad_out[0], grad_h_last, grad_c_last, c_all[0], c0, gates[0], lens, carry,
+                               dh0, dc0, -1, T, B, H, HAS_NEXT=True, FINAL=True, **flags, **blocks)
+    return dG, dh0, dc0
+
+
+def gru_forward(xp, w_hh, b_hn, h0, image_term, lengths, form=None, config=None):
+    """-> (out [T, B, H], gates [T, B, 4H]: r, z, n, W_hn h + b_hn)."""
+    T, B, G = xp.shape
+    H = G // 3
+    out, gates = xp.new_empty(T, B, H), xp.new_empty(T, B, 4 * H)
+    if T == 0 or B == 0:
+        return out, gates
+    form, grid, flags, blocks, w = _plan(xp, B, H, form, config, False, w_hh)
+    has_img, has_len, has_bhn = image_term is not None, lengths is not None, b_hn is not None
+    per_step = has_img and image_term.dim() == 3
+    img, lens, bhn = (image_term if has_img else xp), (lengths if has_len else xp), (b_hn if has_bhn else xp)
+    flags.update(HAS_IMG=has_img, HAS_LEN=has_len, HAS_BHN=has_bhn)
+    if form == "cooperative":
+        count = torch.zeros(1, dtype=torch.int32, device=xp.device)
+        gru_fwd_coop_kernel[grid](xp, w, bhn, h0, img, lens, out, gates, count, T, B, H, IMG_PER_STEP=per_step,
+                                  **flags, **blocks)
+        return out, gates
+    for t in range(T):
+        gru_fwd_step_kernel[grid](h0 if t == 0 else out[t - 1], w, bhn, xp[t], img[t] if per_step else img, lens,
+                                  out[t], gates[t], t, B, H, **flags, **blocks)
+    return out, gates
+
+
+def gru_backward(grad_out, grad_h_last, out, gates, h0, w_hh, lengths, form=None, config=None):
+    """-> (dGx [T, B, 3H], dhn [T, B, H], dh0 [B, H])."""
+    T, B, H = out.shape
+    dx, dhn, dh0 = out.new_empty(T, B, 3 * H), torch.empty_like(out), torch.empty_like(h0)
+    if B == 0:
+        return dx, dhn, dh0
+    if T == 0:
+        return dx, dhn, grad_h_last.clone()
+    form, grid, flags, blocks, w = _plan(out, B, H, form, config, True, w_hh)
+    has_len = lengths is not None
+    lens = lengths if has_len else out
+    flags.update(HAS_LEN=has_len)
+    carry = torch.zeros(B, H, dtype=torch.float32, device=out.device)
+    if form == "cooperative":
+        count = torch.zeros(1, dtype=torch.int32, device=out.device)
+        gru_bwd_coop_kernel[grid](grad_out, grad_h_last, out, h0, gates, w, lens, carry, dx, dhn, dh0, count,
+                                  T, B, H, **flags, **blocks)
+        return dx, dhn, dh0
+    for t in range(T - 1, -1, -1):
+        nxt = t + 1 if t + 1 < T else t
+        gru_bwd_step_kernel[grid](dx[nxt], dhn[nxt], w, grad_out[t], grad_h_last, h0 if t == 0 else out[t - 1],
+                                  gates[t], lens, carry, dx[t], dhn[t], t, T, B, H, HAS_NEXT=t + 1 < T, FINAL=False,
+                                  **flags, **blocks)
+    gru_bwd_step_kernel[grid](dx[0], dhn[0], w, grad_out[0], grad_h_last, h0, gates[0], lens, carry, dh0, dhn[0],
+                              -1, T, B, H, HAS_NEXT=True, FINAL=True, **flags, **blocks)
+    return dx, dhn, dh0

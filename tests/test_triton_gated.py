@@ -1,0 +1,130 @@
+"""The LSTM and GRU Triton kernels (step and cooperative forms, forward and every gradient) against
+the plain-PyTorch definitions. Without CUDA they run on CPU tensors through Triton's interpreter
+(conftest sets TRITON_INTERPRET=1), which is how CI checks them; `gpu` tests run the compiled kernels."""
+import itertools
+import os
+
+import pytest
+import torch
+
+from conftest import require
+from test_gated_ops import compare, make_inputs, outputs_and_grads, run_op, run_ref
+from test_triton import _relative_check
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="interpreter twin of the GPU tests: needs TRITON_INTERPRET=1")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+FORMS = ["step", "cooperative"]
+CELLS = ["lstm", "gru"]
+SIZES = list(itertools.product([1, 3, 17], [1, 4], [16, 48, 80, 7]))
+
+
+@pytest.fixture
+def form(request, monkeypatch):
+    require("triton")
+    monkeypatch.setenv("MMRNN_TRITON_FORM", request.param)
+    return request.param
+
+
+@needs_interpreter
+@pytest.mark.parametrize("form", FORMS, indirect=True)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("B,T,H", SIZES, ids=[f"B{b}-T{t}-H{h}" for b, t, h in SIZES])
+def test_interpreted_sizes(form, cell, B, T, H):
+    compare(cell, "triton", T, B, H, "step", torch.float32, lengths=True)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("form", FORMS, indirect=True)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("image", [None, "static", "step"], ids=["noimg", "static", "step"])
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
+def test_interpreted_image_and_lengths(form, cell, image, lengths):
+    compare(cell, "triton", 4, 3, 20, image, torch.float32, lengths=lengths)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("form", FORMS, indirect=True)
+@pytest.mark.parametrize("cell", CELLS)
+def test_interpreted_noncontiguous(form, cell):
+    compare(cell, "triton", 4, 3, 16, "step", torch.float32, lengths=True, noncontig=True)
+
+
+def against_fp64(cell, T, B, H, image, dtype, rel_tol, device="cpu"):
+    """Forward and every gradient of the Triton op on `dtype` inputs vs the definition evaluated in
+    float64 on the same (rounded) inputs: norm-wise relative error <= rel_tol."""
+    args, lens = make_inputs(cell, T, B, H, image, dtype, lengths=True)
+    args = [None if a is None else a.detach().to(device).requires_grad_() for a in args]
+    lens = lens.to(device)
+    outs, grads = outputs_and_grads(lambda a: run_op(cell, "triton", a, lens), args)
+    wide = [None if a is None else a.detach().double().requires_grad_() for a in args]
+    r_outs, r_grads = outputs_and_grads(lambda a: run_ref(cell, a, lens), wide)
+    check = _relative_check(rel_tol)
+    for k, (got, want) in enumerate(zip(outs + grads, r_outs + r_grads)):
+        assert got.dtype == dtype
+        check(got, want, dtype, f"{cell} {'output' if k < len(outs) else 'gradient'} {k}")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("form", FORMS, indirect=True)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_interpreted_low_precision(form, cell, dtype):
+    """16-bit inputs, float32 accumulation and carries: within 1e-2 of float64."""
+    against_fp64(cell, 4, 17, 48, "static", dtype, 1e-2)
+
+
+@needs_interpreter
+def test_persistent_form_is_refused_for_the_gated_cells(monkeypatch):
+    require("triton")
+    monkeypatch.setenv("MMRNN_TRITON_FORM", "persistent")
+    args, lens = make_inputs("lstm", 2, 3, 16, None, torch.float32)
+    with pytest.raises(ValueError, match="no persistent form yet"):
+        run_op("lstm", "triton", args, lens)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", FORMS, indirect=True)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("T,B,H", [(7, 3, 48), (9, 65, 256), (5, 3, 512)], ids=["T7-B3-H48", "T9-B65-H256", "T5-B3-H512"])
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "fp16"])
+def test_gpu_gated_kernels_match_fp64(form, cell, T, B, H, precision, monkeypatch):
+    """The compiled kernels, forward and every gradient, against float64 at the dtype's tolerance."""
+    dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", precision == "tf32")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", precision == "tf32")
+    against_fp64(cell, T, B, H, "step", dtype, {"fp32": 1e-5, "tf32": 5e-4, "bf16": 1e-2, "fp16": 1e-2}[precision],
+                 device="cuda")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("cell", CELLS)
+def test_interpreted_module_matches_torch(cell):
+    """mmrnn_ext.LSTM / GRU on the Triton kernels vs torch.nn.LSTM / GRU with the same weights:
+    two layers, bidirectional, padded input with lengths; outputs, final states and every gradient."""
+    require("triton")
+    import mmrnn_ext
+
+    torch.manual_seed(0)
+    ours_cls, theirs_cls = (mmrnn_ext.LSTM, torch.nn.LSTM) if cell == "lstm" else (mmrnn_ext.GRU, torch.nn.GRU)
+    ours = ours_cls(5, 16, num_layers=2, bidirectional=True, batch_first=True, backend="triton")
+    theirs = theirs_cls(5, 16, num_layers=2, bidirectional=True, batch_first=True)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    lengths = torch.tensor([4, 1, 3])
+    out, state = ours(x, lengths=lengths)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    ref_packed, ref_state = theirs(packed)
+    ref_out, _ = torch.nn.utils.rnn.pad_packed_sequence(ref_packed, batch_first=True, total_length=4)
+    states = state if cell == "lstm" else (state,)
+    ref_states = ref_state if cell == "lstm" else (ref_state,)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    for a, b in zip(states, ref_states):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    loss = out.square().sum() + sum(s.sum() for s in states)
+    ref_loss = ref_out.square().sum() + sum(s.sum() for s in ref_states)
+    grads = torch.autograd.grad(loss, [x, *ours.parameters()])
+    ref_grads = torch.autograd.grad(ref_loss, [x, *theirs.parameters()])
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
