@@ -727,6 +727,7 @@ def main(argv=None) -> int:
     if world > 1:
         import torch.distributed as dist
 
+        dist.barrier()  # every rank done (rank 0 writes files) before the process group is torn down
         dist.destroy_process_group()
     return 0
 

@@ -196,6 +196,7 @@ def _ddp_worker(rank, world, port, path, backend, cell):
     loss.backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.named_parameters()}, path)
+    dist.barrier()  # both ranks done before either tears gloo down (else a rank can abort mid-teardown)
     dist.destroy_process_group()
 
 
