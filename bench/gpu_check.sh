@@ -12,24 +12,8 @@
 #   bench.png             the speedup plot;   summary.txt   the issue's targets, measured
 # Usage (device tool): bash bench/gpu_check.sh      (about 6 minutes on an H100)
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/results/gpu_run}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-JOBS=${JOBS:-8}
-LOG="$OUT/gpu_check.log"
-: > "$LOG"
-status=0
-step() { echo "== $1 ($(date +%T))" | tee -a "$LOG"; }
-run() {  # run LIMIT_S CMD...: output appended to the log; a failure or timeout marks the check failed
-  local limit=$1; shift
-  timeout "$limit" "$@" >> "$LOG" 2>&1
-  local rc=$?
-  [ $rc -eq 0 ] || { status=1; echo "!! exit $rc: $*" | tee -a "$LOG"; }
-}
-step "device"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$LOG" 2>&1
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version(), torch.cuda.get_device_name())" >> "$LOG" 2>&1
+LOG_NAME=gpu_check.log
+source "$(dirname "$0")/gpu_common.sh"
 step "kernel sweep"
 run 150 python3 -W ignore bench/gpu_sweep.py "$OUT/sweep.json" --jobs "$JOBS"
 grep -E "\[auto\]|FAILED" "$LOG" | tail -n 25

@@ -13,27 +13,11 @@
 #   bench_<cell>_tf32_off.json the same in float32 with TF32 off
 # Usage (device tool): bash bench/gpu_check_gated.sh      (budget: under 9 minutes; unmeasured yet)
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/results/gpu_run}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-JOBS=${JOBS:-8}
-LOG="$OUT/gpu_check_gated.log"
-: > "$LOG"
-status=0
-step() { echo "== $1 ($(date +%T))" | tee -a "$LOG"; }
-run() {  # run LIMIT_S CMD...: output appended to the log; a failure or timeout marks the check failed
-  local limit=$1; shift
-  timeout "$limit" "$@" >> "$LOG" 2>&1
-  local rc=$?
-  [ $rc -eq 0 ] || { status=1; echo "!! exit $rc: $*" | tee -a "$LOG"; }
-}
+LOG_NAME=gpu_check_gated.log
+source "$(dirname "$0")/gpu_common.sh"
 # the RNN's five GPU shapes and FlashRNN's published one (B,T,I,V,H)
 SHAPES=(--shape 16,256,128,256,128 --shape 64,256,256,512,256 --shape 64,256,512,1024,512
         --shape 256,128,1024,2048,1024 --shape 1,1024,64,64,256 --shape 16,1024,768,768,768)
-step "device"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$LOG" 2>&1
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version(), torch.cuda.get_device_name())" >> "$LOG" 2>&1
 step "GPU tests (gated cells)"
 run 150 python3 -m pytest tests/test_triton_gated.py tests/test_cells.py tests/test_gated_bad_input.py -m gpu -q \
   -p no:cacheprovider -rs -n "$JOBS"

@@ -253,8 +253,6 @@ def main():
             continue
         with open(json_path) as f:
             cell_result = json.load(f)
-        if name == "cpu":
-            result = cell_result
         rel = os.path.relpath(json_path, ROOT)
         text = _replace(text, start, end, section(cell_result, rel, os.path.splitext(rel)[0] + ".png"))
     train_path = os.path.join(ROOT, "bench", "results", "train_quick_ablate.json")

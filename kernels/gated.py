@@ -18,12 +18,14 @@ The carried gradients between steps (LSTM dL/dc, GRU dL/dh through z) stay in fl
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from .rnn import (_MIN_DOT, Config, _check_int32_offsets, _dot, _fp32_dot, _grid, _grid_barrier, _launch_options,
-                  _resident_programs, _tanh, dot_in_fp32, round_tf32)
+from .rnn import (_check_int32_offsets, _dot, _fp32_dot, _grid, _grid_barrier, _launch_options, _tanh,
+                  default_config, dot_in_fp32, round_tf32)
 
 GATED_FORMS = ("auto", "step", "cooperative")
 
@@ -420,8 +422,6 @@ def gru_bwd_coop_kernel(gy_ptr, ghl_ptr, out_ptr, h0_ptr, gates_ptr, w_ptr, len_
 def choose_gated_form(form: str | None = None) -> str:
     """auto -> cooperative (ONE launch); step on request. MMRNN_TRITON_FORM applies as for the RNN,
     except "persistent", which the gated cells do not have yet: a clear error, not a silent fallback."""
-    import os
-
     form = form or os.environ.get("MMRNN_TRITON_FORM", "auto")
     if form == "persistent":
         raise ValueError("form: the LSTM and GRU Triton kernels have no persistent form yet (step or cooperative; "
@@ -433,8 +433,6 @@ def choose_gated_form(form: str | None = None) -> str:
 
 def _plan(x: torch.Tensor, B: int, H: int, form, config, backward: bool, w_hh: torch.Tensor):
     """(form, config, grid, flags, tile kwargs, W_hh as the dots read it) for a launch on tensors like x."""
-    from .rnn import default_config
-
     _check_int32_offsets(x)
     form = choose_gated_form(form)
     cfg = config or default_config(B, H, x.dtype, x.device, form)

@@ -134,6 +134,14 @@ def encode(texts, vocab) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.tensor([len(s) for s in seqs])
 
 
+def reencode(ds: "Dataset", vocab: list) -> "Dataset":
+    """Encode every split of `ds` with `vocab` (a checkpoint's, or another gap's) and adopt it."""
+    for split in (ds.train, ds.val, ds.test):
+        split.tokens, split.lengths = encode(split.texts, vocab)
+    ds.vocab = vocab
+    return ds
+
+
 def generate_statements(digits: np.ndarray, rng: np.random.Generator):
     """For each image index and each template, one statement; labels alternate within every
     (template, digit class), and n is drawn to keep each text's true/false counts level."""

@@ -499,10 +499,7 @@ def _curriculum(args, ds, seed, gap):
         return []
     stages = []
     for g in curriculum_gaps(gap):
-        stage = data_mod.digits_task(seed, g)
-        for split in (stage.train, stage.val):
-            split.tokens, split.lengths = data_mod.encode(split.texts, ds.vocab)
-        stages.append((g, stage))
+        stages.append((g, data_mod.reencode(data_mod.digits_task(seed, g), ds.vocab)))
     return stages
 
 
@@ -515,10 +512,7 @@ def _load_eval_data(args, path, config, vocab, labels, source):
     if source["kind"] == "digits":
         if args.data:
             raise SystemExit(f"{PROG}: {where}: the model was trained on the built-in task; drop --data/--features")
-        ds = data_mod.digits_task(source["seed"], source["gap"])
-        for split in (ds.train, ds.val, ds.test):
-            split.tokens, split.lengths = data_mod.encode(split.texts, vocab)
-        ds.vocab = vocab
+        ds = data_mod.reencode(data_mod.digits_task(source["seed"], source["gap"]), vocab)
     else:
         if not args.data:
             raise SystemExit(f"{PROG}: {where}: the model was trained on your data ({source['data']} with "
