@@ -1,32 +1,71 @@
 #!/usr/bin/env bash
 # The GPU check, in one call on a lent H100/H200 (python3 with torch + triton, no network, no
-# compiled extension: the package runs from the source tree). Writes under $OUT (six files):
-#   gpu_check.log         everything printed: the card, driver and versions; the kernel sweep's table;
-#                         the GPU tests (fp32, tf32, bf16, fp16; forward and every gradient vs fp64;
-#                         cooperative-form repeatability; CUDA graphs; opcheck, compile, autocast, NCCL
-#                         DDP); both benchmark tables; the targets summary
-#   sweep.json            the kernels alone: every form and a few tile configs per benchmark shape,
-#                         forward and backward, each checked against float64 first (bench/gpu_sweep.py)
-#   bench_default.json    mmrnn-bench, float32 (TF32 as PyTorch defaults), bfloat16, float16
-#   bench_tf32_off.json   mmrnn-bench, float32 with TF32 off
-#   bench.png             the speedup plot;   summary.txt   the issue's targets, measured
-# Usage (device tool): bash bench/gpu_check.sh      (about 6 minutes on an H100)
+# compiled extension: the package runs from the source tree).
+#
+#   bash bench/gpu_check.sh [CELL ...]      CELL: rnn, lstm, gru (default: rnn)
+#
+# Per cell about 4-5 minutes (the RNN's run measured 6 minutes with its wider sweep, on an H100; the
+# LSTM's and GRU's are budgeted, not yet measured): a 15-minute device session fits
+# `bash bench/gpu_check.sh lstm gru` in one call, or one call per cell to leave room for a rerun.
+# Writes under $OUT, per cell C with prefix P ("" for rnn, "lstm_" and "gru_" for the gated cells):
+#   gpu_check.log          everything printed: the card, driver and versions; the sweeps' tables; the
+#                          GPU tests (fp32, tf32, bf16, fp16; forward and every gradient vs fp64;
+#                          cooperative-form repeatability; CUDA graphs; opcheck, compile, autocast,
+#                          NCCL DDP); the benchmark tables; the targets summaries
+#   Psweep.json            the kernels alone (bench/gpu_sweep.py --cell C): every form and a few tile
+#                          configs per shape, forward and backward, each checked against float64 first;
+#                          FLOPs, bytes and the floors they imply per step
+#   Pbench_default.json    mmrnn-bench --cell C: float32 (TF32 as PyTorch defaults), bfloat16, float16;
+#                          providers mmrnn_ext, nn.C on the concatenated input (cuDNN; in bfloat16 the
+#                          path the installed torch takes, named in the JSON), the eager loop
+#   Pbench_tf32_off.json   the same in float32 with TF32 off
+#   Pbench.png             the speedup plot;   Psummary.txt   the issue's targets, measured
 set -uo pipefail
-LOG_NAME=gpu_check.log
-source "$(dirname "$0")/gpu_common.sh"
-step "kernel sweep"
-run 150 python3 -W ignore bench/gpu_sweep.py "$OUT/sweep.json" --jobs "$JOBS"
-grep -E "\[auto\]|FAILED" "$LOG" | tail -n 25
-step "GPU tests"
-run 170 python3 -m pytest tests/test_triton.py tests/test_ecosystem.py tests/test_cells.py tests/test_higher_order.py -m gpu -q -p no:cacheprovider -rs -n "$JOBS"
-grep -E "passed|failed|error" "$LOG" | tail -n 3
-step "bench (TF32 default)"
-run 190 python3 -m mmrnn_ext.bench --device cuda --dtype float32,bfloat16,float16 \
-  --json "$OUT/bench_default.json" --plot "$OUT/bench.png"
-step "bench (TF32 off)"
-run 70 python3 -m mmrnn_ext.bench --device cuda --dtype float32 --tf32 off --no-recurrence \
-  --json "$OUT/bench_tf32_off.json"
-step "summary"
-python3 bench/gpu_summary.py "$OUT" 2>&1 | tee "$OUT/summary.txt" | tee -a "$LOG"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+CELLS=("${@:-rnn}")
+for c in "${CELLS[@]}"; do
+  case $c in rnn|lstm|gru) ;; *) echo "gpu_check.sh: CELL must be rnn, lstm or gru, got '$c'" >&2; exit 2 ;; esac
+done
+OUT=${OUT:-bench/results/gpu_run}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+JOBS=${JOBS:-8}
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
+status=0
+step() { echo "== $1 ($(date +%T))" | tee -a "$LOG"; }
+run() {  # run LIMIT_S CMD...: output appended to the log; a failure or timeout marks the check failed
+  local limit=$1; shift
+  timeout "$limit" "$@" >> "$LOG" 2>&1
+  local rc=$?
+  [ $rc -eq 0 ] || { status=1; echo "!! exit $rc: $*" | tee -a "$LOG"; }
+}
+step "device"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$LOG" 2>&1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version(), torch.cuda.get_device_name())" >> "$LOG" 2>&1
+
+# the RNN's five GPU shapes and FlashRNN's published one (B,T,I,V,H), for the gated cells
+GATED_SHAPES=(--shape 16,256,128,256,128 --shape 64,256,256,512,256 --shape 64,256,512,1024,512
+              --shape 256,128,1024,2048,1024 --shape 1,1024,64,64,256 --shape 16,1024,768,768,768)
+TESTS_RNN=(tests/test_triton.py tests/test_ecosystem.py tests/test_cells.py tests/test_higher_order.py)
+TESTS_GATED=(tests/test_triton_gated.py tests/test_ecosystem.py tests/test_gated_bad_input.py tests/test_higher_order.py)
+for CELL in "${CELLS[@]}"; do
+  if [ "$CELL" = rnn ]; then P=""; SHAPES=(); TESTS=("${TESTS_RNN[@]}"); K="not lstm and not gru"
+  else P="${CELL}_"; SHAPES=("${GATED_SHAPES[@]}"); TESTS=("${TESTS_GATED[@]}"); K="$CELL"; fi
+  step "$CELL: kernel sweep"
+  run 100 python3 -W ignore bench/gpu_sweep.py "$OUT/${P}sweep.json" --cell "$CELL" --jobs "$JOBS" "${SHAPES[@]}"
+  grep -E "\[auto\]|FAILED" "$LOG" | tail -n 25
+  step "$CELL: GPU tests"
+  run 120 python3 -m pytest "${TESTS[@]}" -m gpu -k "$K" -q -p no:cacheprovider -rs -n "$JOBS"
+  grep -E "passed|failed|error" "$LOG" | tail -n 3
+  step "$CELL: bench (TF32 default)"
+  run 100 python3 -m mmrnn_ext.bench --cell "$CELL" --device cuda --dtype float32,bfloat16,float16 --no-compile \
+    "${SHAPES[@]}" --json "$OUT/${P}bench_default.json" --plot "$OUT/${P}bench.png"
+  step "$CELL: bench (TF32 off)"
+  run 50 python3 -m mmrnn_ext.bench --cell "$CELL" --device cuda --dtype float32 --tf32 off --no-recurrence \
+    --no-compile "${SHAPES[@]}" --json "$OUT/${P}bench_tf32_off.json"
+  step "$CELL: summary"
+  python3 bench/gpu_summary.py "$OUT" "$P" 2>&1 | tee "$OUT/${P}summary.txt" | tee -a "$LOG"
+done
 step "done (status $status)"
 exit $status

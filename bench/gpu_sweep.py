@@ -1,10 +1,13 @@
 """The Triton kernels alone on a GPU: every form and a few tile configs per shape, forward and
 backward, each checked against the float64 reference at the benchmark shape before it is timed.
 
-    python3 bench/gpu_sweep.py OUT.json [--quick]
+    python3 bench/gpu_sweep.py OUT.json [--quick] [--cell rnn|lstm|gru]
 
 It is how the size rule in kernels/rnn.py (choose_form, default_config) was chosen: the rows name
 form, tiles, warps, programs, median ms (triton.testing.do_bench) and microseconds per step.
+Each row also counts one step's work: the recurrent dot's FLOPs ([B, H] x [H, G*H], G gates) and the
+bytes a step must move at the least (its projected input and per-step outputs; W_hh read once), and
+the floors they imply at the H100's measured peaks (PEAK_TFLOPS, HBM_TBPS: shared/GPU_NOTES.md).
 The relative error of each variant is recorded (a value over the dtype's tolerance marks the row
 FAILED and the run exits 1): the cooperative form's grid barrier is only exercised with many
 programs on a real GPU, so this is also its race check at full size."""
@@ -23,31 +26,49 @@ import triton.testing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mmrnn_ext import _backends  # noqa: E402
+from mmrnn_ext import _backends, reference  # noqa: E402
 from mmrnn_ext.bench import GPU_GRID, QUICK_GPU_GRID, machine_info  # noqa: E402
-from mmrnn_ext.reference import reference_backward, reference_forward  # noqa: E402
 
 # float32 runs with TF32 as torch has it by default (allowed); "float32-notf32" with TF32 off
 DTYPES = {"bfloat16": (torch.bfloat16, 1e-2), "float16": (torch.float16, 1e-2), "float32": (torch.float32, 5e-4),
           "float32-notf32": (torch.float32, 1e-5)}
 
 
-def variants(kernels, B, H, dtype, device, wide, x3=False):
-    """(form, Config) pairs to try at this size; wide: more tile configs, and the exact tanh;
-    x3: float32 with TF32 off also through the FMA dot ("ieee"; the default splits by size)."""
+GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+# measured on an H100 (shared/GPU_NOTES.md): bf16 dense matrix product, device-to-device copy.
+# TF32 runs the tensor cores at half the 16-bit rate; float32 without TF32 is taken at tf32x3's third.
+PEAK_TFLOPS = {"bfloat16": 798.0, "float16": 798.0, "float32": 399.0, "float32-notf32": 133.0}
+HBM_TBPS = 3.0
+
+
+def step_cost(cell, B, H, dtype):
+    """(FLOPs, bytes) of one forward step at the least: the recurrent dot; reading xp_t and writing what the
+    step saves (RNN: h; LSTM: h, c and 4 gates; GRU: h and 4 gates) once, W_hh once per sequence (not counted)."""
+    G = GATES[cell]
+    e = torch.tensor([], dtype=dtype).element_size()
+    saved = {"rnn": 1, "lstm": 6, "gru": 5}[cell]
+    return 2.0 * B * H * G * H, e * B * H * (G + saved)
+
+
+def variants(kernels, B, H, dtype, device, wide, x3=False, cell="rnn"):
+    """(form, Config) pairs to try at this size; wide: more tile configs, and the exact tanh (the RNN's:
+    the gated cells use the exact tanh throughout); x3: float32 with TF32 off also through the FMA dot
+    ("ieee"; the default splits by size)."""
     out = []
-    if kernels.persistent_fits(H, dtype):
+    gated = cell != "rnn"
+    if kernels.persistent_fits(H, dtype, GATES[cell]):
         pbase = kernels.default_config(B, H, dtype, device, "persistent")
         out.append(("persistent", pbase))
         if wide:
-            out += [("persistent", pbase._replace(num_warps=8)), ("persistent", pbase._replace(fast_tanh=False))]
-        if x3:
+            out += [("persistent", pbase._replace(num_warps=8))]
+            out += [] if gated else [("persistent", pbase._replace(fast_tanh=False))]
+        if x3 and not gated:  # the gated persistent forward has no "ieee" (kernels/gated.py _plan)
             out.append(("persistent", pbase._replace(fp32_dot="ieee")))
     base = kernels.default_config(B, H, dtype, device, "cooperative")
     tries = [base] + ([base._replace(fp32_dot="ieee")] if x3 else [])
     if wide:
         tries += [base._replace(block_n=base.block_n * 2), base._replace(block_b=max(16, base.block_b // 2)),
-                  base._replace(block_k=max(16, base.block_k // 2)), base._replace(fast_tanh=False)]
+                  base._replace(block_k=max(16, base.block_k // 2))] + ([] if gated else [base._replace(fast_tanh=False)])
     seen = set()
     for cfg in tries:
         hp = max(16, triton.next_power_of_2(H))
@@ -62,6 +83,63 @@ def rel(a, b):
     return ((a.double() - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
+class Problem:
+    """One cell at one size and dtype: inputs drawn in float64 and rounded to the dtype, the kernels'
+    forward and backward for a (form, config), and the float64 reference on the same rounded inputs
+    (the backward's reference reads the forward's saved tensors as the dtype stores them)."""
+
+    def __init__(self, kernels, cell, B, T, H, dtype, dev):
+        self.k, self.cell = kernels, cell
+        G = GATES[cell] * H
+        g = torch.Generator().manual_seed(0)
+        r = lambda *size, scale=1.0: (scale * torch.randn(*size, generator=g, dtype=torch.float64)).to(dev, dtype)  # noqa: E731
+        self.xp, self.w, self.h0, self.c0 = r(T, B, G), r(G, H, scale=H ** -0.5), r(B, H, scale=0.5), r(B, H, scale=0.5)
+        self.img, self.bhn, self.gy = r(B, G), r(H, scale=0.1), r(T, B, H)
+        self.ghl, self.gcl = r(B, H), r(B, H)
+        wide = lambda ts: [t.double() for t in ts]  # noqa: E731
+        self.saved64 = self._ref_forward(*wide(self._fwd_inputs()))
+        self.saved = [t.to(dtype) for t in self.saved64]  # what the forward stores, for the backward
+        self.grads64 = self._ref_backward(*wide(self._bwd_inputs(self.saved)))
+
+    def _fwd_inputs(self):
+        return {"rnn": (self.xp, self.w, self.h0, self.img), "lstm": (self.xp, self.w, self.h0, self.c0, self.img),
+                "gru": (self.xp, self.w, self.bhn, self.h0, self.img)}[self.cell]
+
+    def _bwd_inputs(self, saved):
+        if self.cell == "rnn":
+            return self.gy, self.ghl, saved[0], self.h0, self.w
+        if self.cell == "lstm":
+            return self.gy, self.ghl, self.gcl, *saved, self.h0, self.c0, self.w
+        return self.gy, self.ghl, *saved, self.h0, self.w
+
+    def _ref_forward(self, *a):
+        if self.cell == "rnn":
+            return (reference.reference_forward(*a, None, "tanh"),)
+        return {"lstm": reference.lstm_reference_forward, "gru": reference.gru_reference_forward}[self.cell](*a, None)
+
+    def _ref_backward(self, *a):
+        if self.cell == "rnn":
+            return reference.reference_backward(*a, None, "tanh")
+        return {"lstm": reference.lstm_reference_backward, "gru": reference.gru_reference_backward}[self.cell](*a, None)
+
+    def forward(self, form, cfg):
+        k, a = self.k, self._fwd_inputs()
+        if self.cell == "rnn":
+            return (k.rnn_forward(*a, None, "tanh", form=form, config=cfg),)
+        return {"lstm": k.lstm_forward, "gru": k.gru_forward}[self.cell](*a, None, form=form, config=cfg)
+
+    def backward(self, form, cfg):
+        k, a = self.k, self._bwd_inputs(self.saved)
+        if self.cell == "rnn":
+            return k.rnn_backward(*a, None, "tanh", form=form, config=cfg)
+        return {"lstm": k.lstm_backward, "gru": k.gru_backward}[self.cell](*a, None, form=form, config=cfg)
+
+    def errors(self, outs, grads) -> dict:
+        errs = {f"out{i}": rel(o, o64) for i, (o, o64) in enumerate(zip(outs, self.saved64))}
+        errs.update({f"grad{i}": rel(d, d64) for i, (d, d64) in enumerate(zip(grads, self.grads64))})
+        return errs
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("json")
@@ -69,6 +147,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16,float16,float32,float32-notf32",
                    help="comma-separated; only bfloat16 tries the wider set of tile configs")
     p.add_argument("--shape", action="append", metavar="B,T,I,V,H", help="instead of the GPU grid (repeatable)")
+    p.add_argument("--cell", choices=list(GATES), default="rnn")
     p.add_argument("--device", default="cuda", help="cuda; cpu runs the kernels through TRITON_INTERPRET=1 (a test)")
     p.add_argument("--jobs", type=int, default=1, help="compile the variants in this many processes first")
     p.add_argument("--part", default=None, help="I/N: only compile every N-th variant from the I-th (a --jobs worker)")
@@ -96,61 +175,60 @@ def main(argv=None) -> int:
 
     rows, failed, index = [], 0, -1
     t_start = time.time()
+    cell = args.cell
+
+    def write():  # after every shape and dtype too: a run stopped by its time limit keeps what it measured
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine_info(dev), "cell": cell, "rows": rows, "seconds": time.time() - t_start}, f,
+                      indent=1)
+
     for (B, T, _I, _V, H) in shapes:
-        g = torch.Generator().manual_seed(0)
-        xp64 = torch.randn(T, B, H, generator=g, dtype=torch.float64).to(dev)
-        w64 = (torch.randn(H, H, generator=g, dtype=torch.float64) / H ** 0.5).to(dev)
-        h064 = (0.5 * torch.randn(B, H, generator=g, dtype=torch.float64)).to(dev)
-        img64 = torch.randn(B, H, generator=g, dtype=torch.float64).to(dev)
-        gy64 = torch.randn(T, B, H, generator=g, dtype=torch.float64).to(dev)
-        ghl64 = torch.randn(B, H, generator=g, dtype=torch.float64).to(dev)
         for dname in args.dtype.split(","):
             dtype, tol = DTYPES[dname]
             tf32 = dname != "float32-notf32"
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
             wide = dtype == torch.bfloat16
-            xp, w, h0, img, gy, ghl = (t.to(dtype) for t in (xp64, w64, h064, img64, gy64, ghl64))
+            tries = variants(kernels, B, H, dtype, dev, wide, x3=not tf32, cell=cell)
             if args.part:  # a compile worker: run each of its variants once
-                for form, cfg in variants(kernels, B, H, dtype, dev, wide, x3=not tf32):
+                prob = None
+                for form, cfg in tries:
                     index += 1
                     if index % parts == part:
-                        out = kernels.rnn_forward(xp, w, h0, img, None, "tanh", form=form, config=cfg)
-                        kernels.rnn_backward(gy, ghl, out, h0, w, None, "tanh", form=form, config=cfg)
+                        prob = prob or Problem(kernels, cell, B, T, H, dtype, dev)
+                        prob.forward(form, cfg)
+                        prob.backward(form, cfg)
                 continue
-            # the reference sees the same (rounded) inputs, in float64
-            out64 = reference_forward(xp.double(), w.double(), h0.double(), img.double(), None, "tanh")
-            out_ref = out64.to(dtype)  # the backward kernels and their reference read the same rounded h
-            dA64, dh064 = reference_backward(gy.double(), ghl.double(), out_ref.double(), h0.double(), w.double(),
-                                             None, "tanh")
-            for form, cfg in variants(kernels, B, H, dtype, dev, wide, x3=not tf32):
-                fwd = lambda: kernels.rnn_forward(xp, w, h0, img, None, "tanh", form=form, config=cfg)  # noqa: E731
-                bwd = lambda: kernels.rnn_backward(gy, ghl, out_ref, h0, w, None, "tanh", form=form, config=cfg)  # noqa: E731
-                out = fwd()
-                dA, dh0 = bwd()
-                errs = {"out": rel(out, out64), "dA": rel(dA, dA64), "dh0": rel(dh0, dh064)}
+            prob = Problem(kernels, cell, B, T, H, dtype, dev)
+            flop, nbytes = step_cost(cell, B, H, dtype)
+            floor_us = {"flop": flop / (PEAK_TFLOPS[dname] * 1e6), "byte": nbytes / (HBM_TBPS * 1e6)}
+            for form, cfg in tries:
+                fwd = lambda: prob.forward(form, cfg)  # noqa: E731
+                bwd = lambda: prob.backward(form, cfg)  # noqa: E731
+                errs = prob.errors(fwd(), bwd())
                 err = max(errs.values())
                 ok = err <= tol
                 failed += not ok
                 fwd_ms, bwd_ms = time_ms(fwd), time_ms(bwd)
                 programs = (triton.cdiv(B, cfg.block_b) if form == "persistent"
                             else kernels.rnn._grid(cfg, B, H, dev, form)[0])
-                row = {"shape": [B, T, _I, _V, H], "dtype": dname, "form": form,
+                auto = (kernels.choose_form(H, dtype, None, GATES[cell]) == form
+                        and cfg == kernels.default_config(B, H, dtype, dev, form))
+                row = {"cell": cell, "shape": [B, T, _I, _V, H], "dtype": dname, "form": form,
                        "config": None if cfg is None else cfg._asdict(), "programs": programs,
                        "forward_ms": fwd_ms, "backward_ms": bwd_ms, "forward_us_per_step": 1e3 * fwd_ms / T,
-                       "backward_us_per_step": 1e3 * bwd_ms / T, "relative_error": err, "relative_errors": errs, "ok": ok,
-                       "auto": kernels.choose_form(H, dtype) == form and cfg == kernels.default_config(B, H, dtype, dev, form)}
+                       "backward_us_per_step": 1e3 * bwd_ms / T, "step_flop": flop, "step_bytes": nbytes,
+                       "floor_us_per_step": floor_us, "relative_error": err, "relative_errors": errs, "ok": ok,
+                       "auto": auto}
                 rows.append(row)
                 c = (f"b{cfg.block_b} n{cfg.block_n} k{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} p{programs}"
                      + (" exact-tanh" if cfg.fast_tanh is False else "") + (f" {cfg.fp32_dot}" if cfg.fp32_dot else ""))
-                print(f"{B},{T},{H} {dname:8s} {form:11s} {c:24s} fwd {fwd_ms:7.3f} ms ({row['forward_us_per_step']:5.2f} us/step)"
-                      f"  bwd {bwd_ms:7.3f} ms  err {err:.1e}{'' if ok else '  FAILED'}{'  [auto]' if row['auto'] else ''}",
-                      flush=True)
+                print(f"{cell} {B},{T},{H} {dname:8s} {form:11s} {c:24s} fwd {fwd_ms:7.3f} ms ({row['forward_us_per_step']:5.2f} us/step;"
+                      f" floor {max(floor_us.values()):.2f})  bwd {bwd_ms:7.3f} ms  err {err:.1e}"
+                      f"{'' if ok else '  FAILED'}{'  [auto]' if auto else ''}", flush=True)
+            write()
     if args.part:
         return 0
-    result = {"machine": machine_info(dev), "rows": rows,
-              "seconds": time.time() - t_start}
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
+    write()
     print(f"wrote {args.json}; {failed} variant(s) over tolerance")
     return 1 if failed else 0
 

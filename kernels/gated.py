@@ -24,10 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .rnn import (_check_int32_offsets, _dot, _fp32_dot, _grid, _grid_barrier, _launch_options, _tanh,
-                  default_config, dot_in_fp32, round_tf32)
+from .rnn import (_MIN_DOT, _check_int32_offsets, _dot, _fp32_dot, _grid, _grid_barrier, _launch_options,
+                  _row_tile, _tanh, choose_form, default_config, dot_in_fp32, round_tf32)
 
-GATED_FORMS = ("auto", "step", "cooperative")
 
 
 @triton.jit
@@ -417,29 +416,249 @@ def gru_bwd_coop_kernel(gy_ptr, ghl_ptr, out_ptr, h0_ptr, gates_ptr, w_ptr, len_
                       FP32_DOT, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
 
 
+# --- persistent form: W_hh's gate blocks loaded once, the state carried in registers ---------------
+
+@triton.jit
+def _gate_block(w_ptr, q, H, rh, mh, TRANSPOSE: tl.constexpr):
+    """Gate q's [H, H] block of W_hh ([G*H, H], row-major) as a [K, N] dot operand, padded with zeros:
+    TRANSPOSE (forward): W[q*H + n, k];  else (BPTT): W[q*H + k, n]."""
+    m = mh[:, None] & mh[None, :]
+    if TRANSPOSE:
+        offs = (q * H + rh[None, :]) * H + rh[:, None]
+    else:
+        offs = (q * H + rh[:, None]) * H + rh[None, :]
+    return tl.load(w_ptr + offs, mask=m, other=0.0)
+
+
+@triton.jit
+def _lens_of(len_ptr, rb, mb, T, BLOCK_B: tl.constexpr, HAS_LEN: tl.constexpr):
+    if HAS_LEN:
+        lens = tl.load(len_ptr + rb, mask=mb, other=0)
+    else:
+        lens = tl.full((BLOCK_B,), T, dtype=tl.int32)
+    return lens
+
+
+@triton.jit
+def lstm_fwd_persistent_kernel(xp_ptr, w_ptr, h0_ptr, c0_ptr, img_ptr, len_ptr, out_ptr, c_ptr, gates_ptr, T, B, H,
+                               HAS_IMG: tl.constexpr, IMG_PER_STEP: tl.constexpr, HAS_LEN: tl.constexpr,
+                               FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+                               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """All T steps of the LSTM for one batch tile: the four gate blocks of W_hh^T loaded once, h and c
+    carried in float32 registers (the step and cooperative forms re-read them as stored)."""
+    rb, rh, mb, mh, oh = _row_tile(B, H, BLOCK_B, BLOCK_H)
+    m = mb[:, None] & mh[None, :]
+    og = rb[:, None] * 4 * H + rh[None, :]
+    w_i, w_f = _gate_block(w_ptr, 0, H, rh, mh, True), _gate_block(w_ptr, 1, H, rh, mh, True)
+    w_g, w_o = _gate_block(w_ptr, 2, H, rh, mh, True), _gate_block(w_ptr, 3, H, rh, mh, True)
+    h = tl.load(h0_ptr + oh, mask=m, other=0.0).to(tl.float32)
+    c = tl.load(c0_ptr + oh, mask=m, other=0.0).to(tl.float32)
+    lens = _lens_of(len_ptr, rb, mb, T, BLOCK_B, HAS_LEN)
+    step, gstep = B * H, B * 4 * H
+    ty = out_ptr.dtype.element_ty
+    for t in range(T):
+        acc_i = tl.load(xp_ptr + og, mask=m, other=0.0).to(tl.float32)  # loads first: off the h chain
+        acc_f = tl.load(xp_ptr + og + H, mask=m, other=0.0).to(tl.float32)
+        acc_g = tl.load(xp_ptr + og + 2 * H, mask=m, other=0.0).to(tl.float32)
+        acc_o = tl.load(xp_ptr + og + 3 * H, mask=m, other=0.0).to(tl.float32)
+        if HAS_IMG:  # a static image term is re-read each step (cache-resident) rather than held in registers
+            acc_i += tl.load(img_ptr + og, mask=m, other=0.0).to(tl.float32)
+            acc_f += tl.load(img_ptr + og + H, mask=m, other=0.0).to(tl.float32)
+            acc_g += tl.load(img_ptr + og + 2 * H, mask=m, other=0.0).to(tl.float32)
+            acc_o += tl.load(img_ptr + og + 3 * H, mask=m, other=0.0).to(tl.float32)
+            if IMG_PER_STEP:
+                img_ptr += gstep
+        hd = h.to(w_i.dtype)
+        acc_i = _dot(hd, w_i, acc_i, FP32_DOT, DOT_FP32)
+        acc_f = _dot(hd, w_f, acc_f, FP32_DOT, DOT_FP32)
+        acc_g = _dot(hd, w_g, acc_g, FP32_DOT, DOT_FP32)
+        acc_o = _dot(hd, w_o, acc_o, FP32_DOT, DOT_FP32)
+        i, f, g, o = _sigmoid(acc_i), _sigmoid(acc_f), _tanh(acc_g), _sigmoid(acc_o)
+        c_new = f * c + i * g
+        h_new = o * _tanh(c_new)
+        live = (t < lens)[:, None]
+        h, c = tl.where(live, h_new, h), tl.where(live, c_new, c)
+        tl.store(out_ptr + oh, tl.where(live, h_new, 0.0).to(ty), mask=m)
+        tl.store(c_ptr + oh, tl.where(live, c_new, 0.0).to(ty), mask=m)
+        tl.store(gates_ptr + og, tl.where(live, i, 0.0).to(ty), mask=m)
+        tl.store(gates_ptr + og + H, tl.where(live, f, 0.0).to(ty), mask=m)
+        tl.store(gates_ptr + og + 2 * H, tl.where(live, g, 0.0).to(ty), mask=m)
+        tl.store(gates_ptr + og + 3 * H, tl.where(live, o, 0.0).to(ty), mask=m)
+        xp_ptr += gstep
+        gates_ptr += gstep
+        out_ptr += step
+        c_ptr += step
+
+
+@triton.jit
+def lstm_bwd_persistent_kernel(gy_ptr, ghl_ptr, gcl_ptr, c_ptr, c0_ptr, gates_ptr, w_ptr, len_ptr, dG_ptr, dh0_ptr,
+                               dc0_ptr, T, B, H, HAS_LEN: tl.constexpr, FP32_DOT: tl.constexpr,
+                               DOT_FP32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """All T reverse steps of the LSTM's BPTT for one batch tile (the algebra of _lstm_bwd_tile):
+    W_hh's gate blocks loaded once, dL/dh and dL/dc carried in float32 registers."""
+    rb, rh, mb, mh, oh = _row_tile(B, H, BLOCK_B, BLOCK_H)
+    m = mb[:, None] & mh[None, :]
+    og = rb[:, None] * 4 * H + rh[None, :]
+    w_i, w_f = _gate_block(w_ptr, 0, H, rh, mh, False), _gate_block(w_ptr, 1, H, rh, mh, False)
+    w_g, w_o = _gate_block(w_ptr, 2, H, rh, mh, False), _gate_block(w_ptr, 3, H, rh, mh, False)
+    lens = _lens_of(len_ptr, rb, mb, T, BLOCK_B, HAS_LEN)
+    ghl = tl.load(ghl_ptr + oh, mask=m, other=0.0).to(tl.float32)
+    gcl = tl.load(gcl_ptr + oh, mask=m, other=0.0).to(tl.float32)
+    gh = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    gc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    step, gstep = B * H, B * 4 * H
+    ty = dG_ptr.dtype.element_ty
+    for s in range(T):
+        t = T - 1 - s
+        c_prev_ptr = c_ptr + (t - 1) * step
+        if t == 0:
+            c_prev_ptr = c0_ptr
+        gy = tl.load(gy_ptr + t * step + oh, mask=m, other=0.0).to(tl.float32)
+        c = tl.load(c_ptr + t * step + oh, mask=m, other=0.0).to(tl.float32)
+        c_prev = tl.load(c_prev_ptr + oh, mask=m, other=0.0).to(tl.float32)
+        i = tl.load(gates_ptr + t * gstep + og, mask=m, other=0.0).to(tl.float32)
+        f = tl.load(gates_ptr + t * gstep + og + H, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(gates_ptr + t * gstep + og + 2 * H, mask=m, other=0.0).to(tl.float32)
+        o = tl.load(gates_ptr + t * gstep + og + 3 * H, mask=m, other=0.0).to(tl.float32)
+        enters = (t == lens - 1)[:, None]
+        gh, gc = tl.where(enters, ghl, gh), tl.where(enters, gcl, gc)
+        tc = _tanh(c)
+        dh = gy + gh
+        dc = gc + dh * o * (1.0 - tc * tc)
+        live = (t < lens)[:, None]
+        d_i = tl.where(live, dc * g * i * (1.0 - i), 0.0).to(ty)
+        d_f = tl.where(live, dc * c_prev * f * (1.0 - f), 0.0).to(ty)
+        d_g = tl.where(live, dc * i * (1.0 - g * g), 0.0).to(ty)
+        d_o = tl.where(live, dh * tc * o * (1.0 - o), 0.0).to(ty)
+        tl.store(dG_ptr + t * gstep + og, d_i, mask=m)
+        tl.store(dG_ptr + t * gstep + og + H, d_f, mask=m)
+        tl.store(dG_ptr + t * gstep + og + 2 * H, d_g, mask=m)
+        tl.store(dG_ptr + t * gstep + og + 3 * H, d_o, mask=m)
+        gh = _dot(d_i.to(w_i.dtype), w_i, tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32), FP32_DOT, DOT_FP32)
+        gh = _dot(d_f.to(w_i.dtype), w_f, gh, FP32_DOT, DOT_FP32)
+        gh = _dot(d_g.to(w_i.dtype), w_g, gh, FP32_DOT, DOT_FP32)
+        gh = _dot(d_o.to(w_i.dtype), w_o, gh, FP32_DOT, DOT_FP32)
+        gc = dc * f  # f is zero past the length: nothing carries from dead steps
+    empty = (lens == 0)[:, None]  # rows of length 0: the final state's gradients are h0's and c0's
+    tl.store(dh0_ptr + oh, tl.where(empty, ghl, gh).to(dh0_ptr.dtype.element_ty), mask=m)
+    tl.store(dc0_ptr + oh, tl.where(empty, gcl, gc).to(dc0_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def gru_fwd_persistent_kernel(xp_ptr, w_ptr, bhn_ptr, h0_ptr, img_ptr, len_ptr, out_ptr, gates_ptr, T, B, H,
+                              HAS_IMG: tl.constexpr, IMG_PER_STEP: tl.constexpr, HAS_BHN: tl.constexpr,
+                              HAS_LEN: tl.constexpr, FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+                              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """All T steps of the GRU for one batch tile: the three gate blocks of W_hh^T loaded once, h carried
+    in float32 registers."""
+    rb, rh, mb, mh, oh = _row_tile(B, H, BLOCK_B, BLOCK_H)
+    m = mb[:, None] & mh[None, :]
+    ox = rb[:, None] * 3 * H + rh[None, :]
+    og = rb[:, None] * 4 * H + rh[None, :]
+    w_r, w_z, w_n = (_gate_block(w_ptr, 0, H, rh, mh, True), _gate_block(w_ptr, 1, H, rh, mh, True),
+                     _gate_block(w_ptr, 2, H, rh, mh, True))
+    bhn = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    if HAS_BHN:
+        bhn += tl.load(bhn_ptr + rh, mask=mh, other=0.0).to(tl.float32)[None, :]
+    h = tl.load(h0_ptr + oh, mask=m, other=0.0).to(tl.float32)
+    lens = _lens_of(len_ptr, rb, mb, T, BLOCK_B, HAS_LEN)
+    step, xstep = B * H, B * 3 * H
+    ty = out_ptr.dtype.element_ty
+    for t in range(T):
+        x_r = tl.load(xp_ptr + ox, mask=m, other=0.0).to(tl.float32)
+        x_z = tl.load(xp_ptr + ox + H, mask=m, other=0.0).to(tl.float32)
+        x_n = tl.load(xp_ptr + ox + 2 * H, mask=m, other=0.0).to(tl.float32)
+        if HAS_IMG:
+            x_r += tl.load(img_ptr + ox, mask=m, other=0.0).to(tl.float32)
+            x_z += tl.load(img_ptr + ox + H, mask=m, other=0.0).to(tl.float32)
+            x_n += tl.load(img_ptr + ox + 2 * H, mask=m, other=0.0).to(tl.float32)
+            if IMG_PER_STEP:
+                img_ptr += xstep
+        hd = h.to(w_r.dtype)
+        x_r = _dot(hd, w_r, x_r, FP32_DOT, DOT_FP32)
+        x_z = _dot(hd, w_z, x_z, FP32_DOT, DOT_FP32)
+        hn = _dot(hd, w_n, bhn, FP32_DOT, DOT_FP32)
+        r, z = _sigmoid(x_r), _sigmoid(x_z)
+        n = _tanh(x_n + r * hn)
+        h_new = n + z * (h - n)
+        live = (t < lens)[:, None]
+        h = tl.where(live, h_new, h)
+        tl.store(out_ptr + oh, tl.where(live, h_new, 0.0).to(ty), mask=m)
+        tl.store(gates_ptr + og, tl.where(live, r, 0.0).to(ty), mask=m)
+        tl.store(gates_ptr + og + H, tl.where(live, z, 0.0).to(ty), mask=m)
+        tl.store(gates_ptr + og + 2 * H, tl.where(live, n, 0.0).to(ty), mask=m)
+        tl.store(gates_ptr + og + 3 * H, tl.where(live, hn, 0.0).to(ty), mask=m)
+        xp_ptr += xstep
+        gates_ptr += 4 * step
+        out_ptr += step
+
+
+@triton.jit
+def gru_bwd_persistent_kernel(gy_ptr, ghl_ptr, out_ptr, h0_ptr, gates_ptr, w_ptr, len_ptr, dx_ptr, dhn_ptr, dh0_ptr,
+                              T, B, H, HAS_LEN: tl.constexpr, FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+                              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """All T reverse steps of the GRU's BPTT for one batch tile (the algebra of _gru_bwd_tile): W_hh's
+    gate blocks loaded once, dL/dh carried in float32 registers."""
+    rb, rh, mb, mh, oh = _row_tile(B, H, BLOCK_B, BLOCK_H)
+    m = mb[:, None] & mh[None, :]
+    ox = rb[:, None] * 3 * H + rh[None, :]
+    og = rb[:, None] * 4 * H + rh[None, :]
+    w_r, w_z, w_n = (_gate_block(w_ptr, 0, H, rh, mh, False), _gate_block(w_ptr, 1, H, rh, mh, False),
+                     _gate_block(w_ptr, 2, H, rh, mh, False))
+    lens = _lens_of(len_ptr, rb, mb, T, BLOCK_B, HAS_LEN)
+    ghl = tl.load(ghl_ptr + oh, mask=m, other=0.0).to(tl.float32)
+    gh = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    step, xstep = B * H, B * 3 * H
+    ty = dx_ptr.dtype.element_ty
+    for s in range(T):
+        t = T - 1 - s
+        h_prev_ptr = out_ptr + (t - 1) * step
+        if t == 0:
+            h_prev_ptr = h0_ptr
+        gy = tl.load(gy_ptr + t * step + oh, mask=m, other=0.0).to(tl.float32)
+        h_prev = tl.load(h_prev_ptr + oh, mask=m, other=0.0).to(tl.float32)
+        r = tl.load(gates_ptr + t * 4 * step + og, mask=m, other=0.0).to(tl.float32)
+        z = tl.load(gates_ptr + t * 4 * step + og + H, mask=m, other=0.0).to(tl.float32)
+        n = tl.load(gates_ptr + t * 4 * step + og + 2 * H, mask=m, other=0.0).to(tl.float32)
+        hn = tl.load(gates_ptr + t * 4 * step + og + 3 * H, mask=m, other=0.0).to(tl.float32)
+        gh = tl.where((t == lens - 1)[:, None], ghl, gh)
+        dh = gy + gh
+        dn = dh * (1.0 - z) * (1.0 - n * n)
+        live = (t < lens)[:, None]
+        dz = tl.where(live, dh * (h_prev - n) * z * (1.0 - z), 0.0).to(ty)
+        dr = tl.where(live, dn * hn * r * (1.0 - r), 0.0).to(ty)
+        d_hn = tl.where(live, dn * r, 0.0).to(ty)
+        tl.store(dx_ptr + t * xstep + ox, dr, mask=m)
+        tl.store(dx_ptr + t * xstep + ox + H, dz, mask=m)
+        tl.store(dx_ptr + t * xstep + ox + 2 * H, tl.where(live, dn, 0.0).to(ty), mask=m)
+        tl.store(dhn_ptr + t * step + oh, d_hn, mask=m)
+        gh = _dot(dr.to(w_r.dtype), w_r, dh * z, FP32_DOT, DOT_FP32)  # z is zero past the length
+        gh = _dot(dz.to(w_r.dtype), w_z, gh, FP32_DOT, DOT_FP32)
+        gh = _dot(d_hn.to(w_r.dtype), w_n, gh, FP32_DOT, DOT_FP32)
+    tl.store(dh0_ptr + oh, tl.where((lens == 0)[:, None], ghl, gh).to(dh0_ptr.dtype.element_ty), mask=m)
+
+
 # --- launchers ------------------------------------------------------------------------------------
 
-def choose_gated_form(form: str | None = None) -> str:
-    """auto -> cooperative (ONE launch); step on request. MMRNN_TRITON_FORM applies as for the RNN,
-    except "persistent", which the gated cells do not have yet: a clear error, not a silent fallback."""
-    form = form or os.environ.get("MMRNN_TRITON_FORM", "auto")
-    if form == "persistent":
-        raise ValueError("form: the LSTM and GRU Triton kernels have no persistent form yet (step or cooperative; "
-                         "unset MMRNN_TRITON_FORM or set it to step/cooperative)")
-    if form not in GATED_FORMS:
-        raise ValueError(f"form: expected one of {GATED_FORMS} (or MMRNN_TRITON_FORM unset), got {form!r}")
-    return "cooperative" if form == "auto" else form
-
-
 def _plan(x: torch.Tensor, B: int, H: int, form, config, backward: bool, w_hh: torch.Tensor):
-    """(form, config, grid, flags, tile kwargs, W_hh as the dots read it) for a launch on tensors like x."""
+    """(form, config, grid, flags, tile kwargs, W_hh as the dots read it) for a launch on tensors like x;
+    the form by size as the RNN's (choose_form with W_hh's gate count)."""
     _check_int32_offsets(x)
-    form = choose_gated_form(form)
+    form = choose_form(H, x.dtype, form, gates=w_hh.shape[0] // H)
     cfg = config or default_config(B, H, x.dtype, x.device, form)
     fp32_dot = _fp32_dot(x.dtype, x.device.type, cfg, B, H, backward=backward)
+    if form == "persistent" and not backward and fp32_dot == "ieee" and x.device.type == "cuda":
+        # never the default (the forward's float32 dots are tf32 or tf32x3); a tuning Config may ask
+        raise ValueError("config: the gated persistent forward has no fp32_dot='ieee' (FMA dots over all gate "
+                         "blocks: Triton 3.9's compiler aborts on the LSTM's and spills the GRU's, "
+                         "bench/sm90_resources.py); use fp32_dot='tf32x3' (float32 accuracy on tensor cores)")
     if fp32_dot == "tf32":
         w_hh = round_tf32(w_hh)
     flags = dict(FP32_DOT=fp32_dot, DOT_FP32=dot_in_fp32(x.dtype))
+    if form == "persistent":
+        grid = (triton.cdiv(B, cfg.block_b),)
+        blocks = dict(BLOCK_B=cfg.block_b, BLOCK_H=max(_MIN_DOT, triton.next_power_of_2(H)), num_warps=cfg.num_warps)
+        return form, grid, flags, blocks, w_hh
     blocks = dict(BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
     if form == "cooperative":
@@ -459,6 +678,10 @@ def lstm_forward(xp, w_hh, h0, c0, image_term, lengths, form=None, config=None):
     per_step = has_img and image_term.dim() == 3
     img, lens = (image_term if has_img else xp), (lengths if has_len else xp)  # never read when absent
     flags.update(HAS_IMG=has_img, HAS_LEN=has_len)
+    if form == "persistent":
+        lstm_fwd_persistent_kernel[grid](xp, w, h0, c0, img, lens, out, c_all, gates, T, B, H, IMG_PER_STEP=per_step,
+                                         **flags, **blocks)
+        return out, c_all, gates
     if form == "cooperative":
         count = torch.zeros(1, dtype=torch.int32, device=xp.device)
         lstm_fwd_coop_kernel[grid](xp, w, h0, c0, img, lens, out, c_all, gates, count, T, B, H,
@@ -483,6 +706,10 @@ def lstm_backward(grad_out, grad_h_last, grad_c_last, out, c_all, gates, h0, c0,
     has_len = lengths is not None
     lens = lengths if has_len else out
     flags.update(HAS_LEN=has_len)
+    if form == "persistent":
+        lstm_bwd_persistent_kernel[grid](grad_out, grad_h_last, grad_c_last, c_all, c0, gates, w, lens, dG, dh0, dc0,
+                                         T, B, H, **flags, **blocks)
+        return dG, dh0, dc0
     carry = torch.zeros(B, H, dtype=torch.float32, device=out.device)
     if form == "cooperative":
         count = torch.zeros(1, dtype=torch.int32, device=out.device)
@@ -510,6 +737,10 @@ def gru_forward(xp, w_hh, b_hn, h0, image_term, lengths, form=None, config=None)
     per_step = has_img and image_term.dim() == 3
     img, lens, bhn = (image_term if has_img else xp), (lengths if has_len else xp), (b_hn if has_bhn else xp)
     flags.update(HAS_IMG=has_img, HAS_LEN=has_len, HAS_BHN=has_bhn)
+    if form == "persistent":
+        gru_fwd_persistent_kernel[grid](xp, w, bhn, h0, img, lens, out, gates, T, B, H, IMG_PER_STEP=per_step,
+                                        **flags, **blocks)
+        return out, gates
     if form == "cooperative":
         count = torch.zeros(1, dtype=torch.int32, device=xp.device)
         gru_fwd_coop_kernel[grid](xp, w, bhn, h0, img, lens, out, gates, count, T, B, H, IMG_PER_STEP=per_step,
@@ -533,6 +764,10 @@ def gru_backward(grad_out, grad_h_last, out, gates, h0, w_hh, lengths, form=None
     has_len = lengths is not None
     lens = lengths if has_len else out
     flags.update(HAS_LEN=has_len)
+    if form == "persistent":
+        gru_bwd_persistent_kernel[grid](grad_out, grad_h_last, out, h0, gates, w, lens, dx, dhn, dh0, T, B, H,
+                                        **flags, **blocks)
+        return dx, dhn, dh0
     carry = torch.zeros(B, H, dtype=torch.float32, device=out.device)
     if form == "cooperative":
         count = torch.zeros(1, dtype=torch.int32, device=out.device)

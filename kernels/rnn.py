@@ -389,20 +389,24 @@ def fast_tanh(dtype: torch.dtype, device_type: str = "cuda") -> bool:
     return dtype in (torch.bfloat16, torch.float16) and device_type == "cuda" and not _interpreting()
 
 
-def persistent_fits(H: int, dtype: torch.dtype) -> bool:
-    """Whether W_hh fits on chip for the persistent form (see the module docstring)."""
-    return triton.next_power_of_2(H) <= (128 if dtype == torch.float32 else 256)
+def persistent_fits(H: int, dtype: torch.dtype, gates: int = 1) -> bool:
+    """Whether W_hh ([gates * H, H]) fits on chip for the persistent form: gates * Hp^2 elements
+    (Hp = H padded to a power of two) within the RNN's measured bound, 256^2 in 16-bit dtypes and
+    128^2 in float32 (see the module docstring). LSTM (4 gates): hidden <= 128 in 16-bit dtypes,
+    <= 64 in float32; GRU (3 gates) the same."""
+    hp = max(_MIN_DOT, triton.next_power_of_2(H))
+    return gates * hp * hp <= (128 * 128 if dtype == torch.float32 else 256 * 256)
 
 
-def choose_form(H: int, dtype: torch.dtype, form: str | None = None) -> str:
+def choose_form(H: int, dtype: torch.dtype, form: str | None = None, gates: int = 1) -> str:
     """auto: persistent wherever W_hh fits on chip (one program per batch tile runs the whole chain
     with no grid barrier: faster than the cooperative form at every such size measured,
-    bench/NOTES.md), else cooperative. step only on request."""
+    bench/NOTES.md), else cooperative. step only on request. gates: 1 (RNN), 4 (LSTM), 3 (GRU)."""
     form = form or os.environ.get("MMRNN_TRITON_FORM", "auto")
     if form not in FORMS:
         raise ValueError(f"form: expected one of {FORMS} (or MMRNN_TRITON_FORM unset), got {form!r}")
     if form == "auto":
-        return "persistent" if persistent_fits(H, dtype) else "cooperative"
+        return "persistent" if persistent_fits(H, dtype, gates) else "cooperative"
     return form
 
 

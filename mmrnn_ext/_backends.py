@@ -105,20 +105,22 @@ def _triton_status() -> tuple[bool, str]:
     if mod is None:
         return False, why
     if _triton_interpret():
-        return True, "TRITON_INTERPRET=1: the Triton kernels run on CPU tensors through the interpreter (slow; for testing)"
+        return True, ("TRITON_INTERPRET=1: the Triton kernels run on CPU tensors through the interpreter (slow; for "
+                      "testing). " + _GATED_ON_CUDA)
     if not torch.cuda.is_available():
         return False, "no CUDA device is visible to torch (set TRITON_INTERPRET=1 to run the kernels on CPU tensors for testing)"
     return True, ("CUDA tensors; float32 (TF32 dots only where torch allows TF32), bfloat16, float16. "
                   + _GATED_ON_CUDA)
 
 
-# The LSTM and GRU Triton kernels are verified under Triton's interpreter only: until the GPU check
-# (bench/gpu_check.sh) has passed on a GPU, "auto" keeps those cells on the reference backend on CUDA.
-_GATED_ON_CUDA = ("rnn: persistent / cooperative / step forms, picked by backend='auto'. lstm, gru: step and "
-                  "cooperative forms, verified under Triton's interpreter but not yet on a GPU, so they run only "
-                  "when asked for (backend='triton'); backend='auto' runs LSTM and GRU on CUDA with 'reference'")
+# What the Triton backend runs, per cell (backends()["triton"]["detail"]).
+_GATED_ON_CUDA = ("rnn: persistent / cooperative / step forms (measured on an H100). lstm, gru: the same three "
+                  "forms (persistent up to hidden 128 in 16-bit dtypes, 64 in float32), verified under Triton's "
+                  "interpreter and compiled for sm_90 offline (bench/sm90_resources.py); their GPU run and timing "
+                  "is bench/gpu_check.sh lstm gru. An LSTM with proj_size > 0 runs the reference step loop "
+                  "on every device")
 _CELLS_OF = {"cpp": CELLS, "triton": CELLS, "reference": CELLS}
-_AUTO_CELLS_OF = {"cpp": CELLS, "triton": ("rnn",), "reference": CELLS}
+_AUTO_CELLS_OF = {"cpp": CELLS, "triton": CELLS, "reference": CELLS}
 
 
 def backends() -> dict:

@@ -8,7 +8,8 @@
 Providers, all with the same weights on the same inputs (X = RNN, LSTM or GRU, per --cell):
     mmrnn_ext            mmrnn_ext.X(image_size=V), backend "auto" (each backend with --all-backends)
     nn.X(concat)         torch.nn.X on the input concatenated with the image (cuDNN on GPU; oneDNN
-                         for the LSTM on CPU)
+                         for the LSTM on CPU; in bfloat16 whichever path the installed torch takes:
+                         the table and JSON ("path") name it, read from the aten ops one call ran)
     eager loop           a Python loop of torch ops, input and image projections precomputed
     torch.compile(loop)  that loop compiled (skipped, with the reason, when it would take too long)
 
@@ -331,6 +332,24 @@ def recurrence_vs_mm(case: Case, repeats: int) -> dict:
             "fraction_of_mm": mm_ms / op_ms}
 
 
+def stock_path(fn) -> str:
+    """Which implementation torch ran for a call of the stock module (its aten ops under the profiler):
+    cuDNN, oneDNN, or a per-step loop of cell kernels (PyTorch's path where cuDNN does not take the dtype)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = {e.key for e in prof.key_averages()}
+    if "aten::_cudnn_rnn" in names:
+        return "cuDNN (aten::_cudnn_rnn)"
+    if any("mkldnn_rnn" in n for n in names):
+        return "oneDNN (aten::mkldnn_rnn_layer)"
+    cells = sorted(n for n in names if n.endswith("_cell"))
+    if cells:
+        return f"a per-step loop of cell ops ({', '.join(cells)})"
+    return "unrecognised (aten ops: " + ", ".join(sorted(n for n in names if n.startswith("aten::"))[:8]) + ")"
+
+
 def run_case(case: Case, args, progress) -> tuple[list, dict]:
     providers, skipped = make_providers(case, args)
     progress.add_total(2 * len(providers))
@@ -346,6 +365,8 @@ def run_case(case: Case, args, progress) -> tuple[list, dict]:
                     f"{diffs[name]:.3e} > tolerance {tol:.0e}; refusing to report speeds")
     rows = []
     dtype_name = str(case.dtype).replace("torch.", "")
+    stock = stock_name(case.cell)
+    paths = {stock: stock_path(providers[stock])}
     for name, fn in providers.items():
         def forward():
             with torch.no_grad():
@@ -370,7 +391,7 @@ def run_case(case: Case, args, progress) -> tuple[list, dict]:
                          "gemm_gflop": gflop, "gemm_gflops": None if gflop is None else gflop / ms * 1e3,
                          "saved_activations_mb": saved,
                          "peak_memory_mb": peak if pass_name == "forward+backward" else None,
-                         "relative_difference": diffs[name]})
+                         "relative_difference": diffs[name], "path": paths.get(name)})
     ours = {r["pass"]: r["ms"] for r in rows if r["provider"] == OURS}
     for r in rows:
         r["speedup_of_mmrnn_ext"] = r["ms"] / ours[r["pass"]]
@@ -413,7 +434,8 @@ def format_table(rows: list) -> str:
     for shape_dtype in dict.fromkeys(key(r) for r in rows):
         group = [r for r in rows if key(r) == shape_dtype]
         shape, dtype = shape_dtype
-        lines.append(f"\nshape (B, T, I, V, H) = {shape}, {dtype}")
+        path = next((r["path"] for r in group if r.get("path")), None)
+        lines.append(f"\nshape (B, T, I, V, H) = {shape}, {dtype}" + (f"; torch ran {path}" if path else ""))
         lines.append(f"  {'provider':<26}{'forward ms':>12}{'x':>8}{'fwd+bwd ms':>13}{'x':>8}{'GF/s':>8}"
                      f"{'saved MB':>10}{'rel diff':>10}")
         for name in dict.fromkeys(r["provider"] for r in group):

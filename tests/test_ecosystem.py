@@ -228,9 +228,22 @@ def test_gpu_opcheck(image):
 
 @gpu
 @pytest.mark.gpu
-def test_gpu_fullgraph_compile_matches_eager():
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("image", [None, "static", "step"], ids=["noimg", "static", "step"])
+def test_gpu_opcheck_gated(cell, image):
+    from test_gated_ops import make_inputs as gated_inputs
+
+    args, lens = gated_inputs(cell, 4, 3, 32, image, torch.float32, lengths=True)
+    args = [None if a is None else a.cuda() for a in args]
+    torch.library.opcheck(getattr(torch.ops.mmrnn, f"{cell}_fwd").default, (*args, lens.cuda(), "triton"))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("cell", CELLS)
+def test_gpu_fullgraph_compile_matches_eager(cell):
     torch.manual_seed(0)
-    model = Tagger("triton").cuda()
+    model = Tagger("triton", cell).cuda()
     x, img, lens = (t.cuda() for t in _inputs())
     explanation = torch._dynamo.explain(model)(x, img, lens)
     assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -240,10 +253,11 @@ def test_gpu_fullgraph_compile_matches_eager():
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_gpu_autocast(dtype):
+def test_gpu_autocast(cell, dtype):
     torch.manual_seed(0)
-    m = mmrnn_ext.RNN(I, H, image_size=V).cuda()
+    m = MODULES[cell](I, H, image_size=V).cuda()
     x, img = torch.randn(6, 3, I, device="cuda"), torch.randn(3, V, device="cuda")
     y32, _ = m(x, image=img)
     with torch.autocast("cuda", dtype=dtype):

@@ -275,9 +275,10 @@ def test_gpu_forward_captures_in_cuda_graph(form):
 
 
 @needs_interpreter
-def test_gpu_sweep_script_runs_through_the_interpreter(tmp_path):
-    """bench/gpu_sweep.py (the device run's kernel sweep) on a tiny shape: every variant it tries
-    agrees with the float64 reference, and its JSON names form, tiles and times."""
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_gpu_sweep_script_runs_through_the_interpreter(tmp_path, cell):
+    """bench/gpu_sweep.py (the device run's kernel sweep) on a tiny shape, for each cell: every variant
+    it tries agrees with the float64 reference, and its JSON names form, tiles, times and step costs."""
     require("triton")
     import importlib.util
     import json
@@ -289,13 +290,18 @@ def test_gpu_sweep_script_runs_through_the_interpreter(tmp_path):
     out = tmp_path / "sweep.json"
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
-        assert sweep.main([str(out), "--device", "cpu", "--shape", "3,2,0,0,20", "--dtype", "bfloat16,float32-notf32"]) == 0
+        assert sweep.main([str(out), "--device", "cpu", "--shape", "3,2,0,0,20", "--dtype", "bfloat16,float32-notf32",
+                           "--cell", cell]) == 0
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     rows = json.loads(out.read_text())["rows"]
     assert {r["form"] for r in rows} == {"persistent", "cooperative"}
-    assert all(r["ok"] and r["forward_ms"] > 0 and r["backward_ms"] > 0 for r in rows)
+    assert all(r["ok"] and r["forward_ms"] > 0 and r["backward_ms"] > 0 and r["cell"] == cell for r in rows)
     assert sum(r["auto"] for r in rows if r["dtype"] == "bfloat16") == 1
+    gates = {"rnn": 1, "lstm": 4, "gru": 3}[cell]
+    assert all(r["step_flop"] == 2 * 3 * 20 * gates * 20 for r in rows)  # [B, H] x [H, G*H]
+    # the errors cover every output and gradient of the cell: RNN 1 + 2, LSTM 3 + 3, GRU 2 + 3
+    assert len(rows[0]["relative_errors"]) == {"rnn": 3, "lstm": 6, "gru": 5}[cell]
 
 
 @needs_interpreter
