@@ -101,6 +101,19 @@ def targets(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _floor(row: dict) -> dict:
+    """One forward step's FLOP and byte floors (µs) for a sweep row, by gpu_sweep.py's own count."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import gpu_sweep
+
+    B, _, _, _, H = row["shape"]
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(row["dtype"], torch.float32)
+    flop, nbytes = gpu_sweep.step_cost(row.get("cell", "rnn"), B, H, dtype)
+    return {"flop": flop / (gpu_sweep.PEAK_TFLOPS[row["dtype"]] * 1e6), "byte": nbytes / (gpu_sweep.HBM_TBPS * 1e6)}
+
+
 def kernels_alone(data: dict) -> str:
     sweep = data["sweep"]
     if not sweep:
@@ -111,8 +124,8 @@ def kernels_alone(data: dict) -> str:
         if not r["auto"]:
             continue
         B, T, _, _, H = r["shape"]
-        fl = r.get("floor_us_per_step")  # the sweep's rows since the gated cells' run
-        floor = "n/a" if fl is None else f"{max(fl.values()):.2f} ({fl['flop']:.2f}, {fl['byte']:.2f})"
+        fl = r.get("floor_us_per_step") or _floor(r)  # rows of sweeps before the floors were recorded: computed
+        floor = f"{max(fl.values()):.2g} ({fl['flop']:.2g}, {fl['byte']:.2g})"
         lines.append(f"| {B},{T},{H} | {r['dtype']} | {r['form']} | {r['programs']} | "
                      f"{r['forward_us_per_step']:.2f} | {r['backward_us_per_step']:.2f} | {floor} | "
                      f"{r['relative_error']:.1e} |")

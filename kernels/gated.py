@@ -1,12 +1,16 @@
-"""Triton kernels of the LSTM and GRU recurrences, forward and BPTT, in two of the RNN's forms
-(kernels/rnn.py): the step form (one launch per step, CUDA-graph capturable) and the cooperative
-form (ONE launch for all steps, a grid barrier between them). Each step is one fused pass per
-[block_b, block_n] tile of hidden units: the recurrent dots of all gates of the tile ([B, H] x
-[H, G*H] restricted to the tile's G column blocks) + projected input + image term + gate
-nonlinearities + cell update (LSTM) / reset product with b_hn (GRU) + lengths mask. The dot, the
-tanh, the TF32 policy, the grid barrier, the tile choice and the launch options are the RNN's
-(imported, not copied). The persistent form (W_hh held on chip) is not written for the gated cells
-yet: "auto" picks the cooperative form.
+"""Triton kernels of the LSTM and GRU recurrences, forward and BPTT, in the RNN's three forms
+(kernels/rnn.py), chosen by the same size rule (choose_form with the gate count G):
+* persistent: ONE launch; each program owns 16 batch rows and the whole hidden row, loads W_hh's G
+  gate blocks once and carries h (and c; in BPTT dL/dh and dL/dc) in float32 registers. While
+  G * Hp^2 stays within the RNN's bound: hidden <= 128 in 16-bit dtypes, <= 64 in float32.
+* cooperative: ONE launch for all steps, [block_b, block_n] tiles of hidden units over at most one
+  program per SM, a grid barrier between steps. Every larger size.
+* step: one launch per step (CUDA-graph capturable), the cooperative form's tile code; on request.
+Each step is one fused pass: the recurrent dots of all gates ([B, H] x [H, G*H], a tile's G column
+blocks) + projected input + image term + gate nonlinearities + cell update (LSTM) / reset product
+with b_hn (GRU) + lengths mask. The dot, the tanh, the TF32 policy, the grid barrier, the tile
+choice and the launch options are the RNN's (imported, not copied). Every kernel compiles for sm_90
+within a Hopper SM's shared memory (bench/sm90_resources.py, checked in CI without a GPU).
 
 Contracts (time-major, as mmrnn_ext/reference.py's reference backend):
     lstm_forward(xp [T,B,4H], w_hh [4H,H], h0, c0, image_term, lengths) -> out, c_all [T,B,H], gates [T,B,4H]
@@ -14,11 +18,11 @@ Contracts (time-major, as mmrnn_ext/reference.py's reference backend):
     gru_forward(xp [T,B,3H], w_hh [3H,H], b_hn [H] or None, h0, image_term, lengths) -> out, gates [T,B,4H]
     gru_backward(grad_out, grad_h_last, out, gates, h0, w_hh, lengths) -> dGx [T,B,3H], dhn [T,B,H], dh0
 Activated gates are saved (LSTM: i, f, g, o; GRU: r, z, n, W_hn h + b_hn), zero past each length.
-The carried gradients between steps (LSTM dL/dc, GRU dL/dh through z) stay in float32 buffers.
+The carried gradients between steps (LSTM dL/dc, GRU dL/dh through z) stay in float32 (buffers in the
+cooperative and step forms, registers in the persistent one).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton

@@ -333,21 +333,33 @@ def recurrence_vs_mm(case: Case, repeats: int) -> dict:
 
 
 def stock_path(fn) -> str:
-    """Which implementation torch ran for a call of the stock module (its aten ops under the profiler):
-    cuDNN, oneDNN, or a per-step loop of cell kernels (PyTorch's path where cuDNN does not take the dtype)."""
-    from torch.profiler import ProfilerActivity, profile
+    """Which implementation torch ran for a call of the stock module, from the aten ops it dispatched:
+    cuDNN, oneDNN, or a per-step loop (fused cell kernels, or a GEMM per step: PyTorch's path where
+    neither library takes the dtype)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+    class _Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), _Ops() as ops:
         fn()
-    names = {e.key for e in prof.key_averages()}
-    if "aten::_cudnn_rnn" in names:
+    names = ops.names
+    if "_cudnn_rnn" in names:
         return "cuDNN (aten::_cudnn_rnn)"
-    if any("mkldnn_rnn" in n for n in names):
+    if "mkldnn_rnn_layer" in names:
         return "oneDNN (aten::mkldnn_rnn_layer)"
     cells = sorted(n for n in names if n.endswith("_cell"))
     if cells:
-        return f"a per-step loop of cell ops ({', '.join(cells)})"
-    return "unrecognised (aten ops: " + ", ".join(sorted(n for n in names if n.startswith("aten::"))[:8]) + ")"
+        return f"a per-step loop of fused cell kernels (aten::{', aten::'.join(cells)})"
+    if "addmm" in names or "mm" in names:
+        return "a per-step loop of aten ops (a GEMM per step)"
+    return "unrecognised (aten ops: " + ", ".join(sorted(names)[:8]) + ")"
 
 
 def run_case(case: Case, args, progress) -> tuple[list, dict]:

@@ -23,6 +23,7 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
     for r in result["rows"]:
         assert r["ms"] > 0 and r["relative_difference"] <= 1e-5 and r["saved_activations_mb"] >= 0
     assert {s["provider"] for s in result["skipped"]} >= {"torch.compile(loop)", "mmrnn_ext[triton]"}
+    assert all(bool(r["path"]) == (r["provider"] == "nn.RNN(concat)") for r in result["rows"])  # which torch ran
     assert result["machine"]["cpu_cores"] and result["machine"]["torch"] == torch.__version__
     assert result["recurrence"] and result["recurrence"][0]["recurrence_gflops"] > 0
     assert png.stat().st_size > 10_000
@@ -60,3 +61,18 @@ def test_compiled_loop_provider_runs_and_agrees(tmp_path):
     rows = [r for r in json.loads(out.read_text())["rows"] if r["provider"] == "torch.compile(loop)"]
     assert {r["pass"] for r in rows} == set(bench.PASSES)
     assert all(r["relative_difference"] <= 1e-5 for r in rows)
+
+
+def test_stock_path_names_the_implementation_torch_ran():
+    """The bench says which implementation the stock provider ran (the issue asks, for bf16): here on
+    CPU, oneDNN for the LSTM and torch's per-step loop for the GRU; a fused-cell loop is named as such."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 4)
+    lstm, gru = torch.nn.LSTM(4, 8), torch.nn.GRU(4, 8)
+    assert bench.stock_path(lambda: lstm(x)[0]).startswith("oneDNN")
+    assert bench.stock_path(lambda: gru(x)[0]) == "a per-step loop of aten ops (a GEMM per step)"
+    h = torch.zeros(2, 8)
+    cell = lambda: torch.ops.aten._thnn_fused_gru_cell(x[0] @ torch.ones(4, 24), h @ torch.ones(8, 24), h)  # noqa: E731
+    if torch.cuda.is_available():  # the fused cell kernels are CUDA's
+        assert "fused cell kernels" in bench.stock_path(cell)
+    assert bench.stock_path(lambda: torch.ones(2) + 1).startswith("unrecognised")
