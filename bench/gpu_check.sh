@@ -4,9 +4,10 @@
 #
 #   bash bench/gpu_check.sh [CELL ...]      CELL: rnn, lstm, gru (default: rnn)
 #
-# Per cell about 4-5 minutes (the RNN's run measured 6 minutes with its wider sweep, on an H100; the
-# LSTM's and GRU's are budgeted, not yet measured): a 15-minute device session fits
-# `bash bench/gpu_check.sh lstm gru` in one call, or one call per cell to leave room for a rerun.
+# Per cell at most 6.5 minutes by its steps' limits (the RNN's run measured 6 minutes on an H100; the
+# LSTM's and GRU's are budgeted, not yet measured): in a 15-minute device session run one call per
+# cell (`bash bench/gpu_check.sh lstm`, then `gru` on the still-warm machine, which reuses Triton's
+# compile cache), each under the device's 10-minute limit per command.
 # Writes under $OUT, per cell C with prefix P ("" for rnn, "lstm_" and "gru_" for the gated cells):
 #   gpu_check.log          everything printed: the card, driver and versions; the sweeps' tables; the
 #                          GPU tests (fp32, tf32, bf16, fp16; forward and every gradient vs fp64;
@@ -53,7 +54,8 @@ for CELL in "${CELLS[@]}"; do
   if [ "$CELL" = rnn ]; then P=""; SHAPES=(); TESTS=("${TESTS_RNN[@]}"); K="not lstm and not gru"
   else P="${CELL}_"; SHAPES=("${GATED_SHAPES[@]}"); TESTS=("${TESTS_GATED[@]}"); K="$CELL"; fi
   step "$CELL: kernel sweep"
-  run 100 python3 -W ignore bench/gpu_sweep.py "$OUT/${P}sweep.json" --cell "$CELL" --jobs "$JOBS" "${SHAPES[@]}"
+  run 150 python3 -W ignore bench/gpu_sweep.py "$OUT/${P}sweep.json" --cell "$CELL" --jobs "$JOBS" --budget 60 \
+    "${SHAPES[@]}"
   grep -E "\[auto\]|FAILED" "$LOG" | tail -n 25
   step "$CELL: GPU tests"
   run 120 python3 -m pytest "${TESTS[@]}" -m gpu -k "$K" -q -p no:cacheprovider -rs -n "$JOBS"

@@ -148,6 +148,8 @@ def main(argv=None) -> int:
                    help="comma-separated; only bfloat16 tries the wider set of tile configs")
     p.add_argument("--shape", action="append", metavar="B,T,I,V,H", help="instead of the GPU grid (repeatable)")
     p.add_argument("--cell", choices=list(GATES), default="rnn")
+    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="start no new shape/dtype after this many seconds (the JSON says where it stopped)")
     p.add_argument("--device", default="cuda", help="cuda; cpu runs the kernels through TRITON_INTERPRET=1 (a test)")
     p.add_argument("--jobs", type=int, default=1, help="compile the variants in this many processes first")
     p.add_argument("--part", default=None, help="I/N: only compile every N-th variant from the I-th (a --jobs worker)")
@@ -177,13 +179,19 @@ def main(argv=None) -> int:
     t_start = time.time()
     cell = args.cell
 
+    stopped = []
+
     def write():  # after every shape and dtype too: a run stopped by its time limit keeps what it measured
         with open(args.json, "w") as f:
-            json.dump({"machine": machine_info(dev), "cell": cell, "rows": rows, "seconds": time.time() - t_start}, f,
-                      indent=1)
+            json.dump({"machine": machine_info(dev), "cell": cell, "rows": rows, "seconds": time.time() - t_start,
+                       "not_run_for_budget": stopped}, f, indent=1)
 
     for (B, T, _I, _V, H) in shapes:
         for dname in args.dtype.split(","):
+            if args.budget is not None and not args.part and time.time() - t_start > args.budget:
+                stopped.append({"shape": [B, T, _I, _V, H], "dtype": dname})
+                print(f"{cell} {B},{T},{H} {dname}: not run (--budget {args.budget:g} s spent)", flush=True)
+                continue
             dtype, tol = DTYPES[dname]
             tf32 = dname != "float32-notf32"
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32

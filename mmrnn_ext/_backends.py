@@ -106,21 +106,20 @@ def _triton_status() -> tuple[bool, str]:
         return False, why
     if _triton_interpret():
         return True, ("TRITON_INTERPRET=1: the Triton kernels run on CPU tensors through the interpreter (slow; for "
-                      "testing). " + _GATED_ON_CUDA)
+                      "testing). " + _TRITON_CELLS)
     if not torch.cuda.is_available():
         return False, "no CUDA device is visible to torch (set TRITON_INTERPRET=1 to run the kernels on CPU tensors for testing)"
     return True, ("CUDA tensors; float32 (TF32 dots only where torch allows TF32), bfloat16, float16. "
-                  + _GATED_ON_CUDA)
+                  + _TRITON_CELLS)
 
 
 # What the Triton backend runs, per cell (backends()["triton"]["detail"]).
-_GATED_ON_CUDA = ("rnn: persistent / cooperative / step forms (measured on an H100). lstm, gru: the same three "
+_TRITON_CELLS = ("rnn: persistent / cooperative / step forms (measured on an H100). lstm, gru: the same three "
                   "forms (persistent up to hidden 128 in 16-bit dtypes, 64 in float32), verified under Triton's "
                   "interpreter and compiled for sm_90 offline (bench/sm90_resources.py); their GPU run and timing "
-                  "is bench/gpu_check.sh lstm gru. An LSTM with proj_size > 0 runs the reference step loop "
+                  "is bench/gpu_check.sh lstm (and gru). An LSTM with proj_size > 0 runs the reference step loop "
                   "on every device")
-_CELLS_OF = {"cpp": CELLS, "triton": CELLS, "reference": CELLS}
-_AUTO_CELLS_OF = {"cpp": CELLS, "triton": CELLS, "reference": CELLS}
+_CELLS_OF = {"cpp": CELLS, "triton": CELLS, "reference": CELLS}  # what backend=name runs; "auto" gives it the same
 
 
 def backends() -> dict:
@@ -130,11 +129,11 @@ def backends() -> dict:
     cpp_mod, cpp_why = _cpp()
     tri_ok, tri_why = _triton_status()
     return {
-        "cpp": {"available": cpp_mod is not None, "cells": _CELLS_OF["cpp"], "auto_cells": _AUTO_CELLS_OF["cpp"],
+        "cpp": {"available": cpp_mod is not None, "cells": _CELLS_OF["cpp"], "auto_cells": _CELLS_OF["cpp"],
                 "detail": cpp_why},
-        "triton": {"available": tri_ok, "cells": _CELLS_OF["triton"], "auto_cells": _AUTO_CELLS_OF["triton"],
+        "triton": {"available": tri_ok, "cells": _CELLS_OF["triton"], "auto_cells": _CELLS_OF["triton"],
                    "detail": tri_why},
-        "reference": {"available": True, "cells": _CELLS_OF["reference"], "auto_cells": _AUTO_CELLS_OF["reference"],
+        "reference": {"available": True, "cells": _CELLS_OF["reference"], "auto_cells": _CELLS_OF["reference"],
                       "detail": "plain PyTorch step loop, any device and dtype (low precision computed in float32)"},
     }
 
@@ -195,7 +194,7 @@ def select(backend: str, device: torch.device, dtype: torch.dtype, cell: str = "
     if backend == "auto":
         preferred = ("triton",) if device.type == "cuda" else ("cpp",)
         for name in preferred:
-            if status[name]["available"] and cell in _AUTO_CELLS_OF[name]:
+            if status[name]["available"] and cell in _CELLS_OF[name]:
                 candidate = _cpp_backend() if name == "cpp" else _triton_backend()
                 if dtype in candidate.dtypes and device.type in candidate.devices:
                     return candidate
