@@ -66,6 +66,26 @@ def _gate_dot(src_ptr, ld_src, w_ptr, rb, mb, rn, mn, row0, H, acc, FP32_DOT: tl
     return acc
 
 
+@triton.jit
+def _saved_gates(ptr, H, m):
+    """The four saved [B, H] gate blocks at ptr (row stride 4H: LSTM i, f, g, o; GRU r, z, n, W_hn h + b_hn)
+    as float32."""
+    a = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(ptr + H, mask=m, other=0.0).to(tl.float32)
+    c = tl.load(ptr + 2 * H, mask=m, other=0.0).to(tl.float32)
+    d = tl.load(ptr + 3 * H, mask=m, other=0.0).to(tl.float32)
+    return a, b, c, d
+
+
+@triton.jit
+def _before(ptr, first_ptr, t, step):
+    """Step t - 1's slice of a [T, B, .] buffer (row stride `step`), or first_ptr (h0 / c0) at t == 0."""
+    p = ptr + (t - 1) * step
+    if t == 0:
+        p = first_ptr
+    return p
+
+
 # --- LSTM -----------------------------------------------------------------------------------------
 
 @triton.jit
@@ -137,10 +157,7 @@ def _lstm_bwd_tile(d_next_ptr, w_ptr, gy_ptr, ghl_ptr, gcl_ptr, c_ptr, c_prev_pt
         gy = tl.load(gy_ptr + oh, mask=m, other=0.0).to(tl.float32)
         c = tl.load(c_ptr + oh, mask=m, other=0.0).to(tl.float32)
         c_prev = tl.load(c_prev_ptr + oh, mask=m, other=0.0).to(tl.float32)
-        i = tl.load(gates_ptr + og, mask=m, other=0.0).to(tl.float32)
-        f = tl.load(gates_ptr + og + H, mask=m, other=0.0).to(tl.float32)
-        g = tl.load(gates_ptr + og + 2 * H, mask=m, other=0.0).to(tl.float32)
-        o = tl.load(gates_ptr + og + 3 * H, mask=m, other=0.0).to(tl.float32)
+        i, f, g, o = _saved_gates(gates_ptr + og, H, m)
     gh = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     if HAS_NEXT:
         for q in range(4):
@@ -200,9 +217,7 @@ def lstm_fwd_coop_kernel(xp_ptr, w_ptr, h0_ptr, c0_ptr, img_ptr, len_ptr, out_pt
     n_tiles = n_tb * tl.cdiv(H, BLOCK_N)
     step, gstep = B * H, B * 4 * H
     for t in range(T):
-        h_prev, c_prev = out_ptr + (t - 1) * step, c_ptr + (t - 1) * step
-        if t == 0:
-            h_prev, c_prev = h0_ptr, c0_ptr
+        h_prev, c_prev = _before(out_ptr, h0_ptr, t, step), _before(c_ptr, c0_ptr, t, step)
         img_t = img_ptr
         if IMG_PER_STEP:
             img_t = img_ptr + t * gstep
@@ -223,9 +238,7 @@ def lstm_bwd_coop_kernel(gy_ptr, ghl_ptr, gcl_ptr, c_ptr, c0_ptr, gates_ptr, w_p
     n_tiles = n_tb * tl.cdiv(H, BLOCK_N)
     step, gstep = B * H, B * 4 * H
     last = T - 1
-    c_prev = c_ptr + (last - 1) * step
-    if last == 0:
-        c_prev = c0_ptr
+    c_prev = _before(c_ptr, c0_ptr, last, step)
     for tile in range(pid, n_tiles, nprog):  # step T - 1: nothing flows in from a later step
         _lstm_bwd_tile(dG_ptr, w_ptr, gy_ptr + last * step, ghl_ptr, gcl_ptr, c_ptr + last * step, c_prev,
                        gates_ptr + last * gstep, len_ptr, gc_ptr, dG_ptr + last * gstep, dc0_ptr, last, T, B, H,
@@ -233,9 +246,7 @@ def lstm_bwd_coop_kernel(gy_ptr, ghl_ptr, gcl_ptr, c_ptr, c0_ptr, gates_ptr, w_p
     _grid_barrier(count_ptr, 1)
     for i in range(1, T):
         t = T - 1 - i
-        c_prev = c_ptr + (t - 1) * step
-        if t == 0:
-            c_prev = c0_ptr
+        c_prev = _before(c_ptr, c0_ptr, t, step)
         for tile in range(pid, n_tiles, nprog):
             _lstm_bwd_tile(dG_ptr + (t + 1) * gstep, w_ptr, gy_ptr + t * step, ghl_ptr, gcl_ptr, c_ptr + t * step,
                            c_prev, gates_ptr + t * gstep, len_ptr, gc_ptr, dG_ptr + t * gstep, dc0_ptr, t, T, B, H,
@@ -316,10 +327,7 @@ def _gru_bwd_tile(dx_next_ptr, dhn_next_ptr, w_ptr, gy_ptr, ghl_ptr, h_prev_ptr,
     if not FINAL:
         gy = tl.load(gy_ptr + oh, mask=m, other=0.0).to(tl.float32)
         h_prev = tl.load(h_prev_ptr + oh, mask=m, other=0.0).to(tl.float32)
-        r = tl.load(gates_ptr + og, mask=m, other=0.0).to(tl.float32)
-        z = tl.load(gates_ptr + og + H, mask=m, other=0.0).to(tl.float32)
-        n = tl.load(gates_ptr + og + 2 * H, mask=m, other=0.0).to(tl.float32)
-        hn = tl.load(gates_ptr + og + 3 * H, mask=m, other=0.0).to(tl.float32)
+        r, z, n, hn = _saved_gates(gates_ptr + og, H, m)
     if HAS_NEXT:
         gh = _gate_dot(dx_next_ptr, G, w_ptr, rb, mb, rn, mn, 0, H, gh, FP32_DOT, DOT_FP32, False, BLOCK_K)
         gh = _gate_dot(dx_next_ptr + H, G, w_ptr, rb, mb, rn, mn, H, H, gh, FP32_DOT, DOT_FP32, False, BLOCK_K)
@@ -373,9 +381,7 @@ def gru_fwd_coop_kernel(xp_ptr, w_ptr, bhn_ptr, h0_ptr, img_ptr, len_ptr, out_pt
     n_tiles = n_tb * tl.cdiv(H, BLOCK_N)
     step, xstep = B * H, B * 3 * H
     for t in range(T):
-        h_prev = out_ptr + (t - 1) * step
-        if t == 0:
-            h_prev = h0_ptr
+        h_prev = _before(out_ptr, h0_ptr, t, step)
         img_t = img_ptr
         if IMG_PER_STEP:
             img_t = img_ptr + t * xstep
@@ -395,9 +401,7 @@ def gru_bwd_coop_kernel(gy_ptr, ghl_ptr, out_ptr, h0_ptr, gates_ptr, w_ptr, len_
     n_tiles = n_tb * tl.cdiv(H, BLOCK_N)
     step, xstep = B * H, B * 3 * H
     last = T - 1
-    h_prev = out_ptr + (last - 1) * step
-    if last == 0:
-        h_prev = h0_ptr
+    h_prev = _before(out_ptr, h0_ptr, last, step)
     for tile in range(pid, n_tiles, nprog):
         _gru_bwd_tile(dx_ptr, dhn_ptr, w_ptr, gy_ptr + last * step, ghl_ptr, h_prev, gates_ptr + last * 4 * step,
                       len_ptr, carry_ptr, dx_ptr + last * xstep, dhn_ptr + last * step, last, T, B, H,
@@ -405,9 +409,7 @@ def gru_bwd_coop_kernel(gy_ptr, ghl_ptr, out_ptr, h0_ptr, gates_ptr, w_ptr, len_
     _grid_barrier(count_ptr, 1)
     for i in range(1, T):
         t = T - 1 - i
-        h_prev = out_ptr + (t - 1) * step
-        if t == 0:
-            h_prev = h0_ptr
+        h_prev = _before(out_ptr, h0_ptr, t, step)
         for tile in range(pid, n_tiles, nprog):
             _gru_bwd_tile(dx_ptr + (t + 1) * xstep, dhn_ptr + (t + 1) * step, w_ptr, gy_ptr + t * step, ghl_ptr,
                           h_prev, gates_ptr + t * 4 * step, len_ptr, carry_ptr, dx_ptr + t * xstep,
@@ -514,16 +516,11 @@ def lstm_bwd_persistent_kernel(gy_ptr, ghl_ptr, gcl_ptr, c_ptr, c0_ptr, gates_pt
     ty = dG_ptr.dtype.element_ty
     for s in range(T):
         t = T - 1 - s
-        c_prev_ptr = c_ptr + (t - 1) * step
-        if t == 0:
-            c_prev_ptr = c0_ptr
+        c_prev_ptr = _before(c_ptr, c0_ptr, t, step)
         gy = tl.load(gy_ptr + t * step + oh, mask=m, other=0.0).to(tl.float32)
         c = tl.load(c_ptr + t * step + oh, mask=m, other=0.0).to(tl.float32)
         c_prev = tl.load(c_prev_ptr + oh, mask=m, other=0.0).to(tl.float32)
-        i = tl.load(gates_ptr + t * gstep + og, mask=m, other=0.0).to(tl.float32)
-        f = tl.load(gates_ptr + t * gstep + og + H, mask=m, other=0.0).to(tl.float32)
-        g = tl.load(gates_ptr + t * gstep + og + 2 * H, mask=m, other=0.0).to(tl.float32)
-        o = tl.load(gates_ptr + t * gstep + og + 3 * H, mask=m, other=0.0).to(tl.float32)
+        i, f, g, o = _saved_gates(gates_ptr + t * gstep + og, H, m)
         enters = (t == lens - 1)[:, None]
         gh, gc = tl.where(enters, ghl, gh), tl.where(enters, gcl, gc)
         tc = _tanh(c)
@@ -616,15 +613,10 @@ def gru_bwd_persistent_kernel(gy_ptr, ghl_ptr, out_ptr, h0_ptr, gates_ptr, w_ptr
     ty = dx_ptr.dtype.element_ty
     for s in range(T):
         t = T - 1 - s
-        h_prev_ptr = out_ptr + (t - 1) * step
-        if t == 0:
-            h_prev_ptr = h0_ptr
+        h_prev_ptr = _before(out_ptr, h0_ptr, t, step)
         gy = tl.load(gy_ptr + t * step + oh, mask=m, other=0.0).to(tl.float32)
         h_prev = tl.load(h_prev_ptr + oh, mask=m, other=0.0).to(tl.float32)
-        r = tl.load(gates_ptr + t * 4 * step + og, mask=m, other=0.0).to(tl.float32)
-        z = tl.load(gates_ptr + t * 4 * step + og + H, mask=m, other=0.0).to(tl.float32)
-        n = tl.load(gates_ptr + t * 4 * step + og + 2 * H, mask=m, other=0.0).to(tl.float32)
-        hn = tl.load(gates_ptr + t * 4 * step + og + 3 * H, mask=m, other=0.0).to(tl.float32)
+        r, z, n, hn = _saved_gates(gates_ptr + t * 4 * step + og, H, m)
         gh = tl.where((t == lens - 1)[:, None], ghl, gh)
         dh = gy + gh
         dn = dh * (1.0 - z) * (1.0 - n * n)
