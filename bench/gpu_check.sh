@@ -4,10 +4,10 @@
 #
 #   bash bench/gpu_check.sh [CELL ...]      CELL: rnn, lstm, gru (default: rnn)
 #
-# Per cell at most 6.5 minutes by its steps' limits (the RNN's run measured 6 minutes on an H100; the
-# LSTM's and GRU's are budgeted, not yet measured): in a 15-minute device session run one call per
-# cell (`bash bench/gpu_check.sh lstm`, then `gru` on the still-warm machine, which reuses Triton's
-# compile cache), each under the device's 10-minute limit per command.
+# By its steps' time limits: the RNN at most 7 minutes (measured 6 on an H100, with its wider sweep),
+# `lstm gru` together at most 9.5 minutes (budgeted, not yet measured): one call in a 15-minute
+# device session. To leave room for a rerun, run one cell per call on the still-warm machine (it
+# keeps Triton's compile cache).
 # Writes under $OUT, per cell C with prefix P ("" for rnn, "lstm_" and "gru_" for the gated cells):
 #   gpu_check.log          everything printed: the card, driver and versions; the sweeps' tables; the
 #                          GPU tests (fp32, tf32, bf16, fp16; forward and every gradient vs fp64;
@@ -50,21 +50,29 @@ GATED_SHAPES=(--shape 16,256,128,256,128 --shape 64,256,256,512,256 --shape 64,2
               --shape 256,128,1024,2048,1024 --shape 1,1024,64,64,256 --shape 16,1024,768,768,768)
 TESTS_RNN=(tests/test_triton.py tests/test_ecosystem.py tests/test_cells.py tests/test_higher_order.py)
 TESTS_GATED=(tests/test_triton_gated.py tests/test_ecosystem.py tests/test_gated_bad_input.py tests/test_higher_order.py)
+TESTS=(); K=()
+case " ${CELLS[*]} " in
+  *" rnn "*) TESTS+=("${TESTS_RNN[@]}") ;;&
+  *" lstm "*|*" gru "*) TESTS+=("${TESTS_GATED[@]}") ;;
+esac
+WANT="${CELLS[*]}"
+[ "$WANT" = rnn ] && K=(-k "not lstm and not gru")
+[[ " $WANT " != *" rnn "* ]] && K=(-k "$(echo "$WANT" | sed 's/ / or /g')")
+step "GPU tests (${CELLS[*]})"
+run 150 python3 -m pytest $(printf '%s\n' "${TESTS[@]}" | sort -u) -m gpu "${K[@]}" -q -p no:cacheprovider -rs -n "$JOBS"
+grep -E "passed|failed|error" "$LOG" | tail -n 3
 for CELL in "${CELLS[@]}"; do
-  if [ "$CELL" = rnn ]; then P=""; SHAPES=(); TESTS=("${TESTS_RNN[@]}"); K="not lstm and not gru"
-  else P="${CELL}_"; SHAPES=("${GATED_SHAPES[@]}"); TESTS=("${TESTS_GATED[@]}"); K="$CELL"; fi
+  if [ "$CELL" = rnn ]; then P=""; SHAPES=(); SWEEP_S=150; SWEEP_BUDGET=100
+  else P="${CELL}_"; SHAPES=("${GATED_SHAPES[@]}"); SWEEP_S=90; SWEEP_BUDGET=40; fi
   step "$CELL: kernel sweep"
-  run 150 python3 -W ignore bench/gpu_sweep.py "$OUT/${P}sweep.json" --cell "$CELL" --jobs "$JOBS" --budget 60 \
-    "${SHAPES[@]}"
+  run $SWEEP_S python3 -W ignore bench/gpu_sweep.py "$OUT/${P}sweep.json" --cell "$CELL" --jobs "$JOBS" \
+    --budget $SWEEP_BUDGET "${SHAPES[@]}"
   grep -E "\[auto\]|FAILED" "$LOG" | tail -n 25
-  step "$CELL: GPU tests"
-  run 120 python3 -m pytest "${TESTS[@]}" -m gpu -k "$K" -q -p no:cacheprovider -rs -n "$JOBS"
-  grep -E "passed|failed|error" "$LOG" | tail -n 3
   step "$CELL: bench (TF32 default)"
-  run 100 python3 -m mmrnn_ext.bench --cell "$CELL" --device cuda --dtype float32,bfloat16,float16 --no-compile \
+  run 80 python3 -m mmrnn_ext.bench --cell "$CELL" --device cuda --dtype float32,bfloat16,float16 --no-compile \
     "${SHAPES[@]}" --json "$OUT/${P}bench_default.json" --plot "$OUT/${P}bench.png"
   step "$CELL: bench (TF32 off)"
-  run 50 python3 -m mmrnn_ext.bench --cell "$CELL" --device cuda --dtype float32 --tf32 off --no-recurrence \
+  run 40 python3 -m mmrnn_ext.bench --cell "$CELL" --device cuda --dtype float32 --tf32 off --no-recurrence \
     --no-compile "${SHAPES[@]}" --json "$OUT/${P}bench_tf32_off.json"
   step "$CELL: summary"
   python3 bench/gpu_summary.py "$OUT" "$P" 2>&1 | tee "$OUT/${P}summary.txt" | tee -a "$LOG"

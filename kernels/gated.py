@@ -67,6 +67,25 @@ def _gate_dot(src_ptr, ld_src, w_ptr, rb, mb, rn, mn, row0, H, acc, FP32_DOT: tl
 
 
 @triton.jit
+def _gate_inputs(xp_ptr, img_ptr, offs, H, m, HAS_IMG: tl.constexpr, NGATES: tl.constexpr):
+    """Each gate's projected input plus image term at offs (NGATES blocks of H columns; the fourth is
+    zero when NGATES == 3), as float32: the step's addends, loaded before the recurrent dots."""
+    a0 = tl.load(xp_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    a1 = tl.load(xp_ptr + offs + H, mask=m, other=0.0).to(tl.float32)
+    a2 = tl.load(xp_ptr + offs + 2 * H, mask=m, other=0.0).to(tl.float32)
+    a3 = tl.zeros_like(a0)
+    if NGATES == 4:
+        a3 += tl.load(xp_ptr + offs + 3 * H, mask=m, other=0.0).to(tl.float32)
+    if HAS_IMG:
+        a0 += tl.load(img_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        a1 += tl.load(img_ptr + offs + H, mask=m, other=0.0).to(tl.float32)
+        a2 += tl.load(img_ptr + offs + 2 * H, mask=m, other=0.0).to(tl.float32)
+        if NGATES == 4:
+            a3 += tl.load(img_ptr + offs + 3 * H, mask=m, other=0.0).to(tl.float32)
+    return a0, a1, a2, a3
+
+
+@triton.jit
 def _saved_gates(ptr, H, m):
     """The four saved [B, H] gate blocks at ptr (row stride 4H: LSTM i, f, g, o; GRU r, z, n, W_hn h + b_hn)
     as float32."""
@@ -98,15 +117,7 @@ def _lstm_fwd_tile(h_prev_ptr, c_prev_ptr, w_ptr, xp_ptr, img_ptr, len_ptr, out_
     G = 4 * H
     og = rb[:, None] * G + rn[None, :]
     oh = rb[:, None] * H + rn[None, :]
-    acc_i = tl.load(xp_ptr + og, mask=m, other=0.0).to(tl.float32)
-    acc_f = tl.load(xp_ptr + og + H, mask=m, other=0.0).to(tl.float32)
-    acc_g = tl.load(xp_ptr + og + 2 * H, mask=m, other=0.0).to(tl.float32)
-    acc_o = tl.load(xp_ptr + og + 3 * H, mask=m, other=0.0).to(tl.float32)
-    if HAS_IMG:
-        acc_i += tl.load(img_ptr + og, mask=m, other=0.0).to(tl.float32)
-        acc_f += tl.load(img_ptr + og + H, mask=m, other=0.0).to(tl.float32)
-        acc_g += tl.load(img_ptr + og + 2 * H, mask=m, other=0.0).to(tl.float32)
-        acc_o += tl.load(img_ptr + og + 3 * H, mask=m, other=0.0).to(tl.float32)
+    acc_i, acc_f, acc_g, acc_o = _gate_inputs(xp_ptr, img_ptr, og, H, m, HAS_IMG, 4)
     c_prev = tl.load(c_prev_ptr + oh, mask=m, other=0.0).to(tl.float32)
     acc_i = _gate_dot(h_prev_ptr, H, w_ptr, rb, mb, rn, mn, 0, H, acc_i, FP32_DOT, DOT_FP32, True, BLOCK_K)
     acc_f = _gate_dot(h_prev_ptr, H, w_ptr, rb, mb, rn, mn, H, H, acc_f, FP32_DOT, DOT_FP32, True, BLOCK_K)
@@ -272,13 +283,7 @@ def _gru_fwd_tile(h_prev_ptr, w_ptr, bhn_ptr, xp_ptr, img_ptr, len_ptr, out_ptr,
     ox = rb[:, None] * G + rn[None, :]
     oh = rb[:, None] * H + rn[None, :]
     og = rb[:, None] * 4 * H + rn[None, :]
-    x_r = tl.load(xp_ptr + ox, mask=m, other=0.0).to(tl.float32)
-    x_z = tl.load(xp_ptr + ox + H, mask=m, other=0.0).to(tl.float32)
-    x_n = tl.load(xp_ptr + ox + 2 * H, mask=m, other=0.0).to(tl.float32)
-    if HAS_IMG:
-        x_r += tl.load(img_ptr + ox, mask=m, other=0.0).to(tl.float32)
-        x_z += tl.load(img_ptr + ox + H, mask=m, other=0.0).to(tl.float32)
-        x_n += tl.load(img_ptr + ox + 2 * H, mask=m, other=0.0).to(tl.float32)
+    x_r, x_z, x_n, _ = _gate_inputs(xp_ptr, img_ptr, ox, H, m, HAS_IMG, 3)
     hn = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     if HAS_BHN:
         hn += tl.load(bhn_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
@@ -463,17 +468,11 @@ def lstm_fwd_persistent_kernel(xp_ptr, w_ptr, h0_ptr, c0_ptr, img_ptr, len_ptr, 
     step, gstep = B * H, B * 4 * H
     ty = out_ptr.dtype.element_ty
     for t in range(T):
-        acc_i = tl.load(xp_ptr + og, mask=m, other=0.0).to(tl.float32)  # loads first: off the h chain
-        acc_f = tl.load(xp_ptr + og + H, mask=m, other=0.0).to(tl.float32)
-        acc_g = tl.load(xp_ptr + og + 2 * H, mask=m, other=0.0).to(tl.float32)
-        acc_o = tl.load(xp_ptr + og + 3 * H, mask=m, other=0.0).to(tl.float32)
-        if HAS_IMG:  # a static image term is re-read each step (cache-resident) rather than held in registers
-            acc_i += tl.load(img_ptr + og, mask=m, other=0.0).to(tl.float32)
-            acc_f += tl.load(img_ptr + og + H, mask=m, other=0.0).to(tl.float32)
-            acc_g += tl.load(img_ptr + og + 2 * H, mask=m, other=0.0).to(tl.float32)
-            acc_o += tl.load(img_ptr + og + 3 * H, mask=m, other=0.0).to(tl.float32)
-            if IMG_PER_STEP:
-                img_ptr += gstep
+        # loads first, off the h chain; a static image term is re-read each step (cache-resident)
+        # rather than held in registers
+        acc_i, acc_f, acc_g, acc_o = _gate_inputs(xp_ptr, img_ptr, og, H, m, HAS_IMG, 4)
+        if IMG_PER_STEP:
+            img_ptr += gstep
         hd = h.to(w_i.dtype)
         acc_i = _dot(hd, w_i, acc_i, FP32_DOT, DOT_FP32)
         acc_f = _dot(hd, w_f, acc_f, FP32_DOT, DOT_FP32)
@@ -566,15 +565,9 @@ def gru_fwd_persistent_kernel(xp_ptr, w_ptr, bhn_ptr, h0_ptr, img_ptr, len_ptr, 
     step, xstep = B * H, B * 3 * H
     ty = out_ptr.dtype.element_ty
     for t in range(T):
-        x_r = tl.load(xp_ptr + ox, mask=m, other=0.0).to(tl.float32)
-        x_z = tl.load(xp_ptr + ox + H, mask=m, other=0.0).to(tl.float32)
-        x_n = tl.load(xp_ptr + ox + 2 * H, mask=m, other=0.0).to(tl.float32)
-        if HAS_IMG:
-            x_r += tl.load(img_ptr + ox, mask=m, other=0.0).to(tl.float32)
-            x_z += tl.load(img_ptr + ox + H, mask=m, other=0.0).to(tl.float32)
-            x_n += tl.load(img_ptr + ox + 2 * H, mask=m, other=0.0).to(tl.float32)
-            if IMG_PER_STEP:
-                img_ptr += xstep
+        x_r, x_z, x_n, _ = _gate_inputs(xp_ptr, img_ptr, ox, H, m, HAS_IMG, 3)
+        if IMG_PER_STEP:
+            img_ptr += xstep
         hd = h.to(w_r.dtype)
         x_r = _dot(hd, w_r, x_r, FP32_DOT, DOT_FP32)
         x_z = _dot(hd, w_z, x_z, FP32_DOT, DOT_FP32)

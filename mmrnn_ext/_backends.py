@@ -117,7 +117,7 @@ def _triton_status() -> tuple[bool, str]:
 _TRITON_CELLS = ("rnn: persistent / cooperative / step forms (measured on an H100). lstm, gru: the same three "
                   "forms (persistent up to hidden 128 in 16-bit dtypes, 64 in float32), verified under Triton's "
                   "interpreter and compiled for sm_90 offline (bench/sm90_resources.py); their GPU run and timing "
-                  "is bench/gpu_check.sh lstm (and gru). An LSTM with proj_size > 0 runs the reference step loop "
+                  "is bench/gpu_check.sh lstm gru. An LSTM with proj_size > 0 runs the reference step loop "
                   "on every device")
 _CELLS_OF = {"cpp": CELLS, "triton": CELLS, "reference": CELLS}  # what backend=name runs; "auto" gives it the same
 
