@@ -234,7 +234,7 @@ def gpu_section() -> str | None:
              summary.targets(data), "", "The kernels alone (`bench/gpu_sweep.py`: the size rule's choice, each "
              "checked against float64 at the benchmark shape before timing; floor: one forward step's recurrent-dot "
              "FLOPs at 798 TFLOP/s in 16-bit, half that with TF32, a sixth without, and its bytes at 3.0 TB/s, the "
-             "H100 figures of GPU_NOTES — the rows sit 4-7x above it at (256,128,1024) and hundreds to thousands of "
+             "H100 figures of GPU_NOTES — the rows sit 4-10x above it at (256,128,1024) and hundreds to thousands of "
              "times above it at the small shapes: there the chain of dependent steps (each a few dependent dots and "
              "a barrier or a register round trip) is the limit, not FLOPs or bytes):", "",
              summary.kernels_alone(data), "",
