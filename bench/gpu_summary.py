@@ -105,7 +105,9 @@ def _floor(row: dict) -> dict:
     """One forward step's FLOP and byte floors (µs) for a sweep row, by gpu_sweep.py's own count."""
     import torch
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
     import gpu_sweep
 
     B, _, _, _, H = row["shape"]

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .rnn import (_MIN_DOT, _check_int32_offsets, _dot, _fp32_dot, _grid, _grid_barrier, _launch_options,
-                  _row_tile, _tanh, choose_form, default_config, dot_in_fp32, round_tf32)
+                  _lens_of, _row_tile, _tanh, choose_form, default_config, dot_in_fp32, round_tf32)
 
 
 
@@ -97,6 +97,16 @@ def _saved_gates(ptr, H, m):
 
 
 @triton.jit
+def _store_gates(ptr, H, m, a, b, c, d):
+    """Store four [B, H] blocks at ptr (row stride 4H), in ptr's dtype: _saved_gates' inverse."""
+    ty = ptr.dtype.element_ty
+    tl.store(ptr, a.to(ty), mask=m)
+    tl.store(ptr + H, b.to(ty), mask=m)
+    tl.store(ptr + 2 * H, c.to(ty), mask=m)
+    tl.store(ptr + 3 * H, d.to(ty), mask=m)
+
+
+@triton.jit
 def _before(ptr, first_ptr, t, step):
     """Step t - 1's slice of a [T, B, .] buffer (row stride `step`), or first_ptr (h0 / c0) at t == 0."""
     p = ptr + (t - 1) * step
@@ -133,10 +143,7 @@ def _lstm_fwd_tile(h_prev_ptr, c_prev_ptr, w_ptr, xp_ptr, img_ptr, len_ptr, out_
     ty = out_ptr.dtype.element_ty
     tl.store(out_ptr + oh, h.to(ty), mask=m)
     tl.store(c_ptr + oh, c.to(ty), mask=m)
-    tl.store(gates_ptr + og, i.to(ty), mask=m)
-    tl.store(gates_ptr + og + H, f.to(ty), mask=m)
-    tl.store(gates_ptr + og + 2 * H, g.to(ty), mask=m)
-    tl.store(gates_ptr + og + 3 * H, o.to(ty), mask=m)
+    _store_gates(gates_ptr + og, H, m, i, f, g, o)
 
 
 @triton.jit
@@ -156,10 +163,7 @@ def _lstm_bwd_tile(d_next_ptr, w_ptr, gy_ptr, ghl_ptr, gcl_ptr, c_ptr, c_prev_pt
     G = 4 * H
     og = rb[:, None] * G + rn[None, :]
     oh = rb[:, None] * H + rn[None, :]
-    if HAS_LEN:
-        lens = tl.load(len_ptr + rb, mask=mb, other=0)
-    else:
-        lens = tl.full((BLOCK_B,), T, dtype=tl.int32)
+    lens = _lens_of(len_ptr, rb, mb, T, BLOCK_B, HAS_LEN)
     enters = (t == lens - 1)[:, None]
     ghl = tl.load(ghl_ptr + oh, mask=m & enters, other=0.0).to(tl.float32)
     gcl = tl.load(gcl_ptr + oh, mask=m & enters, other=0.0).to(tl.float32)
@@ -191,11 +195,7 @@ def _lstm_bwd_tile(d_next_ptr, w_ptr, gy_ptr, ghl_ptr, gcl_ptr, c_ptr, c_prev_pt
             live = (t < lens)[:, None]
             d_i, d_f = tl.where(live, d_i, 0.0), tl.where(live, d_f, 0.0)
             d_g, d_o = tl.where(live, d_g, 0.0), tl.where(live, d_o, 0.0)
-        ty = dst_ptr.dtype.element_ty
-        tl.store(dst_ptr + og, d_i.to(ty), mask=m)
-        tl.store(dst_ptr + og + H, d_f.to(ty), mask=m)
-        tl.store(dst_ptr + og + 2 * H, d_g.to(ty), mask=m)
-        tl.store(dst_ptr + og + 3 * H, d_o.to(ty), mask=m)
+        _store_gates(dst_ptr + og, H, m, d_i, d_f, d_g, d_o)
         tl.store(gc_ptr + oh, dc * f, mask=m)  # f is zero past the length: nothing carries from dead steps
 
 
@@ -300,10 +300,7 @@ def _gru_fwd_tile(h_prev_ptr, w_ptr, bhn_ptr, xp_ptr, img_ptr, len_ptr, out_ptr,
         n, hn = tl.where(live, n, 0.0), tl.where(live, hn, 0.0)
     ty = out_ptr.dtype.element_ty
     tl.store(out_ptr + oh, h.to(ty), mask=m)
-    tl.store(gates_ptr + og, r.to(ty), mask=m)
-    tl.store(gates_ptr + og + H, z.to(ty), mask=m)
-    tl.store(gates_ptr + og + 2 * H, n.to(ty), mask=m)
-    tl.store(gates_ptr + og + 3 * H, hn.to(ty), mask=m)
+    _store_gates(gates_ptr + og, H, m, r, z, n, hn)
 
 
 @triton.jit
@@ -322,10 +319,7 @@ def _gru_bwd_tile(dx_next_ptr, dhn_next_ptr, w_ptr, gy_ptr, ghl_ptr, h_prev_ptr,
     ox = rb[:, None] * G + rn[None, :]
     oh = rb[:, None] * H + rn[None, :]
     og = rb[:, None] * 4 * H + rn[None, :]
-    if HAS_LEN:
-        lens = tl.load(len_ptr + rb, mask=mb, other=0)
-    else:
-        lens = tl.full((BLOCK_B,), T, dtype=tl.int32)
+    lens = _lens_of(len_ptr, rb, mb, T, BLOCK_B, HAS_LEN)
     enters = (t == lens - 1)[:, None]
     ghl = tl.load(ghl_ptr + oh, mask=m & enters, other=0.0).to(tl.float32)
     gh = tl.load(carry_ptr + oh, mask=m, other=0.0)  # float32 dh_{t+1} z_{t+1} (zero before the last step)
@@ -442,15 +436,6 @@ def _gate_block(w_ptr, q, H, rh, mh, TRANSPOSE: tl.constexpr):
 
 
 @triton.jit
-def _lens_of(len_ptr, rb, mb, T, BLOCK_B: tl.constexpr, HAS_LEN: tl.constexpr):
-    if HAS_LEN:
-        lens = tl.load(len_ptr + rb, mask=mb, other=0)
-    else:
-        lens = tl.full((BLOCK_B,), T, dtype=tl.int32)
-    return lens
-
-
-@triton.jit
 def lstm_fwd_persistent_kernel(xp_ptr, w_ptr, h0_ptr, c0_ptr, img_ptr, len_ptr, out_ptr, c_ptr, gates_ptr, T, B, H,
                                HAS_IMG: tl.constexpr, IMG_PER_STEP: tl.constexpr, HAS_LEN: tl.constexpr,
                                FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -485,10 +470,8 @@ def lstm_fwd_persistent_kernel(xp_ptr, w_ptr, h0_ptr, c0_ptr, img_ptr, len_ptr, 
         h, c = tl.where(live, h_new, h), tl.where(live, c_new, c)
         tl.store(out_ptr + oh, tl.where(live, h_new, 0.0).to(ty), mask=m)
         tl.store(c_ptr + oh, tl.where(live, c_new, 0.0).to(ty), mask=m)
-        tl.store(gates_ptr + og, tl.where(live, i, 0.0).to(ty), mask=m)
-        tl.store(gates_ptr + og + H, tl.where(live, f, 0.0).to(ty), mask=m)
-        tl.store(gates_ptr + og + 2 * H, tl.where(live, g, 0.0).to(ty), mask=m)
-        tl.store(gates_ptr + og + 3 * H, tl.where(live, o, 0.0).to(ty), mask=m)
+        _store_gates(gates_ptr + og, H, m, tl.where(live, i, 0.0), tl.where(live, f, 0.0), tl.where(live, g, 0.0),
+                     tl.where(live, o, 0.0))
         xp_ptr += gstep
         gates_ptr += gstep
         out_ptr += step
@@ -530,10 +513,7 @@ def lstm_bwd_persistent_kernel(gy_ptr, ghl_ptr, gcl_ptr, c_ptr, c0_ptr, gates_pt
         d_f = tl.where(live, dc * c_prev * f * (1.0 - f), 0.0).to(ty)
         d_g = tl.where(live, dc * i * (1.0 - g * g), 0.0).to(ty)
         d_o = tl.where(live, dh * tc * o * (1.0 - o), 0.0).to(ty)
-        tl.store(dG_ptr + t * gstep + og, d_i, mask=m)
-        tl.store(dG_ptr + t * gstep + og + H, d_f, mask=m)
-        tl.store(dG_ptr + t * gstep + og + 2 * H, d_g, mask=m)
-        tl.store(dG_ptr + t * gstep + og + 3 * H, d_o, mask=m)
+        _store_gates(dG_ptr + t * gstep + og, H, m, d_i, d_f, d_g, d_o)
         gh = _dot(d_i.to(w_i.dtype), w_i, tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32), FP32_DOT, DOT_FP32)
         gh = _dot(d_f.to(w_i.dtype), w_f, gh, FP32_DOT, DOT_FP32)
         gh = _dot(d_g.to(w_i.dtype), w_g, gh, FP32_DOT, DOT_FP32)
@@ -578,10 +558,8 @@ def gru_fwd_persistent_kernel(xp_ptr, w_ptr, bhn_ptr, h0_ptr, img_ptr, len_ptr, 
         live = (t < lens)[:, None]
         h = tl.where(live, h_new, h)
         tl.store(out_ptr + oh, tl.where(live, h_new, 0.0).to(ty), mask=m)
-        tl.store(gates_ptr + og, tl.where(live, r, 0.0).to(ty), mask=m)
-        tl.store(gates_ptr + og + H, tl.where(live, z, 0.0).to(ty), mask=m)
-        tl.store(gates_ptr + og + 2 * H, tl.where(live, n, 0.0).to(ty), mask=m)
-        tl.store(gates_ptr + og + 3 * H, tl.where(live, hn, 0.0).to(ty), mask=m)
+        _store_gates(gates_ptr + og, H, m, tl.where(live, r, 0.0), tl.where(live, z, 0.0), tl.where(live, n, 0.0),
+                     tl.where(live, hn, 0.0))
         xp_ptr += xstep
         gates_ptr += 4 * step
         out_ptr += step

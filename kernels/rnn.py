@@ -97,6 +97,16 @@ def _dot(a, b, acc, FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def _lens_of(len_ptr, rb, mb, T, BLOCK_B: tl.constexpr, HAS_LEN: tl.constexpr):
+    """The rows' lengths (T for every row without lengths)."""
+    if HAS_LEN:
+        lens = tl.load(len_ptr + rb, mask=mb, other=0)
+    else:
+        lens = tl.full((BLOCK_B,), T, dtype=tl.int32)
+    return lens
+
+
+@triton.jit
 def _fwd_tile(h_prev_ptr, w_ptr, xp_ptr, img_ptr, len_ptr, out_ptr, t, B, H, pid_b, pid_n,
               HAS_IMG: tl.constexpr, HAS_LEN: tl.constexpr, RELU: tl.constexpr,
               FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr, FAST_TANH: tl.constexpr,
@@ -143,10 +153,7 @@ def _bwd_tile(d_next_ptr, w_ptr, gy_ptr, ghl_ptr, h_ptr, len_ptr, dst_ptr, t, T,
     offs = rb[:, None] * H + rn[None, :]
     m = mb[:, None] & mn[None, :]
     # everything but dA_{t+1} is loaded first, off the step's critical path
-    if HAS_LEN:
-        lens = tl.load(len_ptr + rb, mask=mb, other=0)
-    else:
-        lens = tl.full((BLOCK_B,), T, dtype=tl.int32)
+    lens = _lens_of(len_ptr, rb, mb, T, BLOCK_B, HAS_LEN)
     enters = (t == lens - 1)[:, None]  # rows whose h_last is h_t: only they read grad_h_last
     ghl = tl.load(ghl_ptr + offs, mask=m & enters, other=0.0).to(tl.float32)
     h = tl.load(h_ptr + offs, mask=m, other=0.0).to(tl.float32)  # (FINAL: step 0's, unused)
@@ -313,10 +320,7 @@ def rnn_bwd_persistent_kernel(gy_ptr, ghl_ptr, out_ptr, w_ptr, len_ptr, dA_ptr, 
     rb, rh, mb, mh, offs = _row_tile(B, H, BLOCK_B, BLOCK_H)
     m = mb[:, None] & mh[None, :]
     w = tl.load(w_ptr + rh[:, None] * H + rh[None, :], mask=mh[:, None] & mh[None, :], other=0.0)  # [K, N] = W
-    if HAS_LEN:
-        lens = tl.load(len_ptr + rb, mask=mb, other=0)
-    else:
-        lens = tl.full((BLOCK_B,), T, dtype=tl.int32)
+    lens = _lens_of(len_ptr, rb, mb, T, BLOCK_B, HAS_LEN)
     ghl = tl.load(ghl_ptr + offs, mask=m, other=0.0).to(tl.float32)
     g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     step = B * H
