@@ -37,8 +37,11 @@ def _extensions():
         name="mmrnn_ext._C",
         sources=[os.path.relpath(os.path.join(ROOT, "csrc", name), ROOT)
                  for name in ("module.cpp", "rnn_cpu.cpp", "lstm_cpu.cpp", "gru_cpu.cpp")],
-        depends=[os.path.relpath(os.path.join(ROOT, "csrc", "common.h"), ROOT)],
-        extra_compile_args={"cxx": cxx + ["-std=c++17"]},
+        depends=[os.path.relpath(os.path.join(ROOT, "csrc", name), ROOT) for name in ("common.h", "engine.h")],
+        # OpenMP: at::parallel_for (a header template) runs in parallel only when the extension itself
+        # is compiled with it; the runtime is the libgomp torch already loaded (same soname)
+        extra_compile_args={"cxx": cxx + ["-std=c++17", "-fopenmp"]},
+        extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": BuildExtension}
 

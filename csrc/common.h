@@ -1,13 +1,10 @@
-// What the three cells' CPU recurrences share: the per-step GEMM, the vectorisable activations,
-// argument checks, huge-page advice and the lengths convention. Each cell's file (rnn_cpu.cpp,
-// lstm_cpu.cpp, gru_cpu.cpp) adds its forward and BPTT loops: per step ONE GEMM into that step's
-// slot, then ONE elementwise pass over the batch rows (gates, state update, lengths mask).
+// What the three cells' CPU recurrences share: the vectorisable activations, argument checks,
+// huge-page advice and the lengths convention. The per-step product and its fused epilogue run on
+// the engine in engine.h; each cell's file (rnn_cpu.cpp, lstm_cpu.cpp, gru_cpu.cpp) adds its
+// forward, inference and BPTT passes on it.
 //
-// The GEMM is the Fortran BLAS symbol exported by libtorch_cpu (MKL in the x86 wheels): calling it
-// directly skips the dispatcher and any per-step allocation, which matters at small hidden sizes (a
-// 32x64x64 torch.mm costs ~3 us from Python, twice its arithmetic on the 2-core machine the
-// benchmarks ran on). ATen + torch's pybind11 casters rather than <torch/extension.h>: the whole C++
-// frontend is not needed here and more than doubles the build time.
+// ATen + torch's pybind11 casters rather than <torch/extension.h>: the whole C++ frontend is not
+// needed here and more than doubles the build time.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -25,88 +22,7 @@
 #include <sys/mman.h>
 #endif
 
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc);
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc);
-// MKL's packed GEMM (exported by the x86 torch wheels; weak, so a torch built on another BLAS still
-// loads this library and takes the plain path). It lays W_hh out once for the T products that reuse
-// it: measured on the 2-core EPYC, 8x1024x1024 52.6 vs 30.0 GF/s, 32x256x256 89.5 vs 82.8 GF/s.
-size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
-void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src, int ld,
-                      float* dest) __attribute__((weak));
-void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
-                         const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
-}
-
 namespace mmrnn {
-
-inline void blas_gemm(char ta, char tb, int m, int n, int k, const float* a, int lda, const float* b, int ldb, float beta,
-                      float* c, int ldc) {
-  const float one = 1.f;
-  sgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-inline void blas_gemm(char ta, char tb, int m, int n, int k, const double* a, int lda, const double* b, int ldb,
-                      double beta, double* c, int ldc) {
-  const double one = 1.0;
-  dgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-
-// The per-step product C[B, N] = A[B, K] @ op(W) (+ C when accumulating), with W the row-major
-// weight_hh of shape [G*H, H]: op(W) = W^T in the forward (N = G*H, K = H), W in the backward
-// (N = H, K = G*H). Prepared once per call, run T times; lda/ldc let A and C be column slices.
-template <typename T>
-class StepGemm {
- public:
-  StepGemm(const at::Tensor& w, bool transpose, int B)
-      : B_(B), N_(static_cast<int>(transpose ? w.size(0) : w.size(1))), K_(static_cast<int>(transpose ? w.size(1) : w.size(0))) {
-    constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kBMatrix = 162;
-    if constexpr (std::is_same_v<T, float>) {
-      if (cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr && B > 0 &&
-          N_ > 0 && K_ > 0) {
-        const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, B, N_, K_);
-        packed_ = at::empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))}, w.options());
-        cblas_sgemm_pack(kRowMajor, kBMatrix, transpose ? kTrans : kNoTrans, B, N_, K_, 1.f, w.data_ptr<float>(),
-                         static_cast<int>(w.size(1)), packed_.data_ptr<float>());
-        return;
-      }
-    }
-    // plain BLAS: MKL runs A @ W faster from a contiguous W than A @ W^T from a transposed one
-    // (8x1024x1024: 41 vs 29 GF/s), so the forward's W^T is made contiguous once
-    w_ = transpose ? w.t().contiguous() : w;
-  }
-
-  int n() const { return N_; }
-  int k() const { return K_; }
-
-  void run(const T* a, T* c, bool accumulate = false) const { run(a, K_, c, N_, accumulate); }
-
-  void run(const T* a, int lda, T* c, int ldc, bool accumulate) const {
-    if (B_ == 0 || N_ == 0) return;
-    if (K_ == 0) {
-      if (!accumulate)
-        for (int b = 0; b < B_; ++b) std::fill(c + static_cast<int64_t>(b) * ldc, c + static_cast<int64_t>(b) * ldc + N_, T(0));
-      return;
-    }
-    const T beta = accumulate ? T(1) : T(0);
-    if constexpr (std::is_same_v<T, float>) {
-      if (packed_.defined()) {
-        constexpr int kRowMajor = 101, kNoTrans = 111, kPacked = 151;
-        cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, B_, N_, K_, a, lda, packed_.data_ptr<float>(), N_, beta, c, ldc);
-        return;
-      }
-    }
-    // row-major C = A @ W is column-major C^T = W^T A^T
-    blas_gemm('N', 'N', N_, B_, K_, w_.data_ptr<T>(), N_, a, lda, beta, c, ldc);
-  }
-
- private:
-  int B_, N_, K_;
-  at::Tensor packed_, w_;
-};
 
 // exp(y) for y in [0, 88] in float32 with only arithmetic and selects, so that the compiler
 // vectorises the loops that call it (libm's expf/tanhf do not vectorise without -ffast-math, which
@@ -251,11 +167,6 @@ inline const int64_t* check_lengths(const std::optional<at::Tensor>& lengths, in
     TORCH_CHECK(p[b] >= 0 && p[b] <= T_, "lengths: expected values in [0, ", T_, "], got lengths[", b, "] = ", p[b]);
   }
   return p;
-}
-
-inline void check_blas_dims(int64_t B, int64_t width) {
-  TORCH_CHECK(B <= INT_MAX && width <= INT_MAX && B * width <= INT_MAX, "batch ", B, " x width ", width,
-              " exceeds the 32-bit BLAS interface");
 }
 
 template <typename T>

@@ -2,143 +2,189 @@
 // layer and direction. Time-major contract (see mmrnn_ext/reference.py), gates in torch's order i, f, g, o:
 //   xp [T, B, 4H], w_hh [4H, H], h0, c0 [B, H], image_term None | [B, 4H] | [T, B, 4H], lengths None | int64 [B]
 //   forward  -> (out [T, B, H], c_all [T, B, H], gates [T, B, 4H] = sigmoid(i), sigmoid(f), tanh(g), sigmoid(o))
+//   infer    -> (out [T, B, H], h_last [B, H], c_last [B, H])      (saves nothing for backward)
 //   backward -> (dG [T, B, 4H] = dL/d(pre-activation gates), dh0 [B, H], dc0 [B, H])
-// Per step: one GEMM h_{t-1} @ W_hh^T straight into that step's gates slot, then one pass per row
-// (no temporaries over T*B*H) that adds the projected input and image term, applies the four gate nonlinearities, updates c
-// and h and overwrites the slot with the activated gates (what backward reads). Backward: one pass
-// per row, then one GEMM dG_t @ W_hh for dL/dh_{t-1}; tanh(c_t) is recomputed, not stored.
-#include "common.h"
+// Per step: one product h_{t-1} @ W_hh^T on the engine (engine.h), W_hh^T packed so that a tile
+// holds all four gates of its hidden units; each tile gets the projected input and image term, the
+// gate nonlinearities and the c/h update while in L1. Backward: per step one product
+// dG_{t+1} @ W_hh whose tile (dL/dh_t for its units) goes straight into that step's gate
+// gradients; tanh(c_t) is recomputed, not stored.
+#include "engine.h"
 
 namespace mmrnn {
 namespace {
 
-// One row of one forward step: pre-activations = GEMM result (in grow) + input + image term.
-template <typename T, bool IMG>
-inline void lstm_forward_row(T* __restrict grow, const T* __restrict xrow, const T* __restrict irow,
-                             const T* __restrict cprow, T* __restrict crow, T* __restrict orow, int64_t H) {
-  for (int64_t j = 0; j < H; ++j) {
+// One row's units [j0, j0 + n) of one forward step: pre-activations = product tile (gate g at
+// acc[g * U + u]) + input + image term (gate g at x[g * H + u]).
+template <typename T, bool IMG, bool SAVE>
+inline void lstm_forward_units(const T* __restrict acc, int64_t U, const T* __restrict x, const T* __restrict im,
+                               const T* cp, T* c, T* __restrict h, T* __restrict gates,
+                               int64_t H, int64_t n) {
+  for (int64_t u = 0; u < n; ++u) {
     T a[4];
-    for (int k = 0; k < 4; ++k) a[k] = grow[k * H + j] + xrow[k * H + j] + (IMG ? irow[k * H + j] : T(0));
+    for (int k = 0; k < 4; ++k) a[k] = acc[k * U + u] + x[k * H + u] + (IMG ? im[k * H + u] : T(0));
     const T i = sigmoid_(a[0]), f = sigmoid_(a[1]), g = tanh_(a[2]), o = sigmoid_(a[3]);
-    const T c = f * cprow[j] + i * g;
-    grow[j] = i;
-    grow[H + j] = f;
-    grow[2 * H + j] = g;
-    grow[3 * H + j] = o;
-    crow[j] = c;
-    orow[j] = o * tanh_(c);
+    const T cn = f * cp[u] + i * g;
+    if constexpr (SAVE) {
+      gates[u] = i;
+      gates[H + u] = f;
+      gates[2 * H + u] = g;
+      gates[3 * H + u] = o;
+    }
+    c[u] = cn;
+    h[u] = o * tanh_(cn);
   }
 }
 
-template <typename T>
-void lstm_forward_loop(const StepGemm<T>& gemm, const T* xp, const T* h0, const T* c0, const T* img, bool img_per_step,
-                       const int64_t* lengths, T* out, T* c_all, T* gates, int64_t T_, int64_t B, int64_t H) {
-  const int64_t step = B * H, gstep = 4 * step, G = 4 * H;
-  for (int64_t t = 0; t < T_; ++t) {
-    const T* h_prev = t == 0 ? h0 : out + (t - 1) * step;
-    const T* c_prev = t == 0 ? c0 : c_all + (t - 1) * step;
-    T* gt = gates + t * gstep;
-    const T* x = xp + t * gstep;
-    const T* im = img == nullptr ? nullptr : (img_per_step ? img + t * gstep : img);
-    gemm.run(h_prev, gt);
-    at::parallel_for(0, B, row_grain(G), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        T* grow = gt + b * G;
-        T* orow = out + t * step + b * H;
-        T* crow = c_all + t * step + b * H;
-        if (t >= row_length(lengths, b, T_)) {
-          std::fill(grow, grow + G, T(0));
-          std::fill(orow, orow + H, T(0));
-          std::fill(crow, crow + H, T(0));
-        } else if (im != nullptr) {
-          lstm_forward_row<T, true>(grow, x + b * G, im + b * G, c_prev + b * H, crow, orow, H);
-        } else {
-          lstm_forward_row<T, false>(grow, x + b * G, nullptr, c_prev + b * H, crow, orow, H);
+// SAVE (training): c_all [T, B, H] and gates [T, B, 4H] are written for backward. !SAVE
+// (inference): c [B, H] holds the running cell state (c0 on entry), and h_last/c_last (h0/c0 on
+// entry) get each row's state at its last valid step. (cp and c are the same buffer then: each unit
+// reads its own state before writing it.)
+template <typename T, bool SAVE>
+void lstm_forward_loop(const PackedWeight<T>& pw, const T* xp, const T* h0, const T* c0, const T* img,
+                       bool img_per_step, const int64_t* lengths, T* out, T* c_state, T* gates, T* h_last, T* c_last,
+                       int64_t T_, int64_t B, int64_t H) {
+  const int64_t step = B * H, G = 4 * H, U = pw.units;
+  run_steps<T>(
+      pw, T_, B, [&](int64_t t) { return std::make_pair(t == 0 ? h0 : out + (t - 1) * step, H); },
+      [&](int64_t t, int64_t b0, int64_t rows, int64_t j0, int64_t nu, const T* tile, int64_t ld) {
+        const T* im = img == nullptr ? nullptr : (img_per_step ? img + t * B * G : img);
+        for (int64_t b = b0; b < b0 + rows; ++b) {
+          const int64_t len = row_length(lengths, b, T_), bj = b * H + j0;
+          T* h = out + t * step + bj;
+          T* c = SAVE ? c_state + t * step + bj : c_state + bj;
+          T* gt = SAVE ? gates + t * B * G + b * G + j0 : nullptr;
+          if (t >= len) {
+            std::fill(h, h + nu, T(0));
+            if constexpr (SAVE) {
+              std::fill(c, c + nu, T(0));
+              for (int k = 0; k < 4; ++k) std::fill(gt + k * H, gt + k * H + nu, T(0));
+            }
+            continue;
+          }
+          const T* cp = SAVE ? (t == 0 ? c0 + bj : c_state + (t - 1) * step + bj) : c;
+          const T* acc = tile + (b - b0) * ld;
+          const T* x = xp + t * B * G + b * G + j0;
+          if (im != nullptr) lstm_forward_units<T, true, SAVE>(acc, U, x, im + b * G + j0, cp, c, h, gt, H, nu);
+          else lstm_forward_units<T, false, SAVE>(acc, U, x, nullptr, cp, c, h, gt, H, nu);
+          if (!SAVE && t == len - 1) {
+            std::copy(h, h + nu, h_last + bj);
+            std::copy(c, c + nu, c_last + bj);
+          }
         }
-      }
-    });
+      });
+}
+
+// One row's units of one backward step: dG from the incoming dL/dh (hin + gy) and dL/dc (cin);
+// dL/dc_{t-1} goes to cout (the same buffer as cin but for the final-state step: each unit reads
+// its own value before writing it).
+template <typename T>
+inline void lstm_backward_units(const T* __restrict gy, const T* hin, const T* cin, const T* __restrict g4,
+                                const T* __restrict c, const T* __restrict cp, T* __restrict d, T* cout, int64_t H,
+                                int64_t n) {
+  for (int64_t u = 0; u < n; ++u) {
+    const T i = g4[u], f = g4[H + u], g = g4[2 * H + u], o = g4[3 * H + u];
+    const T tc = tanh_(c[u]);
+    const T dh = gy[u] + hin[u];
+    const T dc = cin[u] + dh * o * (T(1) - tc * tc);
+    d[u] = dc * g * i * (T(1) - i);
+    d[H + u] = dc * cp[u] * f * (T(1) - f);
+    d[2 * H + u] = dc * i * (T(1) - g * g);
+    d[3 * H + u] = dh * tc * o * (T(1) - o);
+    cout[u] = dc * f;
   }
 }
 
-// One row of one backward step: dG from the incoming dL/dh (hin + gy) and dL/dc (cin); writes the
-// gradient dL/dc_{t-1} to cout (a different buffer than cin, so that every pointer is restrict and
-// the loop vectorises).
+// Reverse step s handles t = T - 1 - s with dL/dh_t = dG_{t+1} @ W_hh (no product at s = 0);
+// step T writes dh0 = dG_0 @ W_hh and dc0. gc [B, H] carries dL/dc between steps. At a row's last
+// step the final states' gradients enter.
 template <typename T>
-inline void lstm_backward_row(const T* __restrict gyrow, const T* __restrict hin, const T* __restrict cin,
-                              const T* __restrict grow, const T* __restrict crow, const T* __restrict cprow,
-                              T* __restrict drow, T* __restrict cout, int64_t H) {
-  for (int64_t j = 0; j < H; ++j) {
-    const T i = grow[j], f = grow[H + j], g = grow[2 * H + j], o = grow[3 * H + j];
-    const T tc = tanh_(crow[j]);
-    const T dh = gyrow[j] + hin[j];
-    const T dc = cin[j] + dh * o * (T(1) - tc * tc);
-    drow[j] = dc * g * i * (T(1) - i);
-    drow[H + j] = dc * cprow[j] * f * (T(1) - f);
-    drow[2 * H + j] = dc * i * (T(1) - g * g);
-    drow[3 * H + j] = dh * tc * o * (T(1) - o);
-    cout[j] = dc * f;
-  }
-}
-
-// gh: dL/dh_t arriving from step t+1 (dG_{t+1} @ W_hh); gc[0|1]: dL/dc_t arriving from step t+1,
-// alternating buffers. Both are read only where t+1 < length; at a row's last step the final
-// states' gradients enter. Returns the buffer that holds dL/dc_{-1} (before step 0).
-template <typename T>
-T* lstm_backward_loop(const StepGemm<T>& gemm, const T* gy, const T* ghl, const T* gcl, const T* c0, const T* c_all,
-                      const T* gates, const int64_t* lengths, T* dG, T* gh, T* gc0, T* gc1, int64_t T_, int64_t B,
-                      int64_t H) {
-  const int64_t step = B * H, gstep = 4 * step, G = 4 * H;
-  std::fill(gh, gh + step, T(0));
-  std::fill(gc0, gc0 + step, T(0));
-  T* gc_in = gc0;
-  T* gc_out = gc1;
-  for (int64_t t = T_ - 1; t >= 0; --t) {
-    T* dgt = dG + t * gstep;
-    at::parallel_for(0, B, row_grain(G), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t len = row_length(lengths, b, T_);
-        T* drow = dgt + b * G;
-        if (t >= len) {
-          std::fill(drow, drow + G, T(0));
-          continue;
+void lstm_backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, const T* gcl, const T* c0,
+                        const T* c_all, const T* gates, const int64_t* lengths, T* dG, T* gc, T* dh0, T* dc0,
+                        int64_t T_, int64_t B, int64_t H) {
+  const int64_t step = B * H, G = 4 * H;
+  run_steps<T>(
+      pw, T_ + 1, B, [&](int64_t s) { return std::make_pair(s == 0 ? nullptr : dG + (T_ - s) * B * G, G); },
+      [&](int64_t s, int64_t b0, int64_t rows, int64_t j0, int64_t nu, const T* tile, int64_t ld) {
+        const int64_t t = T_ - 1 - s;
+        for (int64_t b = b0; b < b0 + rows; ++b) {
+          const int64_t len = row_length(lengths, b, T_), bj = b * H + j0;
+          const T* acc = tile + (b - b0) * ld;
+          if (s == T_) {
+            const T* dh = len == 0 ? ghl + bj : acc;
+            const T* dc = len == 0 ? gcl + bj : gc + bj;
+            std::copy(dh, dh + nu, dh0 + bj);
+            std::copy(dc, dc + nu, dc0 + bj);
+            continue;
+          }
+          T* d = dG + t * B * G + b * G + j0;
+          if (t >= len) {
+            for (int k = 0; k < 4; ++k) std::fill(d + k * H, d + k * H + nu, T(0));
+            continue;
+          }
+          const bool last = t == len - 1;
+          lstm_backward_units<T>(gy + t * step + bj, last ? ghl + bj : acc, last ? gcl + bj : gc + bj,
+                                 gates + t * B * G + b * G + j0, c_all + t * step + bj,
+                                 (t == 0 ? c0 : c_all + (t - 1) * step) + bj, d, gc + bj, H, nu);
         }
-        const bool last = t == len - 1;
-        lstm_backward_row<T>(gy + t * step + b * H, (last ? ghl : gh) + b * H, (last ? gcl : gc_in) + b * H,
-                             gates + t * gstep + b * G, c_all + t * step + b * H,
-                             (t == 0 ? c0 : c_all + (t - 1) * step) + b * H, drow, gc_out + b * H, H);
-      }
-    });
-    gemm.run(dgt, gh);
-    std::swap(gc_in, gc_out);
-  }
-  return gc_in;
+      });
+}
+
+void check_forward_args(const at::Tensor& xp, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0) {
+  check_sequence(xp, "xp", 4);
+  const int64_t B = xp.size(1), H = xp.size(2) / 4;
+  check_arg(w_hh, "w_hh", xp, {4 * H, H});
+  check_arg(h0, "h0", xp, {B, H});
+  check_arg(c0, "c0", xp, {B, H});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_forward(const at::Tensor& xp, const at::Tensor& w_hh,
                                                             const at::Tensor& h0, const at::Tensor& c0,
                                                             const std::optional<at::Tensor>& image_term,
                                                             const std::optional<at::Tensor>& lengths) {
-  check_sequence(xp, "xp", 4);
+  check_forward_args(xp, w_hh, h0, c0);
   const int64_t T_ = xp.size(0), B = xp.size(1), H = xp.size(2) / 4;
-  check_arg(w_hh, "w_hh", xp, {4 * H, H});
-  check_arg(h0, "h0", xp, {B, H});
-  check_arg(c0, "c0", xp, {B, H});
   const bool per_step = check_image_term(image_term, xp, T_, B, 4 * H);
-  check_blas_dims(B, 4 * H);
   const int64_t* len = check_lengths(lengths, T_, B);
+  const Isa isa = cpu_isa();
   at::Tensor out = empty_huge({T_, B, H}, xp.options());
   at::Tensor c_all = empty_huge({T_, B, H}, xp.options());
   at::Tensor gates = empty_huge(xp.sizes(), xp.options());
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "mmrnn_lstm_forward", [&] {
-      const StepGemm<scalar_t> gemm(w_hh, /*transpose=*/true, static_cast<int>(B));
-      lstm_forward_loop<scalar_t>(gemm, xp.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
-                                  data_or_null<scalar_t>(image_term), per_step, len, out.data_ptr<scalar_t>(),
-                                  c_all.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), T_, B, H);
+      const auto pw = pack_weight<scalar_t>(w_hh, 4, /*transpose=*/true, isa);
+      lstm_forward_loop<scalar_t, true>(pw, xp.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
+                                        data_or_null<scalar_t>(image_term), per_step, len, out.data_ptr<scalar_t>(),
+                                        c_all.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), nullptr, nullptr, T_,
+                                        B, H);
     });
   }
   return {out, c_all, gates};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_infer(const at::Tensor& xp, const at::Tensor& w_hh,
+                                                          const at::Tensor& h0, const at::Tensor& c0,
+                                                          const std::optional<at::Tensor>& image_term,
+                                                          const std::optional<at::Tensor>& lengths) {
+  check_forward_args(xp, w_hh, h0, c0);
+  const int64_t T_ = xp.size(0), B = xp.size(1), H = xp.size(2) / 4;
+  const bool per_step = check_image_term(image_term, xp, T_, B, 4 * H);
+  const int64_t* len = check_lengths(lengths, T_, B);
+  const Isa isa = cpu_isa();
+  at::Tensor out = empty_huge({T_, B, H}, xp.options());
+  at::Tensor h_last = h0.clone(), c_last = c0.clone(), c = c0.clone();
+  {
+    pybind11::gil_scoped_release no_gil;
+    AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "mmrnn_lstm_infer", [&] {
+      const auto pw = pack_weight<scalar_t>(w_hh, 4, /*transpose=*/true, isa);
+      lstm_forward_loop<scalar_t, false>(pw, xp.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
+                                         data_or_null<scalar_t>(image_term), per_step, len, out.data_ptr<scalar_t>(),
+                                         c.data_ptr<scalar_t>(), nullptr, h_last.data_ptr<scalar_t>(),
+                                         c_last.data_ptr<scalar_t>(), T_, B, H);
+    });
+  }
+  return {out, h_last, c_last};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_backward(
@@ -155,22 +201,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_backward(
   check_arg(h0, "h0", out, {B, H});
   check_arg(c0, "c0", out, {B, H});
   check_arg(w_hh, "w_hh", out, {4 * H, H});
-  check_blas_dims(B, 4 * H);
   const int64_t* len = check_lengths(lengths, T_, B);
+  const Isa isa = cpu_isa();
   at::Tensor dG = empty_huge(gates.sizes(), out.options());
-  at::Tensor gh = at::empty_like(h0), gc = at::empty({2, B, H}, c0.options());
-  at::Tensor dh0 = at::empty_like(h0), dc0 = at::empty_like(c0);
+  at::Tensor gc = at::empty_like(c0), dh0 = at::empty_like(h0), dc0 = at::empty_like(c0);
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "mmrnn_lstm_backward", [&] {
-      const StepGemm<scalar_t> gemm(w_hh, /*transpose=*/false, static_cast<int>(B));
-      scalar_t* gc_first = gc.data_ptr<scalar_t>();
-      const scalar_t* dc_carried = lstm_backward_loop<scalar_t>(
-          gemm, grad_out.data_ptr<scalar_t>(), grad_h_last.data_ptr<scalar_t>(), grad_c_last.data_ptr<scalar_t>(),
-          c0.data_ptr<scalar_t>(), c_all.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), len, dG.data_ptr<scalar_t>(),
-          gh.data_ptr<scalar_t>(), gc_first, gc_first + B * H, T_, B, H);
-      initial_state_grad(gh.data_ptr<scalar_t>(), grad_h_last.data_ptr<scalar_t>(), len, dh0.data_ptr<scalar_t>(), T_, B, H);
-      initial_state_grad(dc_carried, grad_c_last.data_ptr<scalar_t>(), len, dc0.data_ptr<scalar_t>(), T_, B, H);
+      const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/false, isa);
+      lstm_backward_loop<scalar_t>(pw, grad_out.data_ptr<scalar_t>(), grad_h_last.data_ptr<scalar_t>(),
+                                   grad_c_last.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(), c_all.data_ptr<scalar_t>(),
+                                   gates.data_ptr<scalar_t>(), len, dG.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(),
+                                   dh0.data_ptr<scalar_t>(), dc0.data_ptr<scalar_t>(), T_, B, H);
     });
   }
   return {dG, dh0, dc0};
@@ -180,6 +222,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_backward(
 
 void register_lstm(pybind11::module& m) {
   m.def("lstm_forward", &lstm_forward, "LSTM forward over the whole sequence -> (out, c_all, gates)", pybind11::arg("xp"),
+        pybind11::arg("w_hh"), pybind11::arg("h0"), pybind11::arg("c0"), pybind11::arg("image_term"),
+        pybind11::arg("lengths"));
+  m.def("lstm_infer", &lstm_infer,
+        "LSTM forward that saves nothing for backward -> (out, h_last, c_last)", pybind11::arg("xp"),
         pybind11::arg("w_hh"), pybind11::arg("h0"), pybind11::arg("c0"), pybind11::arg("image_term"),
         pybind11::arg("lengths"));
   m.def("lstm_backward", &lstm_backward, "LSTM BPTT over the whole sequence -> (dG [T, B, 4H], dh0, dc0)",

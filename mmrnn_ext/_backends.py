@@ -35,6 +35,7 @@ _BUILD_COMMAND = "pip install --no-build-isolation -e .  (from the mmrnn_ext sou
 class CellImpl:
     forward: Callable
     backward: Callable
+    infer: Callable | None = None  # a forward that saves nothing for backward (public outputs only)
 
 
 @dataclass(frozen=True)
@@ -160,8 +161,10 @@ def _cpp_backend() -> Backend:
 
     be = Backend("cpp", {
         "rnn": CellImpl(rnn_forward, rnn_backward),
-        "lstm": CellImpl(lambda *a: tuple(mod.lstm_forward(*a)), lambda *a: tuple(mod.lstm_backward(*a))),
-        "gru": CellImpl(lambda *a: tuple(mod.gru_forward(*a)), lambda *a: tuple(mod.gru_backward(*a))),
+        "lstm": CellImpl(lambda *a: tuple(mod.lstm_forward(*a)), lambda *a: tuple(mod.lstm_backward(*a)),
+                         lambda *a: tuple(mod.lstm_infer(*a))),
+        "gru": CellImpl(lambda *a: tuple(mod.gru_forward(*a)), lambda *a: tuple(mod.gru_backward(*a)),
+                        lambda *a: tuple(mod.gru_infer(*a))),
     }, (torch.float64, torch.float32), ("cpu",))
     _cache["cpp_backend"] = be
     return be

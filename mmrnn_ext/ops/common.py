@@ -82,6 +82,22 @@ def prepare_lengths(lengths, xp, B: int, T: int, compiling: bool):
     return lengths.to(device=xp.device, dtype=torch.int64).contiguous()
 
 
+def inference_forward(cell: str, backend: str, inputs):
+    """The backend's inference forward for `cell` (it saves nothing for backward and writes only the
+    public outputs), when nothing can ask for a gradient of this call: grad mode off or no input
+    requiring grad, no forward-mode AD level open, no torch.func transform. None otherwise (and for
+    backends without one), so the caller takes the differentiable path."""
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    if torch.autograd.forward_ad._current_level >= 0:
+        return None
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        return None
+    be = _backends.select(backend, tensors[0].device, tensors[0].dtype, cell)
+    return be.cells[cell].infer
+
+
 def last_state(seq, init, lengths):
     """The state at each row's last valid step of seq [T, B, S] (init for rows of length 0); never a
     view of seq or init."""

@@ -21,8 +21,8 @@ import torch
 
 from .. import _backends
 from ..reference import gru_reference_backward, gru_reference_jvp
-from .common import (EagerOp, check_image_term, check_like, check_xp, image_grad, last_state, prepare_lengths,
-                     registered_backward, weight_grad, zeros_if_none)
+from .common import (EagerOp, check_image_term, check_like, check_xp, image_grad, inference_forward, last_state,
+                     prepare_lengths, registered_backward, weight_grad, zeros_if_none)
 
 CELL, PUBLIC = "gru", 2
 
@@ -128,4 +128,8 @@ def gru_recurrence(xp, w_hh, b_hn=None, h0=None, image_term=None, lengths=None, 
     lengths = prepare_lengths(lengths, xp, xp.shape[1], xp.shape[0], compiling)
     if compiling:
         return torch.ops.mmrnn.gru_fwd(xp, w_hh, b_hn, h0, image_term, lengths, backend)[:PUBLIC]
+    infer = inference_forward(CELL, backend, (xp, w_hh, b_hn, h0, image_term))
+    if infer is not None:
+        return infer(xp.contiguous(), w_hh.contiguous(), None if b_hn is None else b_hn.contiguous(), h0.contiguous(),
+                     None if image_term is None else image_term.contiguous(), lengths)
     return EagerOp.apply(xp, w_hh, b_hn, h0, image_term, lengths, backend, sys.modules[__name__])[:PUBLIC]

@@ -20,8 +20,8 @@ import torch
 
 from .. import _backends
 from ..reference import lstm_reference_backward, lstm_reference_jvp
-from .common import (EagerOp, check_image_term, check_like, check_xp, image_grad, last_state, prepare_lengths,
-                     registered_backward, weight_grad, zeros_if_none)
+from .common import (EagerOp, check_image_term, check_like, check_xp, image_grad, inference_forward, last_state,
+                     prepare_lengths, registered_backward, weight_grad, zeros_if_none)
 
 CELL, PUBLIC = "lstm", 3
 
@@ -129,4 +129,8 @@ def lstm_recurrence(xp, w_hh, h0=None, c0=None, image_term=None, lengths=None, b
     lengths = prepare_lengths(lengths, xp, xp.shape[1], xp.shape[0], compiling)
     if compiling:
         return torch.ops.mmrnn.lstm_fwd(xp, w_hh, h0, c0, image_term, lengths, backend)[:PUBLIC]
+    infer = inference_forward(CELL, backend, (xp, w_hh, h0, c0, image_term))
+    if infer is not None:
+        return infer(xp.contiguous(), w_hh.contiguous(), h0.contiguous(), c0.contiguous(),
+                     None if image_term is None else image_term.contiguous(), lengths)
     return EagerOp.apply(xp, w_hh, h0, c0, image_term, lengths, backend, sys.modules[__name__])[:PUBLIC]

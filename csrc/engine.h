@@ -1,0 +1,270 @@
+// The recurrence engine shared by the three cells' CPU kernels: the per-step product
+// C[B, N] = A[B, K] @ W' run by our own register-blocked micro-kernels on W' packed once per call,
+// with each cell's elementwise pass (gates, state update, lengths mask) fused onto every output
+// tile while it is still in L1, and both cores of a step working at once (one barrier per step).
+//
+// Why our own kernel: BLAS vendors dispatch small-batch GEMMs very differently. MKL's sgemm runs
+// [8,1024] x [1024,4096] at 9.4 GF/s on an AMD EPYC where oneDNN runs it at 67.5 (bench/NOTES.md);
+// these micro-kernels reach ~105 GF/s per core there from plain vector code, on Intel and AMD alike.
+//
+// Layout. W' is cut into column panels; panel p holds `units` consecutive hidden units of every one
+// of `groups` gate blocks, K rows of (groups x units) contiguous values (gate g's units at columns
+// [g*units, (g+1)*units)). A thread's slice of the output therefore holds whole hidden units: the
+// gate pass of unit j reads only its own panel's tile (and state at j), so it runs in the thread
+// that computed the tile. The forward packs W_hh^T with groups = G (the cell's gate count); BPTT
+// packs W_hh with groups = 1 (its product has H columns, K = G*H).
+//
+// ISA. AVX-512, AVX2+FMA and a portable 128-bit path are compiled into every build (GCC vector
+// extensions under per-function target attributes) and chosen at run time from the CPU's flags;
+// MMRNN_CPU_ISA=avx2|generic caps the choice (tests force each path on one machine).
+#pragma once
+
+#include "common.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <string>
+#include <thread>
+#include <utility>
+
+namespace mmrnn {
+
+enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline const char* isa_name(Isa isa) {
+  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "generic";
+}
+
+// The widest path this CPU runs, capped by MMRNN_CPU_ISA (read on every call, so a test can switch
+// paths in one process). An unknown value is an error, not a silent default.
+inline Isa cpu_isa() {
+  static const Isa detected = [] {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      return Isa::kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+    return Isa::kGeneric;
+  }();
+  const char* env = std::getenv("MMRNN_CPU_ISA");
+  if (env == nullptr || *env == '\0') return detected;
+  const std::string cap(env);
+  Isa want;
+  if (cap == "avx512") want = Isa::kAvx512;
+  else if (cap == "avx2") want = Isa::kAvx2;
+  else if (cap == "generic") want = Isa::kGeneric;
+  else TORCH_CHECK(false, "MMRNN_CPU_ISA: expected avx512, avx2 or generic, got '", cap, "'");
+  return static_cast<int>(want) < static_cast<int>(detected) ? want : detected;
+}
+
+// tile[r, c] = sum_k a[r, k] * w[k, c] for MR rows of A and one panel of NV vectors of VW values.
+// The body is shared by every ISA; each instantiation is compiled for its own target.
+#define MMRNN_MICRO_BODY                                                                              \
+  typedef T vec __attribute__((vector_size(VW * sizeof(T))));                                        \
+  vec acc[MR][NV];                                                                                    \
+  _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)                                               \
+      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[r][v] = vec{};                         \
+  for (int64_t k = 0; k < K; ++k) {                                                                   \
+    const vec* wk = reinterpret_cast<const vec*>(w + k * (NV * VW));                                 \
+    vec wv[NV];                                                                                       \
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) wv[v] = wk[v];                               \
+    _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {                                           \
+      const vec s = vec{} + a[r * lda + k];                                                           \
+      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[r][v] += wv[v] * s;                    \
+    }                                                                                                 \
+  }                                                                                                   \
+  _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)                                               \
+      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v)                                            \
+          *reinterpret_cast<vec*>(tile + r * (NV * VW) + v * VW) = acc[r][v];
+
+template <typename T, int VW, int NV, int MR>
+__attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))) void micro_avx512(
+    const T* __restrict a, int64_t lda, const T* __restrict w, int64_t K, T* __restrict tile) {
+  MMRNN_MICRO_BODY
+}
+template <typename T, int VW, int NV, int MR>
+__attribute__((target("avx2,fma"))) void micro_avx2(const T* __restrict a, int64_t lda, const T* __restrict w,
+                                                    int64_t K, T* __restrict tile) {
+  MMRNN_MICRO_BODY
+}
+template <typename T, int VW, int NV, int MR>
+void micro_generic(const T* __restrict a, int64_t lda, const T* __restrict w, int64_t K, T* __restrict tile) {
+  MMRNN_MICRO_BODY
+}
+#undef MMRNN_MICRO_BODY
+
+template <typename T>
+using MicroFn = void (*)(const T*, int64_t, const T*, int64_t, T*);
+
+constexpr int kMaxRows = 12;  // the largest MR of any configuration
+
+// One ISA's kernel family for one panel shape: fns[r - 1] computes r rows (1 <= r <= mr).
+template <typename T>
+struct Kernels {
+  int vw = 0, nv = 0, mr = 0;
+  MicroFn<T> fns[kMaxRows] = {};
+};
+
+template <typename T, Isa I, int VW, int NV, int MR, int... R>
+void fill_kernels(Kernels<T>& k, std::integer_sequence<int, R...>) {
+  k.vw = VW;
+  k.nv = NV;
+  k.mr = MR;
+  if constexpr (I == Isa::kAvx512) ((k.fns[R] = &micro_avx512<T, VW, NV, R + 1>), ...);
+  else if constexpr (I == Isa::kAvx2) ((k.fns[R] = &micro_avx2<T, VW, NV, R + 1>), ...);
+  else ((k.fns[R] = &micro_generic<T, VW, NV, R + 1>), ...);
+}
+
+// The panel shape for `groups` gate blocks: NV vectors per K row and MR rows per tile, as many
+// accumulators as the register file holds with room for the panel's row (32 vector registers with
+// AVX-512, 16 otherwise). groups must divide NV*VW (units = NV*VW / groups).
+template <typename T, Isa I>
+Kernels<T> kernels_for(int groups) {
+  constexpr int VW = (I == Isa::kAvx512 ? 64 : I == Isa::kAvx2 ? 32 : 16) / static_cast<int>(sizeof(T));
+  Kernels<T> k;
+  if constexpr (I == Isa::kAvx512) {
+    if (groups == 4) fill_kernels<T, I, VW, 4, 6>(k, std::make_integer_sequence<int, 6>{});
+    else if (groups == 3) fill_kernels<T, I, VW, 3, 8>(k, std::make_integer_sequence<int, 8>{});
+    else fill_kernels<T, I, VW, 2, 12>(k, std::make_integer_sequence<int, 12>{});
+  } else {
+    if (groups == 3) fill_kernels<T, I, VW, 3, 4>(k, std::make_integer_sequence<int, 4>{});
+    else fill_kernels<T, I, VW, 2, 6>(k, std::make_integer_sequence<int, 6>{});
+  }
+  return k;
+}
+
+template <typename T>
+Kernels<T> kernels_for(Isa isa, int groups) {
+  switch (isa) {
+    case Isa::kAvx512: return kernels_for<T, Isa::kAvx512>(groups);
+    case Isa::kAvx2: return kernels_for<T, Isa::kAvx2>(groups);
+    default: return kernels_for<T, Isa::kGeneric>(groups);
+  }
+}
+
+// W' packed into panels (see the top of this file), with the kernels that read it.
+template <typename T>
+struct PackedWeight {
+  Kernels<T> kern;
+  int64_t K = 0, H = 0, groups = 1, units = 0, width = 0, panels = 0;
+  at::Tensor buf;
+  const T* panel(int64_t p) const { return buf.template data_ptr<T>() + p * K * width; }
+};
+
+// transpose (forward): W' = w^T for w [groups*H, K]; column (g, j) of W' is row g*H + j of w.
+// !transpose (BPTT):   W' = w for w [K, H], groups = 1.
+template <typename T>
+PackedWeight<T> pack_weight(const at::Tensor& w, int64_t groups, bool transpose, Isa isa) {
+  PackedWeight<T> pw;
+  pw.kern = kernels_for<T>(isa, static_cast<int>(groups));
+  pw.groups = groups;
+  pw.K = transpose ? w.size(1) : w.size(0);
+  pw.H = transpose ? w.size(0) / groups : w.size(1);
+  pw.width = static_cast<int64_t>(pw.kern.nv) * pw.kern.vw;
+  pw.units = pw.width / groups;
+  pw.panels = (pw.H + pw.units - 1) / pw.units;
+  pw.buf = at::empty({std::max<int64_t>(pw.panels * pw.K * pw.width, 1)}, w.options());
+  const T* src = w.data_ptr<T>();
+  T* dst = pw.buf.template data_ptr<T>();
+  const int64_t K = pw.K, H = pw.H, U = pw.units, Wd = pw.width;
+  at::parallel_for(0, pw.panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      T* pp = dst + p * K * Wd;
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t u = 0; u < U; ++u) {
+          const int64_t j = p * U + u;
+          T* col = pp + g * U + u;
+          if (j >= H) {
+            for (int64_t k = 0; k < K; ++k) col[k * Wd] = T(0);
+          } else if (transpose) {
+            const T* row = src + (g * H + j) * K;
+            for (int64_t k = 0; k < K; ++k) col[k * Wd] = row[k];
+          } else {
+            for (int64_t k = 0; k < K; ++k) col[k * Wd] = src[k * H + j];
+          }
+        }
+      }
+    }
+  });
+  return pw;
+}
+
+// A barrier for the workers of one recurrence call. Workers may be grouped unevenly into threads
+// (at::parallel_for hands a thread a range of them, all of them to one thread inside another
+// parallel region), so each thread arrives with its count of workers and waits for all of them:
+// it never waits on a thread that does not run. Spins briefly, then yields (several calls at once
+// may share the cores).
+class StepBarrier {
+ public:
+  explicit StepBarrier(int64_t workers) : workers_(workers) {}
+  void arrive_and_wait(int64_t count, int64_t generation) {
+    arrived_.fetch_add(count, std::memory_order_acq_rel);
+    const int64_t target = workers_ * (generation + 1);
+    for (int spins = 0; arrived_.load(std::memory_order_acquire) < target; ++spins) {
+      if (spins < 4000) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  std::atomic<int64_t> arrived_{0};
+  const int64_t workers_;
+};
+
+// How many workers share a step: one per thread, fewer when a step is too small to repay a barrier
+// (~1-2 us), never more than there are panels.
+inline int64_t step_workers(int64_t flops_per_step, int64_t panels) {
+  int64_t n = at::get_num_threads();
+  if (flops_per_step < (1 << 18)) n = 1;
+  return std::max<int64_t>(1, std::min(n, panels));
+}
+
+// Runs `steps` dependent products with the epilogue fused: for s in [0, steps), every tile of
+//   tile = A_s @ W'  (A_s, lda = a_of(s); a null A_s means a zero product)
+// is handed to epi(s, b0, rows, j0, units, tile, ld_tile) — rows [b0, b0 + rows) and hidden units
+// [j0, j0 + units) (fewer than pw.units in the last panel), gate g of unit j0 + u at
+// tile[r * ld_tile + g * pw.units + u]. Step s + 1 starts after every tile of step s is through
+// its epilogue. Called with the GIL released.
+template <typename T, class AOf, class Epi>
+void run_steps(const PackedWeight<T>& pw, int64_t steps, int64_t B, AOf a_of, Epi epi) {
+  if (steps == 0 || B == 0 || pw.H == 0) return;
+  const int64_t workers = step_workers(2 * B * pw.K * pw.groups * pw.H, pw.panels);
+  const int mr = pw.kern.mr;
+  const int64_t blocks = (B + mr - 1) / mr;
+  StepBarrier barrier(workers);
+  auto run = [&](int64_t w0, int64_t w1) {
+    alignas(64) T tile[kMaxRows * 64];
+    for (int64_t s = 0; s < steps; ++s) {
+      const std::pair<const T*, int64_t> a = a_of(s);
+      for (int64_t w = w0; w < w1; ++w) {
+        for (int64_t p = w * pw.panels / workers; p < (w + 1) * pw.panels / workers; ++p) {
+          const int64_t j0 = p * pw.units, nu = std::min(pw.units, pw.H - j0);
+          for (int64_t blk = 0; blk < blocks; ++blk) {
+            // rows spread evenly over the blocks (8 rows as 4 + 4, not 6 + 2)
+            const int64_t b0 = blk * B / blocks, rows = (blk + 1) * B / blocks - b0;
+            if (a.first != nullptr) {
+              pw.kern.fns[rows - 1](a.first + b0 * a.second, a.second, pw.panel(p), pw.K, tile);
+            } else {
+              std::fill(tile, tile + rows * pw.width, T(0));
+            }
+            epi(s, b0, rows, j0, nu, static_cast<const T*>(tile), pw.width);
+          }
+        }
+      }
+      if (workers > 1) barrier.arrive_and_wait(w1 - w0, s);
+    }
+  };
+  if (workers == 1) {
+    run(0, 1);
+  } else {
+    at::parallel_for(0, workers, 1, run);
+  }
+}
+
+}  // namespace mmrnn
