@@ -162,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor> gru_forward(const at::Tensor& xp, const at::T
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "mmrnn_gru_forward", [&] {
-      const auto pw = pack_weight<scalar_t>(w_hh, 3, /*transpose=*/true, isa);
+      const auto pw = pack_weight<scalar_t>(w_hh, 3, /*transpose=*/true, B, isa);
       gru_forward_loop<scalar_t, true>(pw, xp.data_ptr<scalar_t>(), data_or_null<scalar_t>(b_hn), h0.data_ptr<scalar_t>(),
                                        data_or_null<scalar_t>(image_term), per_step, len, out.data_ptr<scalar_t>(),
                                        gates.data_ptr<scalar_t>(), nullptr, T_, B, H);
@@ -185,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> gru_infer(const at::Tensor& xp, const at::Ten
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "mmrnn_gru_infer", [&] {
-      const auto pw = pack_weight<scalar_t>(w_hh, 3, /*transpose=*/true, isa);
+      const auto pw = pack_weight<scalar_t>(w_hh, 3, /*transpose=*/true, B, isa);
       gru_forward_loop<scalar_t, false>(pw, xp.data_ptr<scalar_t>(), data_or_null<scalar_t>(b_hn),
                                         h0.data_ptr<scalar_t>(), data_or_null<scalar_t>(image_term), per_step, len,
                                         out.data_ptr<scalar_t>(), nullptr, h_last.data_ptr<scalar_t>(), T_, B, H);
@@ -214,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_backward(const at::Tensor& gr
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "mmrnn_gru_backward", [&] {
-      const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/false, isa);
+      const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/false, B, isa);
       gru_backward_loop<scalar_t>(pw, grad_out.data_ptr<scalar_t>(), grad_h_last.data_ptr<scalar_t>(),
                                   out.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), len,
                                   dGx.data_ptr<scalar_t>(), dhn.data_ptr<scalar_t>(), scratch.data_ptr<scalar_t>(),

@@ -153,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_forward(const at::Tensor& xp
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "mmrnn_lstm_forward", [&] {
-      const auto pw = pack_weight<scalar_t>(w_hh, 4, /*transpose=*/true, isa);
+      const auto pw = pack_weight<scalar_t>(w_hh, 4, /*transpose=*/true, B, isa);
       lstm_forward_loop<scalar_t, true>(pw, xp.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
                                         data_or_null<scalar_t>(image_term), per_step, len, out.data_ptr<scalar_t>(),
                                         c_all.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), nullptr, nullptr, T_,
@@ -177,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_infer(const at::Tensor& xp, 
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "mmrnn_lstm_infer", [&] {
-      const auto pw = pack_weight<scalar_t>(w_hh, 4, /*transpose=*/true, isa);
+      const auto pw = pack_weight<scalar_t>(w_hh, 4, /*transpose=*/true, B, isa);
       lstm_forward_loop<scalar_t, false>(pw, xp.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
                                          data_or_null<scalar_t>(image_term), per_step, len, out.data_ptr<scalar_t>(),
                                          c.data_ptr<scalar_t>(), nullptr, h_last.data_ptr<scalar_t>(),
@@ -208,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_backward(
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "mmrnn_lstm_backward", [&] {
-      const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/false, isa);
+      const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/false, B, isa);
       lstm_backward_loop<scalar_t>(pw, grad_out.data_ptr<scalar_t>(), grad_h_last.data_ptr<scalar_t>(),
                                    grad_c_last.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(), c_all.data_ptr<scalar_t>(),
                                    gates.data_ptr<scalar_t>(), len, dG.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(),

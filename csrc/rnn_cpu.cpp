@@ -99,7 +99,7 @@ at::Tensor rnn_forward(const at::Tensor& xp, const at::Tensor& w_hh, const at::T
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "mmrnn_rnn_forward", [&] {
-      const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/true, isa);
+      const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/true, B, isa);
       auto run = relu ? forward_loop<scalar_t, true> : forward_loop<scalar_t, false>;
       run(pw, xp.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), data_or_null<scalar_t>(image_term), per_step, len,
           out.data_ptr<scalar_t>(), T_, B, H);
@@ -124,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_backward(const at::Tensor& grad_out, cons
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "mmrnn_rnn_backward", [&] {
-      const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/false, isa);
+      const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/false, B, isa);
       auto run = relu ? backward_loop<scalar_t, true> : backward_loop<scalar_t, false>;
       run(pw, grad_out.data_ptr<scalar_t>(), grad_h_last.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), len,
           dA.data_ptr<scalar_t>(), dh0.data_ptr<scalar_t>(), T_, B, H);
