@@ -1,0 +1,206 @@
+"""The C++ recurrence engine (csrc/engine.h): every vector path forced on this machine
+(MMRNN_CPU_ISA), both tile shapes, odd sizes, the inference forwards (nothing saved, the same
+numbers as the training forward), one or two threads per call giving the same bits, and calls from
+several Python threads at once giving the serial results bit for bit."""
+import threading
+
+import pytest
+import torch
+
+import mmrnn_ext
+from conftest import require
+from op_cases import compare_with_reference
+from test_gated_ops import compare as compare_gated
+from test_gated_ops import make_inputs as make_gated_inputs
+
+ORDER = ["generic", "avx2", "avx512"]
+
+
+@pytest.fixture(autouse=True)
+def _cpp():
+    require("cpp")
+
+
+def _force(monkeypatch, isa):
+    """Caps the engine at `isa`; skips when this CPU cannot run it (a cap never raises the path)."""
+    from mmrnn_ext import _C
+
+    monkeypatch.delenv("MMRNN_CPU_ISA", raising=False)
+    detected = _C.cpu_isa()
+    if ORDER.index(isa) > ORDER.index(detected):
+        pytest.skip(f"this CPU runs {detected}, not {isa}")
+    monkeypatch.setenv("MMRNN_CPU_ISA", isa)
+    assert _C.cpu_isa() == isa
+
+
+# (T, B, H): B = 1; B a tile's rows; B over 12 (the six-row tile for four gates); H not a multiple
+# of any vector width; H below one panel; H spanning several panels
+SIZES = [(5, 1, 7), (3, 12, 33), (4, 13, 65), (2, 17, 16), (3, 3, 1)]
+IDS = [f"T{t}-B{b}-H{h}" for t, b, h in SIZES]
+
+
+@pytest.mark.parametrize("isa", ORDER)
+@pytest.mark.parametrize("T,B,H", SIZES, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_rnn_every_path(monkeypatch, isa, T, B, H, dtype):
+    _force(monkeypatch, isa)
+    for nl in ("tanh", "relu"):
+        compare_with_reference("cpp", T, B, H, "step", dtype, nl, lengths=True)
+    compare_with_reference("cpp", T, B, H, "static", dtype, "tanh", lengths=False, noncontig=True)
+
+
+@pytest.mark.parametrize("isa", ORDER)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("T,B,H", SIZES, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_gated_every_path(monkeypatch, isa, cell, T, B, H, dtype):
+    _force(monkeypatch, isa)
+    compare_gated(cell, "cpp", T, B, H, "step", dtype, lengths=True)
+    compare_gated(cell, "cpp", T, B, H, "static", dtype, lengths=False, noncontig=True)
+
+
+def test_bad_isa_switch_is_an_error(monkeypatch):
+    from mmrnn_ext import _C
+
+    monkeypatch.setenv("MMRNN_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="MMRNN_CPU_ISA: expected avx512, avx2 or generic, got 'sse9'"):
+        _C.cpu_isa()
+    with pytest.raises(RuntimeError, match="MMRNN_CPU_ISA"):
+        mmrnn_ext.rnn_recurrence(torch.randn(2, 1, 3), torch.randn(3, 3), backend="cpp")
+
+
+def _module(cell, **kw):
+    cls = {"rnn": mmrnn_ext.RNN, "lstm": mmrnn_ext.LSTM, "gru": mmrnn_ext.GRU}[cell]
+    torch.manual_seed(0)
+    return cls(12, 40, num_layers=2, bidirectional=True, image_size=6, backend="cpp", **kw)
+
+
+def _flat(result):
+    out, states = result
+    return [out, *(states if isinstance(states, tuple) else (states,))]
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("image", ["static", "step"])
+def test_inference_forward_equals_training_forward(cell, image):
+    """no_grad / inference_mode take the inference forward: the same bits as the forward that saves
+    for backward, lengths and final states included."""
+    m = _module(cell)
+    x = torch.randn(9, 5, 12)
+    img = torch.randn(5, 6) if image == "static" else torch.randn(9, 5, 6)
+    lengths = torch.tensor([9, 3, 0, 7, 1])
+    train = _flat(m(x, image=img, lengths=lengths))
+    assert train[0].grad_fn is not None
+    with torch.no_grad():
+        nograd = _flat(m(x, image=img, lengths=lengths))
+    with torch.inference_mode():
+        inference = _flat(m(x, image=img, lengths=lengths))
+    for a, b, c in zip(train, nograd, inference):
+        assert b.grad_fn is None and not b.requires_grad
+        assert torch.equal(a.detach(), b) and torch.equal(a.detach(), c)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_inference_forward_is_taken_and_saves_nothing(monkeypatch, cell):
+    """Under no_grad the op calls the backend's inference forward (which returns only the public
+    outputs); with grad enabled and an input requiring grad it does not."""
+    from mmrnn_ext import _C
+
+    name = f"{cell}_infer"
+    calls = []
+    real = getattr(_C, name)
+    monkeypatch.setattr(_C, name, lambda *a: calls.append(1) or real(*a))
+    args, lens = make_gated_inputs(cell, 4, 3, 9, "static", torch.float32, lengths=True)
+    op = mmrnn_ext.lstm_recurrence if cell == "lstm" else mmrnn_ext.gru_recurrence
+    with torch.no_grad():
+        outs = op(*args, lengths=lens, backend="cpp")
+    assert calls == [1] and len(outs) == (3 if cell == "lstm" else 2)
+    op(*args, lengths=lens, backend="cpp")
+    assert calls == [1]
+    detached = [None if a is None else a.detach() for a in args]
+    op(*detached, lengths=lens, backend="cpp")  # grad mode on, nothing requires grad
+    assert calls == [1, 1]
+
+
+def _run(m, seed):
+    """A module's forward and backward on inputs drawn from a private generator (the global one is
+    shared by every thread)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(11, 9, 12, generator=g).requires_grad_()
+    img = torch.randn(9, 6, generator=g)
+    outs = _flat(m(x, image=img, lengths=torch.tensor([11, 4, 0, 9, 1, 11, 2, 8, 5])))
+    loss = sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs)
+    grads = torch.autograd.grad(loss, [x, *m.parameters()])
+    return [o.detach() for o in outs] + list(grads)
+
+
+def _run_op(cell, seed):
+    """The op alone (what the engine computes: outputs, and the gradients BPTT returns directly —
+    the weight gradient is torch's GEMM, whose bits depend on its own thread count)."""
+    if cell == "rnn":
+        from op_cases import make_inputs
+        xp, w, h0, img, lens = make_inputs(6, 9, 80, "step", torch.float32, lengths=True, seed=seed)
+        outs = mmrnn_ext.rnn_recurrence(xp, w, h0, img, lens, backend="cpp")
+        states = [xp, h0]
+    else:
+        args, lens = make_gated_inputs(cell, 6, 9, 80, "step", torch.float32, lengths=True, seed=seed)
+        op = mmrnn_ext.lstm_recurrence if cell == "lstm" else mmrnn_ext.gru_recurrence
+        outs = op(*args, lengths=lens, backend="cpp")
+        states = [args[0]] + ([args[2], args[3]] if cell == "lstm" else [args[3]])
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs)
+    return [o.detach() for o in outs] + list(torch.autograd.grad(loss, states))
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_one_or_two_threads_same_bits(cell):
+    """A step's tiles are computed the same whichever thread takes them (B = 9, H = 80: the steps
+    are large enough to be split over two workers)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run_op(cell, 3)
+        torch.set_num_threads(2)
+        two = _run_op(cell, 3)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_concurrent_calls_match_serial(cell):
+    """Four Python threads at once (the GIL released in the kernels, each call with its own barrier),
+    forward and backward: every result equals the serial one bit for bit."""
+    modules = [_module(cell) for _ in range(4)]  # built here: initialisation draws from the global RNG
+    serial = [_run(modules[s], s) for s in range(4)]
+    results, errors = [None] * 4, []
+
+    def work(s):
+        try:
+            for _ in range(2):
+                results[s] = _run(modules[s], s)
+        except Exception as exc:  # reported below: a thread's exception would otherwise be lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for s in range(4):
+        for a, b in zip(serial[s], results[s]):
+            assert torch.equal(a, b)
+    # the op alone (no torch GEMMs around it), the same way
+    serial = [_run_op(cell, s) for s in range(4)]
+    results = [None] * 4
+    threads = [threading.Thread(target=lambda s=s: results.__setitem__(s, _run_op(cell, s))) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in range(4):
+        assert results[s] is not None
+        for a, b in zip(serial[s], results[s]):
+            assert torch.equal(a, b)
