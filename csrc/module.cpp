@@ -1,10 +1,43 @@
 // The extension module mmrnn_ext._C: the CPU recurrences of every cell (rnn_cpu.cpp, lstm_cpu.cpp,
 // gru_cpu.cpp), each file registering its own functions.
-#include "common.h"
+#include "engine.h"
+
+namespace {
+
+// x [..., K] @ w[N, K]^T on the engine's kernels (the modules' input projection when nothing needs
+// its gradient).
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              "x: expected a float32 or float64 CPU tensor, got ", x.scalar_type(), " on ", x.device());
+  TORCH_CHECK(x.dim() >= 1, "x: expected at least one dimension, got a scalar");
+  mmrnn::check_float_cpu(w, "w", x);
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(-1), "w: expected shape [N, ", x.size(-1), "], got ", w.sizes());
+  const at::Tensor xc = x.contiguous();
+  const int64_t K = w.size(1), N = w.size(0);
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes.back() = N;
+  at::Tensor out = mmrnn::empty_huge(sizes, x.options());
+  if (M == 0 || N == 0) return out;
+  if (K == 0) return out.zero_();
+  const mmrnn::Isa isa = mmrnn::cpu_isa();
+  {
+    pybind11::gil_scoped_release no_gil;
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmrnn_linear", [&] {
+      const auto pw = mmrnn::pack_weight<scalar_t>(w, 1, /*transpose=*/true, M, isa);
+      mmrnn::linear<scalar_t>(pw, xc.data_ptr<scalar_t>(), M, out.data_ptr<scalar_t>());
+    });
+  }
+  return out;
+}
+
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mmrnn_ext C++ backend: the fused multimodal RNN, LSTM and GRU recurrences on CPU tensors";
   mmrnn::register_rnn(m);
   mmrnn::register_lstm(m);
   mmrnn::register_gru(m);
+  m.def("linear", &linear, "x @ w^T on the recurrences' kernels", pybind11::arg("x"), pybind11::arg("w"));
 }

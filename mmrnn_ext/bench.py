@@ -3,6 +3,7 @@
     mmrnn-bench                       the default grid for this machine's device (the RNN)
     mmrnn-bench --cell lstm           the same for the LSTM (--cell gru: the GRU)
     mmrnn-bench --quick               a small grid (under a minute on a 2-core CPU)
+    mmrnn-bench --grid serving --stock-only   the five serving shapes, mmrnn_ext against torch's module only
     mmrnn-bench --shape 32,128,128,128,256 --dtype float32 --json out.json --plot out.png
 
 Providers, all with the same weights on the same inputs (X = RNN, LSTM or GRU, per --cell):
@@ -12,6 +13,12 @@ Providers, all with the same weights on the same inputs (X = RNN, LSTM or GRU, p
                          the table and JSON ("path") name it, read from the aten ops one call ran)
     eager loop           a Python loop of torch ops, input and image projections precomputed
     torch.compile(loop)  that loop compiled (skipped, with the reason, when it would take too long)
+
+Two passes per provider: "inference" (the forward under torch.no_grad, what a served model runs;
+"forward" in the JSON) and "forward+backward" (a training step). On CPU the machine's own ceiling is
+measured first (the better of torch.mm and oneDNN's linear on a 2048^3 float32 GEMM) and every GF/s
+figure is also given as a fraction of it; the CPU's model, vendor and the vector path mmrnn_ext takes
+are named in the output and the JSON.
 
 Before timing, every provider's output is compared with mmrnn_ext's; a disagreement beyond the
 dtype's tolerance stops the run with an error rather than report a speed. With --layers > 1 the
@@ -42,6 +49,9 @@ from mmrnn_ext import _backends, _cli
 CPU_GRID = [(32, 128, 128, 128, 64), (32, 128, 128, 128, 256), (64, 256, 256, 512, 512), (8, 512, 128, 256, 1024)]
 GPU_GRID = [(16, 256, 128, 256, 128), (64, 256, 256, 512, 256), (64, 256, 512, 1024, 512),
             (256, 128, 1024, 2048, 1024), (1, 1024, 64, 64, 256)]
+# what served recurrent models see on CPUs: batch 1 to 64, hidden 256 to 1024 (one not a power of two)
+SERVING_GRID = [(32, 128, 128, 64, 256), (64, 256, 256, 64, 512), (8, 512, 128, 64, 1024), (1, 512, 128, 64, 256),
+                (24, 100, 96, 64, 320)]
 QUICK_CPU_GRID = [(8, 32, 32, 32, 64), (16, 64, 64, 64, 128)]
 QUICK_GPU_GRID = [(16, 64, 128, 256, 128), (1, 128, 64, 64, 256)]
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -198,6 +208,8 @@ def make_providers(case: Case, args) -> tuple[dict, dict]:
             providers[f"{OURS}[{name}]"] = (lambda m: lambda: m(case.x, image=case.image)[0])(model)
     stock = build_stock(case, ours)
     providers[stock_name(case.cell)] = lambda: stock(torch.cat([case.x, case.image.expand(case.T, -1, -1)], dim=-1))[0]
+    if args.stock_only:
+        return providers, skipped
     providers["eager loop"] = lambda: eager_loop(case.x, case.image, ours)
     if args.no_compile:
         skipped["torch.compile(loop)"] = "--no-compile"
@@ -405,25 +417,65 @@ def run_case(case: Case, args, progress) -> tuple[list, dict]:
                          "peak_memory_mb": peak if pass_name == "forward+backward" else None,
                          "relative_difference": diffs[name], "path": paths.get(name)})
     ours = {r["pass"]: r["ms"] for r in rows if r["provider"] == OURS}
+    ceiling = getattr(args, "ceiling_gflops", None)
     for r in rows:
         r["speedup_of_mmrnn_ext"] = r["ms"] / ours[r["pass"]]
+        r["fraction_of_ceiling"] = None if ceiling is None or r["gemm_gflops"] is None else r["gemm_gflops"] / ceiling
     return rows, skipped
 
 
 # --- reporting ------------------------------------------------------------------------------------
 
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_description() -> dict:
+    """The CPU's model name, vendor and the vector-relevant flags (/proc/cpuinfo), and the vector
+    path mmrnn_ext's engine takes on it."""
+    info = {"cpu_model": platform.processor() or platform.machine(), "cpu_vendor": None, "cpu_flags": []}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "model name":
+                    info["cpu_model"] = value
+                elif key == "vendor_id":
+                    info["cpu_vendor"] = value
+                elif key == "flags":
+                    info["cpu_flags"] = [f for f in CPU_FLAGS if f in value.split()]
                     break
     except OSError:
         pass
+    cpp = _backends._cpp()[0]
+    info["engine_isa"] = None if cpp is None else cpp.cpu_isa()
+    return info
+
+
+def gemm_ceiling(repeats: int = 3, n: int = 2048) -> dict:
+    """The machine's big-GEMM rate in float32 GF/s: an n^3 product through torch.mm (the BLAS torch
+    ships) and through oneDNN's linear with prepacked weights where torch has it; the better is the
+    ceiling every GF/s figure is compared with."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    flop = 2.0 * n ** 3
+    rates = {"torch.mm": flop / time_ms(lambda: torch.mm(a, b), torch.device("cpu"), repeats) / 1e6}
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), n)
+        onednn = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")  # noqa: E731
+        onednn()
+        rates["oneDNN linear"] = flop / time_ms(onednn, torch.device("cpu"), repeats) / 1e6
+    except (AttributeError, RuntimeError):  # a torch without oneDNN's linear: torch.mm alone
+        pass
+    best = max(rates, key=rates.get)
+    return {"gflops": rates[best], "by": best, "rates": rates, "n": n}
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu_info = cpu_description()
+    cpu = cpu_info["cpu_model"]
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu}",
-            "cpu_model": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            **cpu_info, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     try:
@@ -448,17 +500,24 @@ def format_table(rows: list) -> str:
         shape, dtype = shape_dtype
         path = next((r["path"] for r in group if r.get("path")), None)
         lines.append(f"\nshape (B, T, I, V, H) = {shape}, {dtype}" + (f"; torch ran {path}" if path else ""))
-        lines.append(f"  {'provider':<26}{'forward ms':>12}{'x':>8}{'fwd+bwd ms':>13}{'x':>8}{'GF/s':>8}"
-                     f"{'saved MB':>10}{'rel diff':>10}")
+        lines.append(f"  {'provider':<26}{'inference ms':>13}{'x':>8}{'GF/s':>7}{'%ceil':>6}{'fwd+bwd ms':>12}{'x':>8}"
+                     f"{'GF/s':>7}{'%ceil':>6}{'saved MB':>10}{'rel diff':>10}")
+
+        def rate(r):
+            if r.get("gemm_gflops") is None:
+                return f"{'':>7}{'':>6}"
+            frac = r.get("fraction_of_ceiling")
+            return f"{r['gemm_gflops']:>7.1f}" + (f"{100 * frac:>5.0f}%" if frac is not None else f"{'':>6}")
+
         for name in dict.fromkeys(r["provider"] for r in group):
             f = next(r for r in group if r["provider"] == name and r["pass"] == "forward")
             b = next(r for r in group if r["provider"] == name and r["pass"] == "forward+backward")
-            rate = "" if b.get("gemm_gflops") is None else f"{b['gemm_gflops']:.1f}"
-            lines.append(f"  {name:<26}{f['ms']:>12.3f}{f['speedup_of_mmrnn_ext']:>7.2f}x{b['ms']:>13.3f}"
-                         f"{b['speedup_of_mmrnn_ext']:>7.2f}x{rate:>8}{f['saved_activations_mb']:>10.1f}"
+            lines.append(f"  {name:<26}{f['ms']:>13.3f}{f['speedup_of_mmrnn_ext']:>7.2f}x{rate(f)}{b['ms']:>12.3f}"
+                         f"{b['speedup_of_mmrnn_ext']:>7.2f}x{rate(b)}{f['saved_activations_mb']:>10.1f}"
                          f"{f['relative_difference']:>10.1e}")
-    lines.append("\n  x = that provider's time / mmrnn_ext's time (above 1: mmrnn_ext is faster); GF/s = the\n"
-                 "  forward+backward's GEMM FLOPs (its own algorithm's) over its time")
+    lines.append("\n  inference = the forward under torch.no_grad; x = that provider's time / mmrnn_ext's time (above 1:\n"
+                 "  mmrnn_ext is faster); GF/s = the pass's GEMM FLOPs (its own algorithm's) over its time; %ceil = that\n"
+                 "  rate over the machine's big-GEMM rate")
     return "\n".join(lines)
 
 
@@ -570,6 +629,11 @@ def parse_args(argv=None):
     p.add_argument("--bidirectional", action="store_true")
     p.add_argument("--all-backends", action="store_true", help="also time each available mmrnn_ext backend")
     p.add_argument("--quick", action="store_true", help="a small grid, few repeats, no torch.compile")
+    p.add_argument("--grid", choices=["default", "serving"], default="default",
+                   help="the shapes when no --shape is given: the device's default grid, or (CPU) the serving grid "
+                        "(B,T,I,V,H) = " + " ".join(",".join(map(str, s)) for s in SERVING_GRID))
+    p.add_argument("--stock-only", action="store_true",
+                   help="time mmrnn_ext against torch's own module only (no eager loop, no torch.compile)")
     p.add_argument("--repeats", type=_cli.positive_int, default=None, help="CPU timing repeats (median; default 5, quick 3)")
     p.add_argument("--tf32", choices=["default", "on", "off"], default="default",
                    help="TF32 for float32 on CUDA (sets torch.backends.cudnn/cuda.matmul.allow_tf32)")
@@ -610,11 +674,20 @@ def main(argv=None) -> int:
     else:
         grids = {("cpu", False): CPU_GRID, ("cpu", True): QUICK_CPU_GRID,
                  ("cuda", False): GPU_GRID, ("cuda", True): QUICK_GPU_GRID}
-        shapes = grids[(device.type, args.quick)]
+        if args.grid == "serving" and device.type != "cpu":
+            raise SystemExit("--grid serving: the serving grid is a CPU grid; use --device cpu")
+        shapes = SERVING_GRID if args.grid == "serving" else grids[(device.type, args.quick)]
     if args.quick:
         args.no_compile = True if not args.shape else args.no_compile
     args.repeats = args.repeats or (3 if args.quick else 5)
     cases = [(s, DTYPES[d]) for s in shapes for d in dtype_names]
+    machine = machine_info(device)
+    if device.type == "cpu":
+        machine["gemm_ceiling"] = gemm_ceiling()
+        args.ceiling_gflops = machine["gemm_ceiling"]["gflops"]
+        print(f"mmrnn-bench: {machine['cpu_model']} ({machine['cpu_vendor']}; engine path {machine['engine_isa']}); "
+              f"big-GEMM ceiling {args.ceiling_gflops:.0f} GF/s ({machine['gemm_ceiling']['by']}, 2048^3 float32)",
+              flush=True)
     progress = _Progress()
     rows, skipped, recurrence, failures = [], [], [], []
     for shape, dtype in cases:
@@ -632,7 +705,7 @@ def main(argv=None) -> int:
         if not args.no_recurrence:
             recurrence.append(recurrence_vs_mm(case, args.repeats))
     progress.close()
-    result = {"machine": machine_info(device), "cell": args.cell, "layers": args.layers,
+    result = {"machine": machine, "cell": args.cell, "layers": args.layers,
               "bidirectional": args.bidirectional,
               "rows": rows, "skipped": skipped, "recurrence": recurrence, "failures": failures}
     print(f"mmrnn-bench --cell {args.cell} on {result['machine']['device']} (torch {torch.__version__}, "

@@ -22,6 +22,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .. import _backends
 from ..ops import InputError, _describe, check_lengths
+from ..ops.common import no_gradient_possible
 
 
 def _check_same(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str, dtype: bool = True) -> None:
@@ -61,13 +62,22 @@ def _to(t, dtype):
     return t if t is None or dtype is None else t.to(dtype)
 
 
-def _project(x, image, w_ih, bias, w_img):
+def _input_product(x, w_ih, engine: bool):
+    """x @ w_ih^T over all steps. engine: on the C++ engine's kernels (a float32 CPU call that needs
+    no gradient, with the cpp backend): MKL's sgemm runs these tall products at 95-132 GF/s on an
+    AMD EPYC where the engine reaches 150-190 (bench/NOTES.md)."""
+    if engine:
+        return _backends._cpp()[0].linear(x, w_ih)
+    return F.linear(x, w_ih)
+
+
+def _project(x, image, w_ih, bias, w_img, engine=False):
     """The input projection (one GEMM over all steps) and the image term (one GEMM per sequence when
     static). `bias` (the biases that sit outside the recurrent product, summed) rides with the image
     term, which the recurrence adds in its elementwise pass anyway: a bias in the big input GEMM
     costs a broadcast copy over all T*B*G*H outputs (14.5 ms of 430 at (64, 256, 256, 512, 512) on
     the 2-core CPU for the RNN) that this way is a [B, G*H] add."""
-    xp = F.linear(x, w_ih)
+    xp = _input_product(x, w_ih, engine)
     if image is not None:
         return xp, F.linear(image, w_img, bias)
     if bias is None:
@@ -320,9 +330,12 @@ class RecurrentBase(nn.Module):
             # reading them is a host sync that would break a compiled graph)
             check_lengths(lengths, B, T, check_values=not compiling)
             lengths = lengths.to(device=x.device, dtype=torch.int64).contiguous()
+        engine = False
         if not compiling:
             # an unavailable backend fails before any GEMM
-            _backends.select(self.backend, x.device, amp or x.dtype, self.CELL)
+            chosen = _backends.select(self.backend, x.device, amp or x.dtype, self.CELL)
+            engine = (chosen.name == "cpp" and x.dtype == torch.float32 and amp is None
+                      and no_gradient_possible([x, *self.parameters()]))
 
         layer_input = x
         finals = [[] for _ in range(self.STATES)]
@@ -330,7 +343,7 @@ class RecurrentBase(nn.Module):
             outs = []
             for direction in range(num_directions):
                 p = self._params(layer, direction)
-                xp, img_term = _project(layer_input, img, p["weight_ih"], self._outer_bias(p), p.get("weight_img"))
+                xp, img_term = _project(layer_input, img, p["weight_ih"], self._outer_bias(p), p.get("weight_img"), engine)
                 xp, img_term = _to(xp, amp), _to(img_term, amp)
                 if direction == 1:
                     xp = _time_reverse(xp, lengths)

@@ -82,19 +82,24 @@ def prepare_lengths(lengths, xp, B: int, T: int, compiling: bool):
     return lengths.to(device=xp.device, dtype=torch.int64).contiguous()
 
 
+def no_gradient_possible(tensors) -> bool:
+    """Whether nothing can ask for a gradient of a computation on `tensors`: grad mode off or none
+    requiring grad, no forward-mode AD level open, no torch.func transform."""
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if torch.autograd.forward_ad._current_level >= 0:
+        return False
+    return not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
 def inference_forward(cell: str, backend: str, inputs):
     """The backend's inference forward for `cell` (it saves nothing for backward and writes only the
-    public outputs), when nothing can ask for a gradient of this call: grad mode off or no input
-    requiring grad, no forward-mode AD level open, no torch.func transform. None otherwise (and for
-    backends without one), so the caller takes the differentiable path."""
-    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    public outputs) when no gradient of this call is possible; None otherwise (and for backends
+    without one), so the caller takes the differentiable path."""
+    if not no_gradient_possible(inputs):
         return None
-    if torch.autograd.forward_ad._current_level >= 0:
-        return None
-    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
-        return None
-    be = _backends.select(backend, tensors[0].device, tensors[0].dtype, cell)
+    be = _backends.select(backend, inputs[0].device, inputs[0].dtype, cell)
     return be.cells[cell].infer
 
 
