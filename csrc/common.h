@@ -143,6 +143,28 @@ inline void check_sequence(const at::Tensor& t, const char* name, int64_t gates)
   TORCH_CHECK(t.size(2) % gates == 0, name, ": expected a last dimension of ", gates, " x hidden size, got ", t.size(2));
 }
 
+// The leading tensor of an inference call: xp [T, B, G*H], or with w_ih x [T, B, I] and w_ih
+// [G*H, I] (the fused input product). w_hh [G*H, H] is checked here too; returns H.
+inline int64_t check_infer_input(const at::Tensor& input, const std::optional<at::Tensor>& w_ih, const at::Tensor& w_hh,
+                                 int64_t gates) {
+  if (!w_ih.has_value()) {
+    check_sequence(input, "xp", gates);
+    const int64_t H = input.size(2) / gates;
+    check_arg(w_hh, "w_hh", input, {gates * H, H});
+    return H;
+  }
+  TORCH_CHECK(input.dim() == 3, "x: expected a 3-D tensor [T, B, I], got ", input.dim(), "-D of shape ", input.sizes());
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+              "x: the cpp backend computes float32 and float64, got ", input.scalar_type());
+  check_float_cpu(input, "x", input);
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == gates * w_hh.size(1), "w_hh: expected shape [", gates,
+              "H, H], got ", w_hh.sizes());
+  const int64_t H = w_hh.size(1);
+  check_arg(w_hh, "w_hh", input, {gates * H, H});
+  check_arg(*w_ih, "w_ih", input, {gates * H, input.size(2)});
+  return H;
+}
+
 // An optional image term of shape [B, width] (static) or [T, B, width] (per step); returns whether
 // it is per step.
 inline bool check_image_term(const std::optional<at::Tensor>& image_term, const at::Tensor& xp, int64_t T_, int64_t B,

@@ -58,44 +58,54 @@ inline Isa cpu_isa() {
   return static_cast<int>(want) < static_cast<int>(detected) ? want : detected;
 }
 
-// tile[r, c] = sum_k a[r, k] * w[k, c] for MR rows of A and one panel of NV vectors of VW values.
-// The body is shared by every ISA; each instantiation is compiled for its own target.
+// tile[r, c] = sum_k A[r, k] * w[k, c] for MR rows and one panel of NV vectors of VW values, where
+// A = [x | h]: its first K1 columns come from x (row stride ldx), the other K - K1 from h (row
+// stride ldh). K1 = 0 is a plain product with h; K1 > 0 fuses a step's input projection into its
+// recurrent product (W' holds W_ih's K1 rows above W_hh's). The body is shared by every ISA; each
+// instantiation is compiled for its own target.
 #define MMRNN_MICRO_BODY                                                                              \
   typedef T vec __attribute__((vector_size(VW * sizeof(T))));                                        \
   vec acc[MR][NV];                                                                                    \
   _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)                                               \
       _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[r][v] = vec{};                         \
-  for (int64_t k = 0; k < K; ++k) {                                                                   \
-    const vec* wk = reinterpret_cast<const vec*>(w + k * (NV * VW));                                 \
-    vec wv[NV];                                                                                       \
-    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) wv[v] = wk[v];                               \
-    _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {                                           \
-      const vec s = vec{} + a[r * lda + k];                                                           \
-      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[r][v] += wv[v] * s;                    \
+  for (int part = 0; part < 2; ++part) {                                                              \
+    const T* a = part == 0 ? x : h;                                                                   \
+    const int64_t lda = part == 0 ? ldx : ldh, k0 = part == 0 ? 0 : K1;                               \
+    for (int64_t k = k0; k < (part == 0 ? K1 : K); ++k) {                                             \
+      const vec* wk = reinterpret_cast<const vec*>(w + k * (NV * VW));                               \
+      vec wv[NV];                                                                                     \
+      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) wv[v] = wk[v];                             \
+      _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {                                         \
+        const vec s = vec{} + a[r * lda + k - k0];                                                    \
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[r][v] += wv[v] * s;                  \
+      }                                                                                               \
     }                                                                                                 \
   }                                                                                                   \
   _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)                                               \
       _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v)                                            \
           *reinterpret_cast<vec*>(tile + r * (NV * VW) + v * VW) = acc[r][v];
 
+#define MMRNN_MICRO_ARGS                                                                              \
+  const T *__restrict x, int64_t ldx, int64_t K1, const T *__restrict h, int64_t ldh, const T *__restrict w, \
+      int64_t K, T *__restrict tile
+
 template <typename T, int VW, int NV, int MR>
-__attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))) void micro_avx512(
-    const T* __restrict a, int64_t lda, const T* __restrict w, int64_t K, T* __restrict tile) {
+__attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))) void micro_avx512(MMRNN_MICRO_ARGS) {
   MMRNN_MICRO_BODY
 }
 template <typename T, int VW, int NV, int MR>
-__attribute__((target("avx2,fma"))) void micro_avx2(const T* __restrict a, int64_t lda, const T* __restrict w,
-                                                    int64_t K, T* __restrict tile) {
+__attribute__((target("avx2,fma"))) void micro_avx2(MMRNN_MICRO_ARGS) {
   MMRNN_MICRO_BODY
 }
 template <typename T, int VW, int NV, int MR>
-void micro_generic(const T* __restrict a, int64_t lda, const T* __restrict w, int64_t K, T* __restrict tile) {
+void micro_generic(MMRNN_MICRO_ARGS) {
   MMRNN_MICRO_BODY
 }
+#undef MMRNN_MICRO_ARGS
 #undef MMRNN_MICRO_BODY
 
 template <typename T>
-using MicroFn = void (*)(const T*, int64_t, const T*, int64_t, T*);
+using MicroFn = void (*)(const T*, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*);
 
 constexpr int kMaxRows = 12;  // the largest MR of any configuration
 
@@ -150,27 +160,31 @@ Kernels<T> kernels_for(Isa isa, int groups, int64_t rows) {
 template <typename T>
 struct PackedWeight {
   Kernels<T> kern;
-  int64_t K = 0, H = 0, groups = 1, units = 0, width = 0, panels = 0;
+  int64_t K = 0, K1 = 0, H = 0, groups = 1, units = 0, width = 0, panels = 0;  // K1: rows of W_ih (fused)
   at::Tensor buf;
   const T* panel(int64_t p) const { return buf.template data_ptr<T>() + p * K * width; }
 };
 
 // transpose (forward): W' = w^T for w [groups*H, K]; column (g, j) of W' is row g*H + j of w.
 // !transpose (BPTT):   W' = w for w [K, H], groups = 1. rows: the batch the products will have.
+// w_in (forward only): W_ih [groups*H, K1], whose transpose goes above w's: the fused input product.
 template <typename T>
-PackedWeight<T> pack_weight(const at::Tensor& w, int64_t groups, bool transpose, int64_t rows, Isa isa) {
+PackedWeight<T> pack_weight(const at::Tensor& w, int64_t groups, bool transpose, int64_t rows, Isa isa,
+                            const at::Tensor* w_in = nullptr) {
   PackedWeight<T> pw;
   pw.kern = kernels_for<T>(isa, static_cast<int>(groups), rows);
   pw.groups = groups;
-  pw.K = transpose ? w.size(1) : w.size(0);
+  pw.K1 = w_in == nullptr ? 0 : w_in->size(1);
+  pw.K = (transpose ? w.size(1) : w.size(0)) + pw.K1;
   pw.H = transpose ? w.size(0) / groups : w.size(1);
   pw.width = static_cast<int64_t>(pw.kern.nv) * pw.kern.vw;
   pw.units = pw.width / groups;
   pw.panels = (pw.H + pw.units - 1) / pw.units;
   pw.buf = at::empty({std::max<int64_t>(pw.panels * pw.K * pw.width, 1)}, w.options());
   const T* src = w.data_ptr<T>();
+  const T* src_in = w_in == nullptr ? nullptr : w_in->data_ptr<T>();
   T* dst = pw.buf.template data_ptr<T>();
-  const int64_t K = pw.K, H = pw.H, U = pw.units, Wd = pw.width;
+  const int64_t K = pw.K, K1 = pw.K1, H = pw.H, U = pw.units, Wd = pw.width;
   at::parallel_for(0, pw.panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       T* pp = dst + p * K * Wd;
@@ -181,8 +195,10 @@ PackedWeight<T> pack_weight(const at::Tensor& w, int64_t groups, bool transpose,
           if (j >= H) {
             for (int64_t k = 0; k < K; ++k) col[k * Wd] = T(0);
           } else if (transpose) {
-            const T* row = src + (g * H + j) * K;
-            for (int64_t k = 0; k < K; ++k) col[k * Wd] = row[k];
+            const T* row_in = src_in + (g * H + j) * K1;
+            for (int64_t k = 0; k < K1; ++k) col[k * Wd] = row_in[k];
+            const T* row = src + (g * H + j) * (K - K1);
+            for (int64_t k = K1; k < K; ++k) col[k * Wd] = row[k - K1];
           } else {
             for (int64_t k = 0; k < K; ++k) col[k * Wd] = src[k * H + j];
           }
@@ -228,8 +244,18 @@ inline int64_t step_workers(int64_t flops_per_step, int64_t panels) {
   return std::max<int64_t>(1, std::min(n, panels));
 }
 
+// A step's operands: the recurrent one h (rows of stride ldh; null: a zero product) and, with a
+// fused input product (pw.K1 > 0), the step's input x (rows of stride ldx).
+template <typename T>
+struct Operands {
+  const T* h = nullptr;
+  int64_t ldh = 0;
+  const T* x = nullptr;
+  int64_t ldx = 0;
+};
+
 // Runs `steps` dependent products with the epilogue fused: for s in [0, steps), every tile of
-//   tile = A_s @ W'  (A_s, lda = a_of(s); a null A_s means a zero product)
+//   tile = [x_s | h_s] @ W'  (Operands a_of(s); a null h_s means a zero product)
 // is handed to epi(s, b0, rows, j0, units, tile, ld_tile) — rows [b0, b0 + rows) and hidden units
 // [j0, j0 + units) (fewer than pw.units in the last panel), gate g of unit j0 + u at
 // tile[r * ld_tile + g * pw.units + u]. Step s + 1 starts after every tile of step s is through
@@ -244,15 +270,16 @@ void run_steps(const PackedWeight<T>& pw, int64_t steps, int64_t B, AOf a_of, Ep
   auto run = [&](int64_t w0, int64_t w1) {
     alignas(64) T tile[kMaxRows * 64];
     for (int64_t s = 0; s < steps; ++s) {
-      const std::pair<const T*, int64_t> a = a_of(s);
+      const Operands<T> a = a_of(s);
       for (int64_t w = w0; w < w1; ++w) {
         for (int64_t p = w * pw.panels / workers; p < (w + 1) * pw.panels / workers; ++p) {
           const int64_t j0 = p * pw.units, nu = std::min(pw.units, pw.H - j0);
           for (int64_t blk = 0; blk < blocks; ++blk) {
             // rows spread evenly over the blocks (8 rows as 4 + 4, not 6 + 2)
             const int64_t b0 = blk * B / blocks, rows = (blk + 1) * B / blocks - b0;
-            if (a.first != nullptr) {
-              pw.kern.fns[rows - 1](a.first + b0 * a.second, a.second, pw.panel(p), pw.K, tile);
+            if (a.h != nullptr) {
+              pw.kern.fns[rows - 1](a.x == nullptr ? nullptr : a.x + b0 * a.ldx, a.ldx, pw.K1, a.h + b0 * a.ldh, a.ldh,
+                                    pw.panel(p), pw.K, tile);
             } else {
               std::fill(tile, tile + rows * pw.width, T(0));
             }
@@ -288,7 +315,7 @@ void linear(const PackedWeight<T>& pw, const T* a, int64_t M, T* out) {
         const int64_t j0 = p * pw.units, nu = std::min(pw.units, N - j0);
         for (int64_t r0 = c * chunk; r0 < r_end; r0 += mr) {
           const int64_t rows = std::min<int64_t>(mr, r_end - r0);
-          pw.kern.fns[rows - 1](a + r0 * K, K, pw.panel(p), K, tile);
+          pw.kern.fns[rows - 1](nullptr, 0, 0, a + r0 * K, K, pw.panel(p), K, tile);
           for (int64_t r = 0; r < rows; ++r) std::copy(tile + r * pw.width, tile + r * pw.width + nu, out + (r0 + r) * N + j0);
         }
       }

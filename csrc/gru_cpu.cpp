@@ -44,7 +44,7 @@ void gru_forward_loop(const PackedWeight<T>& pw, const T* xp, const T* b_hn, con
                       int64_t H) {
   const int64_t step = B * H, G = 3 * H, W = 4 * H, U = pw.units;
   run_steps<T>(
-      pw, T_, B, [&](int64_t t) { return std::make_pair(t == 0 ? h0 : out + (t - 1) * step, H); },
+      pw, T_, B, [&](int64_t t) { return Operands<T>{t == 0 ? h0 : out + (t - 1) * step, H}; },
       [&](int64_t t, int64_t b0, int64_t rows, int64_t j0, int64_t nu, const T* tile, int64_t ld) {
         const T* im = img == nullptr ? nullptr : (img_per_step ? img + t * B * G : img);
         const T* bias = b_hn == nullptr ? nullptr : b_hn + j0;
@@ -106,7 +106,7 @@ void gru_backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, con
   const int64_t step = B * H, G = 3 * H, W = 4 * H;
   run_steps<T>(
       pw, T_ + 1, B,
-      [&](int64_t s) { return std::make_pair(s == 0 ? nullptr : scratch + ((s - 1) % 2) * B * G, G); },
+      [&](int64_t s) { return Operands<T>{s == 0 ? nullptr : scratch + ((s - 1) % 2) * B * G, G}; },
       [&](int64_t s, int64_t b0, int64_t rows, int64_t j0, int64_t nu, const T* tile, int64_t ld) {
         const int64_t t = T_ - 1 - s;
         T* sbuf = scratch + (s % 2) * B * G;

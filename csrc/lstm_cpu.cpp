@@ -15,14 +15,15 @@ namespace mmrnn {
 namespace {
 
 // One row's units [j0, j0 + n) of one forward step: pre-activations = product tile (gate g at
-// acc[g * U + u]) + input + image term (gate g at x[g * H + u]).
-template <typename T, bool IMG, bool SAVE>
+// acc[g * U + u]) + projected input (XP; gate g at x[g * H + u]; absent when the input product is
+// fused into the tile) + image term.
+template <typename T, bool XP, bool IMG, bool SAVE>
 inline void lstm_forward_units(const T* __restrict acc, int64_t U, const T* __restrict x, const T* __restrict im,
                                const T* cp, T* c, T* __restrict h, T* __restrict gates,
                                int64_t H, int64_t n) {
   for (int64_t u = 0; u < n; ++u) {
     T a[4];
-    for (int k = 0; k < 4; ++k) a[k] = acc[k * U + u] + x[k * H + u] + (IMG ? im[k * H + u] : T(0));
+    for (int k = 0; k < 4; ++k) a[k] = acc[k * U + u] + (XP ? x[k * H + u] : T(0)) + (IMG ? im[k * H + u] : T(0));
     const T i = sigmoid_(a[0]), f = sigmoid_(a[1]), g = tanh_(a[2]), o = sigmoid_(a[3]);
     const T cn = f * cp[u] + i * g;
     if constexpr (SAVE) {
@@ -39,14 +40,18 @@ inline void lstm_forward_units(const T* __restrict acc, int64_t U, const T* __re
 // SAVE (training): c_all [T, B, H] and gates [T, B, 4H] are written for backward. !SAVE
 // (inference): c [B, H] holds the running cell state (c0 on entry), and h_last/c_last (h0/c0 on
 // entry) get each row's state at its last valid step. (cp and c are the same buffer then: each unit
-// reads its own state before writing it.)
+// reads its own state before writing it.) xp [T, B, 4H], or (inference) x [T, B, I] with the input
+// product fused (pw.K1 = I, xp null).
 template <typename T, bool SAVE>
-void lstm_forward_loop(const PackedWeight<T>& pw, const T* xp, const T* h0, const T* c0, const T* img,
+void lstm_forward_loop(const PackedWeight<T>& pw, const T* xp, const T* x_in, const T* h0, const T* c0, const T* img,
                        bool img_per_step, const int64_t* lengths, T* out, T* c_state, T* gates, T* h_last, T* c_last,
                        int64_t T_, int64_t B, int64_t H) {
-  const int64_t step = B * H, G = 4 * H, U = pw.units;
+  const int64_t step = B * H, G = 4 * H, U = pw.units, I = pw.K1;
   run_steps<T>(
-      pw, T_, B, [&](int64_t t) { return std::make_pair(t == 0 ? h0 : out + (t - 1) * step, H); },
+      pw, T_, B,
+      [&](int64_t t) {
+        return Operands<T>{t == 0 ? h0 : out + (t - 1) * step, H, x_in == nullptr ? nullptr : x_in + t * B * I, I};
+      },
       [&](int64_t t, int64_t b0, int64_t rows, int64_t j0, int64_t nu, const T* tile, int64_t ld) {
         const T* im = img == nullptr ? nullptr : (img_per_step ? img + t * B * G : img);
         for (int64_t b = b0; b < b0 + rows; ++b) {
@@ -64,9 +69,15 @@ void lstm_forward_loop(const PackedWeight<T>& pw, const T* xp, const T* h0, cons
           }
           const T* cp = SAVE ? (t == 0 ? c0 + bj : c_state + (t - 1) * step + bj) : c;
           const T* acc = tile + (b - b0) * ld;
-          const T* x = xp + t * B * G + b * G + j0;
-          if (im != nullptr) lstm_forward_units<T, true, SAVE>(acc, U, x, im + b * G + j0, cp, c, h, gt, H, nu);
-          else lstm_forward_units<T, false, SAVE>(acc, U, x, nullptr, cp, c, h, gt, H, nu);
+          const T* x = xp == nullptr ? nullptr : xp + t * B * G + b * G + j0;
+          const T* i = im == nullptr ? nullptr : im + b * G + j0;
+          if (x != nullptr) {
+            if (i != nullptr) lstm_forward_units<T, true, true, SAVE>(acc, U, x, i, cp, c, h, gt, H, nu);
+            else lstm_forward_units<T, true, false, SAVE>(acc, U, x, i, cp, c, h, gt, H, nu);
+          } else {
+            if (i != nullptr) lstm_forward_units<T, false, true, SAVE>(acc, U, x, i, cp, c, h, gt, H, nu);
+            else lstm_forward_units<T, false, false, SAVE>(acc, U, x, i, cp, c, h, gt, H, nu);
+          }
           if (!SAVE && t == len - 1) {
             std::copy(h, h + nu, h_last + bj);
             std::copy(c, c + nu, c_last + bj);
@@ -104,7 +115,7 @@ void lstm_backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, co
                         int64_t T_, int64_t B, int64_t H) {
   const int64_t step = B * H, G = 4 * H;
   run_steps<T>(
-      pw, T_ + 1, B, [&](int64_t s) { return std::make_pair(s == 0 ? nullptr : dG + (T_ - s) * B * G, G); },
+      pw, T_ + 1, B, [&](int64_t s) { return Operands<T>{s == 0 ? nullptr : dG + (T_ - s) * B * G, G}; },
       [&](int64_t s, int64_t b0, int64_t rows, int64_t j0, int64_t nu, const T* tile, int64_t ld) {
         const int64_t t = T_ - 1 - s;
         for (int64_t b = b0; b < b0 + rows; ++b) {
@@ -154,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_forward(const at::Tensor& xp
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "mmrnn_lstm_forward", [&] {
       const auto pw = pack_weight<scalar_t>(w_hh, 4, /*transpose=*/true, B, isa);
-      lstm_forward_loop<scalar_t, true>(pw, xp.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
+      lstm_forward_loop<scalar_t, true>(pw, xp.data_ptr<scalar_t>(), nullptr, h0.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
                                         data_or_null<scalar_t>(image_term), per_step, len, out.data_ptr<scalar_t>(),
                                         c_all.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), nullptr, nullptr, T_,
                                         B, H);
@@ -163,22 +174,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_forward(const at::Tensor& xp
   return {out, c_all, gates};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_infer(const at::Tensor& xp, const at::Tensor& w_hh,
-                                                          const at::Tensor& h0, const at::Tensor& c0,
+// The forward for inference: out, h_last, c_last only. With w_ih, `input` is x [T, B, I] and the
+// input product is fused into every step's tile; without, it is xp [T, B, 4H].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_infer(const at::Tensor& input, const std::optional<at::Tensor>& w_ih,
+                                                          const at::Tensor& w_hh, const at::Tensor& h0,
+                                                          const at::Tensor& c0,
                                                           const std::optional<at::Tensor>& image_term,
                                                           const std::optional<at::Tensor>& lengths) {
-  check_forward_args(xp, w_hh, h0, c0);
-  const int64_t T_ = xp.size(0), B = xp.size(1), H = xp.size(2) / 4;
-  const bool per_step = check_image_term(image_term, xp, T_, B, 4 * H);
+  const int64_t H = check_infer_input(input, w_ih, w_hh, 4);
+  const int64_t T_ = input.size(0), B = input.size(1);
+  check_arg(h0, "h0", input, {B, H});
+  check_arg(c0, "c0", input, {B, H});
+  const bool per_step = check_image_term(image_term, input, T_, B, 4 * H);
   const int64_t* len = check_lengths(lengths, T_, B);
   const Isa isa = cpu_isa();
-  at::Tensor out = empty_huge({T_, B, H}, xp.options());
+  at::Tensor out = empty_huge({T_, B, H}, input.options());
   at::Tensor h_last = h0.clone(), c_last = c0.clone(), c = c0.clone();
   {
     pybind11::gil_scoped_release no_gil;
-    AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "mmrnn_lstm_infer", [&] {
-      const auto pw = pack_weight<scalar_t>(w_hh, 4, /*transpose=*/true, B, isa);
-      lstm_forward_loop<scalar_t, false>(pw, xp.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "mmrnn_lstm_infer", [&] {
+      const auto pw = pack_weight<scalar_t>(w_hh, 4, /*transpose=*/true, B, isa, w_ih.has_value() ? &*w_ih : nullptr);
+      const scalar_t* data = input.data_ptr<scalar_t>();
+      lstm_forward_loop<scalar_t, false>(pw, w_ih.has_value() ? nullptr : data, w_ih.has_value() ? data : nullptr,
+                                         h0.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
                                          data_or_null<scalar_t>(image_term), per_step, len, out.data_ptr<scalar_t>(),
                                          c.data_ptr<scalar_t>(), nullptr, h_last.data_ptr<scalar_t>(),
                                          c_last.data_ptr<scalar_t>(), T_, B, H);
@@ -225,9 +243,9 @@ void register_lstm(pybind11::module& m) {
         pybind11::arg("w_hh"), pybind11::arg("h0"), pybind11::arg("c0"), pybind11::arg("image_term"),
         pybind11::arg("lengths"));
   m.def("lstm_infer", &lstm_infer,
-        "LSTM forward that saves nothing for backward -> (out, h_last, c_last)", pybind11::arg("xp"),
-        pybind11::arg("w_hh"), pybind11::arg("h0"), pybind11::arg("c0"), pybind11::arg("image_term"),
-        pybind11::arg("lengths"));
+        "LSTM forward for inference -> (out, h_last, c_last); with w_ih the input is x and its product is fused",
+        pybind11::arg("input"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("h0"), pybind11::arg("c0"),
+        pybind11::arg("image_term"), pybind11::arg("lengths"));
   m.def("lstm_backward", &lstm_backward, "LSTM BPTT over the whole sequence -> (dG [T, B, 4H], dh0, dc0)",
         pybind11::arg("grad_out"), pybind11::arg("grad_h_last"), pybind11::arg("grad_c_last"), pybind11::arg("out"),
         pybind11::arg("c_all"), pybind11::arg("gates"), pybind11::arg("h0"), pybind11::arg("c0"), pybind11::arg("w_hh"),

@@ -30,26 +30,42 @@ inline T activation_grad_from_output(T h) {
   }
 }
 
-template <typename T, bool RELU, bool IMG>
+// XP: add the projected input (absent when the input product is fused into the tile).
+template <typename T, bool RELU, bool XP, bool IMG>
 inline void rnn_forward_units(const T* __restrict acc, const T* __restrict x, const T* __restrict im,
                               T* __restrict o, int64_t n) {
-  for (int64_t u = 0; u < n; ++u) o[u] = activation<T, RELU>(acc[u] + x[u] + (IMG ? im[u] : T(0)));
+  for (int64_t u = 0; u < n; ++u) o[u] = activation<T, RELU>(acc[u] + (XP ? x[u] : T(0)) + (IMG ? im[u] : T(0)));
 }
 
+// xp [T, B, H] (the projected input), or x [T, B, I] with the input product fused (pw.K1 = I, xp
+// null). h_last (optional; h0 on entry) gets each row's state at its last valid step.
 template <typename T, bool RELU>
-void forward_loop(const PackedWeight<T>& pw, const T* xp, const T* h0, const T* img, bool img_per_step,
-                  const int64_t* lengths, T* out, int64_t T_, int64_t B, int64_t H) {
-  const int64_t step = B * H;
+void forward_loop(const PackedWeight<T>& pw, const T* xp, const T* x, const T* h0, const T* img, bool img_per_step,
+                  const int64_t* lengths, T* out, T* h_last, int64_t T_, int64_t B, int64_t H) {
+  const int64_t step = B * H, I = pw.K1;
   run_steps<T>(
-      pw, T_, B, [&](int64_t t) { return std::make_pair(t == 0 ? h0 : out + (t - 1) * step, H); },
+      pw, T_, B,
+      [&](int64_t t) { return Operands<T>{t == 0 ? h0 : out + (t - 1) * step, H, x == nullptr ? nullptr : x + t * B * I, I}; },
       [&](int64_t t, int64_t b0, int64_t rows, int64_t j0, int64_t nu, const T* tile, int64_t ld) {
         const T* im = img == nullptr ? nullptr : (img_per_step ? img + t * step : img);
         for (int64_t b = b0; b < b0 + rows; ++b) {
-          T* o = out + t * step + b * H + j0;
+          const int64_t len = row_length(lengths, b, T_), bj = b * H + j0;
+          T* o = out + t * step + bj;
           const T* acc = tile + (b - b0) * ld;
-          if (t >= row_length(lengths, b, T_)) std::fill(o, o + nu, T(0));
-          else if (im != nullptr) rnn_forward_units<T, RELU, true>(acc, xp + t * step + b * H + j0, im + b * H + j0, o, nu);
-          else rnn_forward_units<T, RELU, false>(acc, xp + t * step + b * H + j0, nullptr, o, nu);
+          if (t >= len) {
+            std::fill(o, o + nu, T(0));
+            continue;
+          }
+          const T* xr = xp == nullptr ? nullptr : xp + t * step + bj;
+          const T* ir = im == nullptr ? nullptr : im + bj;
+          if (xr != nullptr) {
+            if (ir != nullptr) rnn_forward_units<T, RELU, true, true>(acc, xr, ir, o, nu);
+            else rnn_forward_units<T, RELU, true, false>(acc, xr, ir, o, nu);
+          } else {
+            if (ir != nullptr) rnn_forward_units<T, RELU, false, true>(acc, xr, ir, o, nu);
+            else rnn_forward_units<T, RELU, false, false>(acc, xr, ir, o, nu);
+          }
+          if (h_last != nullptr && t == len - 1) std::copy(o, o + nu, h_last + bj);
         }
       });
 }
@@ -62,7 +78,7 @@ void backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, const T
   const int64_t step = B * H;
   run_steps<T>(
       pw, T_ + 1, B,
-      [&](int64_t s) { return std::make_pair(s == 0 ? nullptr : dA + (T_ - s) * step, H); },
+      [&](int64_t s) { return Operands<T>{s == 0 ? nullptr : dA + (T_ - s) * step, H}; },
       [&](int64_t s, int64_t b0, int64_t rows, int64_t j0, int64_t nu, const T* tile, int64_t ld) {
         const int64_t t = T_ - 1 - s;
         for (int64_t b = b0; b < b0 + rows; ++b) {
@@ -101,11 +117,39 @@ at::Tensor rnn_forward(const at::Tensor& xp, const at::Tensor& w_hh, const at::T
     AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "mmrnn_rnn_forward", [&] {
       const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/true, B, isa);
       auto run = relu ? forward_loop<scalar_t, true> : forward_loop<scalar_t, false>;
-      run(pw, xp.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), data_or_null<scalar_t>(image_term), per_step, len,
-          out.data_ptr<scalar_t>(), T_, B, H);
+      run(pw, xp.data_ptr<scalar_t>(), nullptr, h0.data_ptr<scalar_t>(), data_or_null<scalar_t>(image_term), per_step,
+          len, out.data_ptr<scalar_t>(), nullptr, T_, B, H);
     });
   }
   return out;
+}
+
+// The forward for inference: out and h_last only. With w_ih, `input` is x [T, B, I] and the input
+// product is fused into every step's tile; without, it is xp [T, B, H].
+std::tuple<at::Tensor, at::Tensor> rnn_infer(const at::Tensor& input, const std::optional<at::Tensor>& w_ih,
+                                             const at::Tensor& w_hh, const at::Tensor& h0,
+                                             const std::optional<at::Tensor>& image_term,
+                                             const std::optional<at::Tensor>& lengths, bool relu) {
+  const int64_t H = check_infer_input(input, w_ih, w_hh, 1);
+  const int64_t T_ = input.size(0), B = input.size(1);
+  check_arg(h0, "h0", input, {B, H});
+  const bool per_step = check_image_term(image_term, input, T_, B, H);
+  const int64_t* len = check_lengths(lengths, T_, B);
+  const Isa isa = cpu_isa();
+  at::Tensor out = empty_huge({T_, B, H}, input.options());
+  at::Tensor h_last = h0.clone();
+  {
+    pybind11::gil_scoped_release no_gil;
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "mmrnn_rnn_infer", [&] {
+      const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/true, B, isa, w_ih.has_value() ? &*w_ih : nullptr);
+      auto run = relu ? forward_loop<scalar_t, true> : forward_loop<scalar_t, false>;
+      const scalar_t* data = input.data_ptr<scalar_t>();
+      run(pw, w_ih.has_value() ? nullptr : data, w_ih.has_value() ? data : nullptr, h0.data_ptr<scalar_t>(),
+          data_or_null<scalar_t>(image_term), per_step, len, out.data_ptr<scalar_t>(), h_last.data_ptr<scalar_t>(), T_,
+          B, H);
+    });
+  }
+  return {out, h_last};
 }
 
 std::tuple<at::Tensor, at::Tensor> rnn_backward(const at::Tensor& grad_out, const at::Tensor& grad_h_last,
@@ -151,6 +195,10 @@ void register_rnn(pybind11::module& m) {
   m.def("rnn_forward", &rnn_forward, "RNN forward over the whole sequence -> out [T, B, H]", pybind11::arg("xp"),
         pybind11::arg("w_hh"), pybind11::arg("h0"), pybind11::arg("image_term"), pybind11::arg("lengths"),
         pybind11::arg("relu"));
+  m.def("rnn_infer", &rnn_infer,
+        "RNN forward for inference -> (out, h_last); with w_ih the input is x and its product is fused",
+        pybind11::arg("input"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("h0"),
+        pybind11::arg("image_term"), pybind11::arg("lengths"), pybind11::arg("relu"));
   m.def("rnn_backward", &rnn_backward, "RNN BPTT over the whole sequence -> (dA [T, B, H], dh0 [B, H])",
         pybind11::arg("grad_out"), pybind11::arg("grad_h_last"), pybind11::arg("out"), pybind11::arg("h0"),
         pybind11::arg("w_hh"), pybind11::arg("lengths"), pybind11::arg("relu"));

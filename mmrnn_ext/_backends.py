@@ -159,10 +159,15 @@ def _cpp_backend() -> Backend:
     def rnn_backward(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity):
         return tuple(mod.rnn_backward(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity == "relu"))
 
+    def rnn_infer(xp, w_hh, h0, image_term, lengths, nonlinearity):
+        return tuple(mod.rnn_infer(xp, None, w_hh, h0, image_term, lengths, nonlinearity == "relu"))
+
+    def lstm_infer(xp, w_hh, h0, c0, image_term, lengths):
+        return tuple(mod.lstm_infer(xp, None, w_hh, h0, c0, image_term, lengths))
+
     be = Backend("cpp", {
-        "rnn": CellImpl(rnn_forward, rnn_backward),
-        "lstm": CellImpl(lambda *a: tuple(mod.lstm_forward(*a)), lambda *a: tuple(mod.lstm_backward(*a)),
-                         lambda *a: tuple(mod.lstm_infer(*a))),
+        "rnn": CellImpl(rnn_forward, rnn_backward, rnn_infer),
+        "lstm": CellImpl(lambda *a: tuple(mod.lstm_forward(*a)), lambda *a: tuple(mod.lstm_backward(*a)), lstm_infer),
         "gru": CellImpl(lambda *a: tuple(mod.gru_forward(*a)), lambda *a: tuple(mod.gru_backward(*a)),
                         lambda *a: tuple(mod.gru_infer(*a))),
     }, (torch.float64, torch.float32), ("cpu",))

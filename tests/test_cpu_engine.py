@@ -86,24 +86,84 @@ def test_linear_edges():
         _C.linear(torch.randn(3, 4).half(), torch.randn(5, 4).half())
 
 
-@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
-def test_modules_take_the_engine_input_product_only_without_gradients(monkeypatch, cell):
+@pytest.mark.parametrize("cell,kw,fused", [("rnn", {}, True), ("rnn", {"nonlinearity": "relu"}, True),
+                                           ("lstm", {}, True), ("lstm", {"proj_size": 5}, False), ("gru", {}, False)],
+                         ids=["rnn", "rnn-relu", "lstm", "lstm-proj", "gru"])
+def test_modules_inference_paths(monkeypatch, cell, kw, fused):
+    """Without gradients (float32, cpp) the RNN and LSTM run the input product inside the recurrence
+    (the infer kernels given x and W_ih); the GRU (whose reset gate multiplies only the recurrent
+    product) and the LSTM with proj_size take the engine's input product, then their recurrence.
+    With gradients, and in float64, neither; every path agrees with the differentiable forward."""
     from mmrnn_ext import _C
 
-    calls = []
-    real = _C.linear
-    monkeypatch.setattr(_C, "linear", lambda *a: calls.append(1) or real(*a))
-    m = _module(cell)
-    x, img = torch.randn(4, 3, 12), torch.randn(3, 6)
-    m(x, image=img)
-    assert calls == []
+    calls = {"linear": 0, "fused": 0}
+    real_linear, infer_name = _C.linear, f"{cell}_infer"
+    real_infer = getattr(_C, infer_name) if cell != "gru" else None  # gru_infer takes xp only
+
+    def linear(*a):
+        calls["linear"] += 1
+        return real_linear(*a)
+
+    def infer(*a):
+        calls["fused"] += a[1] is not None  # the w_ih argument: the fused form
+        return real_infer(*a)
+
+    monkeypatch.setattr(_C, "linear", linear)
+    if real_infer is not None:
+        monkeypatch.setattr(_C, infer_name, infer)
+    m = _module(cell, **kw)
+    x, img = torch.randn(6, 3, 12), torch.randn(6, 3, 6)
+    lengths = torch.tensor([6, 2, 4])
+    ref = _flat(m(x, image=img, lengths=lengths))
+    assert calls == {"linear": 0, "fused": 0}
     with torch.no_grad():
-        m(x, image=img)
-    assert len(calls) == 4  # 2 layers x 2 directions
+        got = _flat(m(x, image=img, lengths=lengths))
+    assert calls == ({"linear": 0, "fused": 4} if fused else {"linear": 4, "fused": 0})  # 2 layers x 2 directions
+    for a, b in zip(ref, got):
+        assert_close(b, a.detach(), torch.float32, "inference")
     m.double()
     with torch.no_grad():
-        m(x.double(), image=img.double())
-    assert len(calls) == 4  # float32 only (float64 keeps torch's product)
+        m(x.double(), image=img.double(), lengths=lengths)
+    assert calls == ({"linear": 0, "fused": 4} if fused else {"linear": 4, "fused": 0})  # float64: torch's product
+
+
+@pytest.mark.parametrize("isa", ORDER)
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+@pytest.mark.parametrize("T,B,I,H", [(5, 1, 3, 7), (4, 13, 17, 33), (3, 12, 1, 65)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_fused_inference_kernels(monkeypatch, isa, cell, T, B, I, H, dtype):
+    """The fused-input inference kernels against the reference on x @ W_ih^T, every path, with
+    lengths and a per-step image term."""
+    from mmrnn_ext import _C
+    from mmrnn_ext.reference import lstm_recurrence_ref, rnn_recurrence_ref
+
+    _force(monkeypatch, isa)
+    G = 4 if cell == "lstm" else 1
+    g = torch.Generator().manual_seed(T * B + H)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * scale)  # noqa: E731
+    x, w_ih, w_hh = rnd(T, B, I), rnd(G * H, I, scale=I ** -0.5), rnd(G * H, H, scale=H ** -0.5)
+    img, h0, c0 = rnd(T, B, G * H), rnd(B, H, scale=0.5), rnd(B, H, scale=0.5)
+    lengths = torch.randint(0, T + 1, (B,), generator=g)
+    xp = torch.nn.functional.linear(x, w_ih)
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    if cell == "rnn":
+        got = _C.rnn_infer(cast(x), cast(w_ih), cast(w_hh), cast(h0), cast(img), lengths, False)
+        ref = rnn_recurrence_ref(xp, w_hh, h0, img, lengths)
+    else:
+        got = _C.lstm_infer(cast(x), cast(w_ih), cast(w_hh), cast(h0), cast(c0), cast(img), lengths)
+        ref = lstm_recurrence_ref(xp, w_hh, h0, c0, img, lengths)
+    for k, (a, b) in enumerate(zip(got, ref)):
+        assert_close(a, b.to(dtype), dtype, f"output {k}")
+
+
+def test_fused_inference_rejects_mismatched_weights():
+    from mmrnn_ext import _C
+
+    x = torch.randn(3, 2, 5)
+    with pytest.raises(RuntimeError, match=r"w_ih: expected shape \[8, 5\]"):
+        _C.lstm_infer(x, torch.randn(8, 4), torch.randn(8, 2), torch.zeros(2, 2), torch.zeros(2, 2), None, None)
+    with pytest.raises(RuntimeError, match=r"w_hh: expected shape \[4H, H\]"):
+        _C.lstm_infer(x, torch.randn(8, 5), torch.randn(8, 3), torch.zeros(2, 2), torch.zeros(2, 2), None, None)
 
 
 def test_bad_isa_switch_is_an_error(monkeypatch):

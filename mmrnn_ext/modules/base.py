@@ -62,6 +62,10 @@ def _to(t, dtype):
     return t if t is None or dtype is None else t.to(dtype)
 
 
+def _contiguous(t):
+    return None if t is None else t.contiguous()
+
+
 def _input_product(x, w_ih, engine: bool):
     """x @ w_ih^T over all steps. engine: on the C++ engine's kernels (a float32 CPU call that needs
     no gradient, with the cpp backend): MKL's sgemm runs these tall products at 95-132 GF/s on an
@@ -71,18 +75,21 @@ def _input_product(x, w_ih, engine: bool):
     return F.linear(x, w_ih)
 
 
-def _project(x, image, w_ih, bias, w_img, engine=False):
-    """The input projection (one GEMM over all steps) and the image term (one GEMM per sequence when
-    static). `bias` (the biases that sit outside the recurrent product, summed) rides with the image
-    term, which the recurrence adds in its elementwise pass anyway: a bias in the big input GEMM
-    costs a broadcast copy over all T*B*G*H outputs (14.5 ms of 430 at (64, 256, 256, 512, 512) on
-    the 2-core CPU for the RNN) that this way is a [B, G*H] add."""
-    xp = _input_product(x, w_ih, engine)
+def _image_term(x, image, bias, w_img):
+    """The image term (one GEMM per sequence when static). `bias` (the biases that sit outside the
+    recurrent product, summed) rides with it, since the recurrence adds it in its elementwise pass
+    anyway: a bias in the big input GEMM costs a broadcast copy over all T*B*G*H outputs (14.5 ms of
+    430 at (64, 256, 256, 512, 512) on the 2-core CPU for the RNN) that this way is a [B, G*H] add."""
     if image is not None:
-        return xp, F.linear(image, w_img, bias)
+        return F.linear(image, w_img, bias)
     if bias is None:
-        return xp, None
-    return xp, bias.expand(x.shape[-2], -1)
+        return None
+    return bias.expand(x.shape[-2], -1)
+
+
+def _project(x, image, w_ih, bias, w_img, engine=False):
+    """The input projection (one GEMM over all steps) and the image term."""
+    return _input_product(x, w_ih, engine), _image_term(x, image, bias, w_img)
 
 
 def _check_image(image, *, image_size, batched, batch, steps, batch_first, module):
@@ -240,6 +247,12 @@ class RecurrentBase(nn.Module):
     def _recurrence(self, p, xp, image_term, states, lengths):
         raise NotImplementedError
 
+    def _fused_inference(self, p):
+        """A callable (x, image_term, states, lengths) -> (out, final states) running this layer and
+        direction's inference with the input product fused into the recurrence (the C++ engine), or
+        None where the cell has none."""
+        return None
+
     # --- hx ----------------------------------------------------------------------------------------
 
     def _hx_tensors(self, hx):
@@ -343,13 +356,25 @@ class RecurrentBase(nn.Module):
             outs = []
             for direction in range(num_directions):
                 p = self._params(layer, direction)
+                idx = layer * num_directions + direction
+                fused = self._fused_inference(p) if engine else None
+                if fused is not None:
+                    # inference on the C++ engine: the input product runs inside every step's tile
+                    x_in = layer_input if direction == 0 else _time_reverse(layer_input, lengths)
+                    img_term = _image_term(x_in, img, self._outer_bias(p), p.get("weight_img"))
+                    if direction == 1 and img_term is not None and img_term.dim() == 3:
+                        img_term = _time_reverse(img_term, lengths)
+                    out, last = fused(x_in.contiguous(), img_term, [s[idx] for s in states0], lengths)
+                    outs.append(_time_reverse(out, lengths) if direction == 1 else out)
+                    for k, s in enumerate(last):
+                        finals[k].append(s)
+                    continue
                 xp, img_term = _project(layer_input, img, p["weight_ih"], self._outer_bias(p), p.get("weight_img"), engine)
                 xp, img_term = _to(xp, amp), _to(img_term, amp)
                 if direction == 1:
                     xp = _time_reverse(xp, lengths)
                     if img_term is not None and img_term.dim() == 3:
                         img_term = _time_reverse(img_term, lengths)
-                idx = layer * num_directions + direction
                 recurrent = {k: _to(v, amp) for k, v in p.items() if k in _RECURRENT_PARAMS}
                 out, last = self._recurrence(recurrent, xp, img_term, [_to(s[idx], amp) for s in states0], lengths)
                 outs.append(_time_reverse(out, lengths) if direction == 1 else out)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from ..ops import InputError, InputTypeError, lstm_recurrence
 from ..reference import lstm_recurrence_ref
-from .base import CellBase, RecurrentBase
+from .. import _backends
+from .base import CellBase, RecurrentBase, _contiguous
 
 
 def _pair(hx, module):
@@ -49,6 +50,19 @@ class LSTM(RecurrentBase):
         else:
             out, h, c = lstm_recurrence(xp, p["weight_hh"], h0, c0, image_term, lengths, self.backend)
         return out, (h, c)
+
+    def _fused_inference(self, p):
+        if self.proj_size > 0:  # the projected state: the reference step loop (see _recurrence)
+            return None
+        cpp = _backends._cpp()[0]
+
+        def run(x, image_term, states, lengths):
+            out, h, c = cpp.lstm_infer(x, p["weight_ih"].contiguous(), p["weight_hh"].contiguous(),
+                                       states[0].contiguous(), states[1].contiguous(), _contiguous(image_term),
+                                       lengths)
+            return out, (h, c)
+
+        return run
 
 
 class LSTMCell(CellBase):

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from ..ops import rnn_recurrence
 from ..reference import NONLINEARITIES
-from .base import CellBase, RecurrentBase
+from .. import _backends
+from .base import CellBase, RecurrentBase, _contiguous
 
 
 class RNN(RecurrentBase):
@@ -41,6 +42,17 @@ class RNN(RecurrentBase):
     def _recurrence(self, p, xp, image_term, states, lengths):
         out, h_last = rnn_recurrence(xp, p["weight_hh"], states[0], image_term, lengths, self.nonlinearity, self.backend)
         return out, (h_last,)
+
+    def _fused_inference(self, p):
+        cpp = _backends._cpp()[0]
+
+        def run(x, image_term, states, lengths):
+            out, h_last = cpp.rnn_infer(x, p["weight_ih"].contiguous(), p["weight_hh"].contiguous(),
+                                        states[0].contiguous(), _contiguous(image_term), lengths,
+                                        self.nonlinearity == "relu")
+            return out, (h_last,)
+
+        return run
 
 
 class RNNCell(CellBase):

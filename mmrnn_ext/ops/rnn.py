@@ -19,8 +19,8 @@ import torch
 
 from .. import _backends
 from ..reference import NONLINEARITIES, reference_backward, rnn_reference_jvp
-from .common import (EagerOp, InputError, check_image_term, check_like, check_xp, image_grad, last_state,
-                     prepare_lengths, registered_backward, weight_grad, zeros_if_none)
+from .common import (EagerOp, InputError, check_image_term, check_like, check_xp, image_grad, inference_forward,
+                     last_state, prepare_lengths, registered_backward, weight_grad, zeros_if_none)
 
 CELL, PUBLIC = "rnn", 2
 
@@ -122,4 +122,8 @@ def rnn_recurrence(xp, w_hh, h0=None, image_term=None, lengths=None, nonlinearit
     lengths = prepare_lengths(lengths, xp, xp.shape[1], xp.shape[0], compiling)
     if compiling:
         return torch.ops.mmrnn.rnn_fwd(xp, w_hh, h0, image_term, lengths, nonlinearity, backend)
+    infer = inference_forward(CELL, backend, (xp, w_hh, h0, image_term))
+    if infer is not None:
+        return infer(xp.contiguous(), w_hh.contiguous(), h0.contiguous(),
+                     None if image_term is None else image_term.contiguous(), lengths, nonlinearity)
     return EagerOp.apply(xp, w_hh, h0, image_term, lengths, nonlinearity, backend, sys.modules[__name__])[:PUBLIC]
