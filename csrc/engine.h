@@ -129,15 +129,17 @@ void fill_kernels(Kernels<T>& k, std::integer_sequence<int, R...>) {
 // The panel shape for `groups` gate blocks and a batch of `rows`: NV vectors per K row and MR rows
 // per tile, as many accumulators as the register file holds with room for the panel's row (32
 // vector registers with AVX-512, 16 otherwise). groups must divide NV*VW (units = NV*VW / groups).
-// Four gates with AVX-512: 6 rows x 4 vectors, but 12 x 2 when the whole batch fits one tile (up
-// to 12 rows: each panel then leaves L2 once per step; measured on the 2-core EPYC, LSTM
-// (8,512,.,1024) recurrence 152 -> 177 GF/s, while at B = 24-64 the 6 x 4 tile is 20-30% faster).
+// Four gates (or one) with AVX-512: 6 rows x 4 vectors, but 12 x 2 when the whole batch fits one
+// tile (up to 12 rows: each panel then leaves L2 once per step). Measured on the 2-core EPYC: LSTM
+// (8,512,.,1024) recurrence 152 -> 177 GF/s with 12 x 2, while at B = 24-64 the 6 x 4 tile is
+// 20-30% faster for the LSTM and 8-14% for the RNN (inference at (32,128,128,64,256) 144 -> 160
+// GF/s, (64,256,256,64,512) 173 -> 196).
 template <typename T, Isa I>
 Kernels<T> kernels_for(int groups, int64_t rows) {
   constexpr int VW = (I == Isa::kAvx512 ? 64 : I == Isa::kAvx2 ? 32 : 16) / static_cast<int>(sizeof(T));
   Kernels<T> k;
   if constexpr (I == Isa::kAvx512) {
-    if (groups == 4 && rows > 12) fill_kernels<T, I, VW, 4, 6>(k, std::make_integer_sequence<int, 6>{});
+    if ((groups == 4 || groups == 1) && rows > 12) fill_kernels<T, I, VW, 4, 6>(k, std::make_integer_sequence<int, 6>{});
     else if (groups == 3) fill_kernels<T, I, VW, 3, 8>(k, std::make_integer_sequence<int, 8>{});
     else fill_kernels<T, I, VW, 2, 12>(k, std::make_integer_sequence<int, 12>{});
   } else {
