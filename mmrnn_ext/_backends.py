@@ -217,6 +217,10 @@ def select(backend: str, device: torch.device, dtype: torch.dtype, cell: str = "
         raise RuntimeError(f"backend={backend!r} runs on {chosen.devices} tensors, got tensors on {device}"
                            + ("; set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors" if backend == "triton" else ""))
     if dtype not in chosen.dtypes:
-        raise TypeError(f"backend={backend!r} computes {[str(d) for d in chosen.dtypes]}, got {dtype}; "
-                        "use backend='auto' or 'reference' for this dtype")
+        from .ops.common import InputTypeError  # an InputError (ValueError/RuntimeError) and a TypeError
+
+        names = " and ".join(str(d).replace("torch.", "") for d in chosen.dtypes)
+        raise InputTypeError(f"backend={backend!r} computes {names}, got {dtype}; construct the module with "
+                             f"backend='auto' (it picks a backend that runs {dtype}: {'triton on CUDA, ' if backend != 'triton' else ''}"
+                             f"'reference' otherwise), or convert the model and inputs to one of {names}")
     return chosen

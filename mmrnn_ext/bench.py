@@ -272,6 +272,23 @@ def time_ms(fn, device, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def time_side_by_side(fns: dict, device, repeats: int) -> dict:
+    """{name: median ms}. On CPU the providers take turns, one call each per round (after a warm-up
+    round), so that a slow spell of a shared machine falls on every provider alike rather than on
+    whichever was being timed; on GPU each is timed on its own (triton.testing.do_bench)."""
+    if device.type == "cuda":
+        return {name: time_ms(fn, device, repeats) for name, fn in fns.items()}
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
 def saved_activation_mb(fn) -> float:
     """MB of distinct tensors autograd saves for backward during one forward (parameters excluded)."""
     seen = {}
@@ -391,20 +408,28 @@ def run_case(case: Case, args, progress) -> tuple[list, dict]:
     dtype_name = str(case.dtype).replace("torch.", "")
     stock = stock_name(case.cell)
     paths = {stock: stock_path(providers[stock])}
-    for name, fn in providers.items():
+    case.x.requires_grad_(False)
+
+    def forward_of(fn):
         def forward():
             with torch.no_grad():
                 return fn()
+        return forward
 
+    def train_step_of(fn):
         def train_step():
             out = fn()
             out.backward(torch.ones_like(out))
+        return train_step
 
-        case.x.requires_grad_(False)
-        fwd_ms = time_ms(forward, case.device, args.repeats)
-        progress.update(1)
-        train_ms = time_ms(train_step, case.device, args.repeats)
-        progress.update(1)
+    forwards = {name: forward_of(fn) for name, fn in providers.items()}
+    train_steps = {name: train_step_of(fn) for name, fn in providers.items()}
+    fwd_times = time_side_by_side(forwards, case.device, args.repeats)
+    progress.update(len(providers))
+    train_times = time_side_by_side(train_steps, case.device, args.repeats)
+    progress.update(len(providers))
+    for name, fn in providers.items():
+        fwd_ms, train_ms, train_step = fwd_times[name], train_times[name], train_steps[name]
         saved = saved_activation_mb(fn)
         peak = peak_memory_mb(train_step, case.device)
         for pass_name, ms in zip(PASSES, (fwd_ms, train_ms)):

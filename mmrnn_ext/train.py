@@ -204,9 +204,11 @@ def save_checkpoint(path, model, config, dataset):
     torch.save(dict(meta, state_dict=state, digest=content_digest(meta, state)), path)
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path, device="cpu", backend=None):
     """-> (model, config, vocab, labels, data). A checkpoint is data: torch.load(weights_only=True);
-    its content digest must match what it holds. Every failure is a one-line ValueError."""
+    its content digest must match what it holds. Every failure is a one-line ValueError. backend:
+    how to run the model here (default: as it was trained); the backend is not part of the model, so
+    a checkpoint trained on a GPU's Triton kernels evaluates on a CPU and back."""
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path!r}: no such file")
     if os.path.getsize(path) == 0:
@@ -235,7 +237,7 @@ def load_checkpoint(path, device="cpu"):
         raise ValueError(f"checkpoint {path!r}: content digest mismatch: its weights or metadata changed after it "
                          "was saved (damaged or edited)")
     config = ckpt["config"]
-    model = build_model(config)
+    model = build_model(config if backend is None else dict(config, backend=backend))
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:
@@ -309,12 +311,24 @@ def explain(model, split, vocab, labels, indices, out_dir, device, pixels=True) 
             pred = int(model(tok, lens, img).argmax(-1))
         emb = model.embed(tok).detach()
 
-        def forward(e, im):
-            return model.forward_embedded(e, lens.expand(e.shape[0]), im)
+        # a baseline reads one input only: the other gets no attribution (exactly 0), and Integrated
+        # Gradients runs over the input the model reads
+        if model.fusion == "text_only":
+            ig = IntegratedGradients(lambda e: model.forward_embedded(e, lens.expand(e.shape[0]), img.expand(e.shape[0], -1)))
+            a_emb = ig.attribute(emb, baselines=torch.zeros_like(emb), target=pred, n_steps=32)
+            a_img = torch.zeros_like(img)
+        elif model.fusion == "image_only":
+            ig = IntegratedGradients(lambda im: model.forward_embedded(emb.expand(im.shape[0], -1, -1),
+                                                                       lens.expand(im.shape[0]), im))
+            a_img = ig.attribute(img, baselines=torch.zeros_like(img), target=pred, n_steps=32)
+            a_emb = torch.zeros_like(emb)
+        else:
+            def forward(e, im):
+                return model.forward_embedded(e, lens.expand(e.shape[0]), im)
 
-        ig = IntegratedGradients(forward)
-        a_emb, a_img = ig.attribute((emb, img), baselines=(torch.zeros_like(emb), torch.zeros_like(img)),
-                                    target=pred, n_steps=32)
+            ig = IntegratedGradients(forward)
+            a_emb, a_img = ig.attribute((emb, img), baselines=(torch.zeros_like(emb), torch.zeros_like(img)),
+                                        target=pred, n_steps=32)
         tok_attr = a_emb.sum(-1)[0].detach().cpu().numpy()
         img_attr = a_img[0].detach().cpu().numpy()
         text_mass, image_mass = float(np.abs(tok_attr).sum()), float(np.abs(img_attr).sum())
@@ -375,6 +389,15 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+# The built-in task's longest gap: every statement grows by one token per gap step, so the dataset's
+# token tensor and each epoch's work grow linearly with it (~3,000 statements per split); at 1000 an
+# epoch of the --quick budget already takes minutes on a 2-core CPU, and beyond that memory (tens
+# of GB at 10^6) runs out before anything is learnt.
+MAX_GAP = 1000
+gap_int = _cli._number_type(int, lambda v: 0 <= v <= MAX_GAP,
+                            f"an integer in [0, {MAX_GAP}] (the built-in task's sequences grow by one token per gap step)")
+
+
 def parse_args(argv=None):
     epilog = "fusion modes:\n" + "\n".join(f"  {k:<11} {v}" for k, v in FUSION_HELP.items())
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=epilog,
@@ -383,7 +406,7 @@ def parse_args(argv=None):
     p.add_argument("--features", help="your image features: .npy [num_images, F] (with --data)")
     p.add_argument("--fusion", choices=FUSIONS, default="add", help="how the image enters the model (below)")
     p.add_argument("--cell", choices=list(CELLS), default=DEFAULT_CELL, help=CELL_HELP)
-    p.add_argument("--gap", type=_cli.non_negative_int, default=0,
+    p.add_argument("--gap", type=gap_int, default=0,
                    help="the built-in task with N filler words between the negation and the rest of each statement")
     p.add_argument("--no-curriculum", action="store_true",
                    help="with --gap N: train on gap N from the start (default: gaps 0, N/8, N/4, N/2, then N, each "
@@ -419,6 +442,9 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="PATH", help="write all metrics, keyed by variant")
     args = p.parse_args(argv)
     args.sweep_gaps = _int_list(p, "--sweep-gaps", args.sweep_gaps, minimum=0)
+    if args.sweep_gaps is not None and max(args.sweep_gaps) > MAX_GAP:
+        p.error(f"argument --sweep-gaps: expected gaps in [0, {MAX_GAP}] (the built-in task's sequences grow by one "
+                f"token per gap step), got {max(args.sweep_gaps)}")
     if args.cells is not None:
         args.cells = args.cells.split(",")
         unknown = [c for c in args.cells if c not in CELLS]
@@ -443,10 +469,34 @@ def parse_args(argv=None):
     if (args.data is None) != (args.features is None):
         p.error("--data and --features go together: records (.jsonl/.csv) and their image features (.npy)")
     if args.eval:
+        given = _given_options(p, argv)
         for flag in ("seeds", "explain", "ablate"):
             if getattr(args, flag):
                 p.error(f"--eval: not with --{flag} (evaluation reuses the checkpoint's model, seed and split)")
+        for dest in EVAL_FIXED:
+            if dest in given:
+                flag = "--" + dest.replace("_", "-")
+                p.error(f"--eval: not with {flag} (the checkpoint fixes the model and how it was trained; "
+                        "--eval takes --gap, --backend, --device, --json and, for your data, --data/--features)")
+        args.eval_gap = args.gap if "gap" in given else None
     return args
+
+
+# What a checkpoint fixes: given with --eval, each is refused by name rather than silently ignored.
+EVAL_FIXED = ("fusion", "cell", "embed", "hidden", "layers", "bidirectional", "dropout", "epochs", "patience",
+              "batch_size", "lr", "max_steps", "no_curriculum", "quick", "out", "sweep_gaps", "cells", "plot")
+
+
+def _given_options(parser, argv) -> set:
+    """The destinations of the options given on the command line (whatever their values): a parse
+    with every default suppressed."""
+    import copy
+
+    quiet = copy.deepcopy(parser)
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    given, _ = quiet.parse_known_args(argv)
+    return set(vars(given))
 
 
 def _int_list(p, flag, text, minimum):
@@ -470,6 +520,7 @@ def _check_environment(args):
         needs["captum"] = "--explain"
     _cli.require(PROG, needs, "train")
     device = _cli.device(PROG, args.device)
+    _check_backend(args.backend, device)
     if args.eval and not os.path.isfile(args.eval):
         raise SystemExit(f"{PROG}: --eval {args.eval}: no such file")
     for flag in ("data", "features"):
@@ -481,6 +532,21 @@ def _check_environment(args):
     if not args.eval:
         _cli.writable_folder(PROG, "--out", args.out)
     return device
+
+
+def _check_backend(backend: str, device: torch.device) -> None:
+    """--backend must run here (on --device), checked before any data is loaded: one line otherwise."""
+    if backend == "auto":
+        return
+    from . import _backends
+
+    status = _backends.backends()[backend]
+    if not status["available"]:
+        raise SystemExit(f"{PROG}: --backend {backend}: not available here: {status['detail']}")
+    try:
+        _backends.select(backend, device, torch.float32, "rnn")
+    except (RuntimeError, TypeError) as exc:
+        raise SystemExit(f"{PROG}: --backend {backend}: {str(exc).splitlines()[0]}") from None
 
 
 def _load_data(args, seed, gap=0):
@@ -543,19 +609,30 @@ def _evaluate_checkpoint(args, device, rank):
     from .data import DataError
 
     try:
-        model, config, vocab, labels, source = load_checkpoint(args.eval, device)
+        model, config, vocab, labels, source = load_checkpoint(args.eval, device, backend=args.backend)
         if args.seed is not None and args.seed != source["seed"]:
             raise SystemExit(f"{PROG}: --seed {args.seed}: the checkpoint was trained and tested with seed "
                              f"{source['seed']}; --eval uses its split (drop --seed)")
         ds = _load_eval_data(args, args.eval, config, vocab, labels, source)
     except (ValueError, DataError) as exc:
         raise SystemExit(f"{PROG}: {exc}") from None
+    trained_gap = source.get("gap", 0)
+    gap = trained_gap
+    if args.eval_gap is not None and source["kind"] == "digits" and args.eval_gap != trained_gap:
+        # the same test statements (split, images, labels) at another gap: the filler words a model
+        # trained at a shorter gap never saw map to <unk>, as any unknown word does
+        from . import data as data_mod
+
+        gap = args.eval_gap
+        ds = data_mod.reencode(data_mod.digits_task(source["seed"], gap), vocab)
+        _log(rank, f"note: evaluating at gap {gap}; the checkpoint was trained at gap {trained_gap} (same test "
+                   "statements, images and labels)")
     metrics = evaluate(model, ds.test, device)
-    gap = source.get("gap", 0)
     _log(rank, _report(f"{config['fusion']}, {config['cell']}" + (f", gap {gap}" if gap else ""), metrics, labels))
     return {config["fusion"]: {"test_accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
                                "confusion_matrix": metrics["confusion_matrix"], "seed": source["seed"],
-                               "cell": config["cell"], "gap": gap}}
+                               "cell": config["cell"], "gap": gap, "trained_gap": trained_gap,
+                               "backend": args.backend}}
 
 
 def _train_variants(args, device, rank, world, seed, suffix_seed, cell=None, gap=None, variants=None, out_suffix=""):

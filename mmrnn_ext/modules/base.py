@@ -247,6 +247,22 @@ class RecurrentBase(nn.Module):
     def _recurrence(self, p, xp, image_term, states, lengths):
         raise NotImplementedError
 
+    # Which of (output, *states) torch's own module returns in the parameters' dtype, not the
+    # autocast dtype, under CPU autocast (measured on torch 2.13: nn.GRU runs outside CPU autocast's
+    # lower-precision list, and nn.LSTM with proj_size keeps c_n in float32). Each cell says. Under
+    # CUDA autocast every output stays in the autocast dtype (not checked against torch on a GPU).
+    AUTOCAST_FULL = (False, False)
+
+    def _autocast_full(self):
+        return self.AUTOCAST_FULL
+
+    def _autocast_outputs(self, amp, full_dtype, output, states):
+        """The outputs in the dtypes torch's module returns under the same autocast: computed as
+        fast as the precision policy allows (in `amp`), then cast where torch's are full precision."""
+        full = self._autocast_full()
+        output = output.to(full_dtype if full[0] else amp)
+        return output, [s.to(full_dtype if f else amp) for s, f in zip(states, full[1:])]
+
     def _fused_inference(self, p):
         """A callable (x, image_term, states, lengths) -> (out, final states) running this layer and
         direction's inference with the input product fused into the recurrence (the C++ engine), or
@@ -322,6 +338,10 @@ class RecurrentBase(nn.Module):
                              "raises for length 0 too; a row may still have length 0 through `lengths`)")
         amp = _autocast_dtype(x.device, weight.dtype)
         if x.dtype != weight.dtype and not (amp is not None and x.dtype in (torch.float32, amp)):
+            if not x.is_floating_point():  # a model cannot take an integer dtype: only the input can change
+                raise InputError(f"input: {name} expects a floating-point input of the parameters' dtype "
+                                 f"({weight.dtype}), got {x.dtype}; convert it: input.to({weight.dtype}) (token ids "
+                                 "go through an nn.Embedding first)")
             raise InputError(f"input: {name} input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). "
                              f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})")
         if x.device != weight.device:
@@ -385,6 +405,8 @@ class RecurrentBase(nn.Module):
                 layer_input = F.dropout(layer_input, p=self.dropout, training=True)
         output = layer_input
         states = [torch.stack(f) for f in finals]
+        if amp is not None and x.device.type == "cpu":
+            output, states = self._autocast_outputs(amp, weight.dtype, output, states)
 
         if packed:
             sorted_lengths = seq_lengths if input.sorted_indices is None else seq_lengths[input.sorted_indices.cpu()]
@@ -403,6 +425,7 @@ class CellBase(nn.Module):
     CELL, GATES, STATES and implements ``_step(xp [1, B, G*H], image_term, states) -> states'``."""
 
     CELL, GATES, STATES = "rnn", 1, 1
+    AUTOCAST_FULL = (False,)  # which states torch's cell returns in the parameters' dtype under autocast
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, image_size=None, backend="auto"):
         super().__init__()
@@ -494,5 +517,7 @@ class CellBase(nn.Module):
             _backends.select(self.backend, x.device, amp or x.dtype, self.CELL)
         xp, img_term = _project(x, img, self.weight_ih, self._outer_bias(), self.weight_img)
         new = self._step(_to(xp, amp).unsqueeze(0), _to(img_term, amp), [_to(s, amp) for s in states], amp)
+        if amp is not None and x.device.type == "cpu":  # the dtypes torch's cell returns (AUTOCAST_FULL)
+            new = [s.to(self.weight_ih.dtype if f else amp) for s, f in zip(new, self.AUTOCAST_FULL)]
         new = [s if batched else s.squeeze(0) for s in new]
         return new[0] if self.STATES == 1 else tuple(new)

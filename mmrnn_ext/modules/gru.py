@@ -33,6 +33,7 @@ class GRU(RecurrentBase):
     and lengths as mmrnn_ext.RNN's."""
 
     CELL, GATES, STATES = "gru", 3, 1
+    AUTOCAST_FULL = (True, True)  # torch runs nn.GRU outside autocast: output and h_n float32
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, device=None, dtype=None, *, image_size=None, backend="auto"):
@@ -57,6 +58,7 @@ class GRUCell(CellBase):
     image [N, V] or [V]."""
 
     CELL, GATES, STATES = "gru", 3, 1
+    AUTOCAST_FULL = (True,)  # torch's GRUCell returns float32 under autocast
 
     def _outer_bias(self):
         return _outer_bias(self.bias_ih, self.bias_hh)

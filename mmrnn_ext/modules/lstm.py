@@ -51,6 +51,9 @@ class LSTM(RecurrentBase):
             out, h, c = lstm_recurrence(xp, p["weight_hh"], h0, c0, image_term, lengths, self.backend)
         return out, (h, c)
 
+    def _autocast_full(self):
+        return (False, False, self.proj_size > 0)  # torch keeps c_n in float32 with proj_size
+
     def _fused_inference(self, p):
         if self.proj_size > 0:  # the projected state: the reference step loop (see _recurrence)
             return None
@@ -73,6 +76,7 @@ class LSTMCell(CellBase):
     [N, H] or [H], image [N, V] or [V]."""
 
     CELL, GATES, STATES = "lstm", 4, 2
+    AUTOCAST_FULL = (True, True)  # torch's LSTMCell returns float32 under autocast
 
     def _hx_tensors(self, hx):
         return _pair(hx, "LSTMCell")
