@@ -5,7 +5,8 @@
 The CPU performance sections (between <!-- cpu-table:start/end --> for the RNN, <!-- cpu-lstm-table:... -->
 and <!-- cpu-gru-table:... --> for the gated cells) from bench/results/cpu.json, cpu_lstm.json and
 cpu_gru.json: the machine, the table (mmrnn-bench --markdown), the GEMM rates, the recurrence-vs-torch.mm
-figures and the plot.
+figures and the plot. The serving table (between <!-- cpu-serving-table:start/end -->) from
+bench/results/cpu_serving_{rnn,lstm,gru}_run*.json (mmrnn-bench --grid serving --stock-only).
 The training results (between <!-- train-table:start/end -->) from
 bench/results/train_quick_ablate.json and its log (bash bench/train_ablation.sh), and the gap sweep
 (between <!-- gap-table:start/end -->) from bench/results/gap_sweep_quick.json and its log
@@ -28,6 +29,7 @@ GAP_START, GAP_END = "<!-- gap-table:start -->", "<!-- gap-table:end -->"
 GPU_START, GPU_END = "<!-- gpu-table:start -->", "<!-- gpu-table:end -->"
 GATED = {cell: (f"<!-- cpu-{cell}-table:start -->", f"<!-- cpu-{cell}-table:end -->") for cell in ("lstm", "gru")}
 GPU_PREFIX = "gpu_h100_"
+SERVING_START, SERVING_END = "<!-- cpu-serving-table:start -->", "<!-- cpu-serving-table:end -->"
 
 GPU_NOTES = """Where the time goes, per step of the recurrence (the kernels-alone table; FLOPs = 2·B·H²):
 
@@ -106,13 +108,58 @@ def spread_table(results: list, json_rels: list) -> list:
     return lines + [""]
 
 
+def cpu_line(m: dict) -> str:
+    """The CPU a results file was measured on: model, vendor, cores, the engine's vector path and
+    the machine's big-GEMM ceiling (older files carry only the model)."""
+    text = f"{m['device']}"
+    if m.get("cpu_vendor"):
+        text += f" ({m['cpu_vendor']}"
+        text += f"; mmrnn_ext's engine path {m['engine_isa']})" if m.get("engine_isa") else ")"
+    text += f", {m['cpu_cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}, {m['date'][:10]}"
+    ceiling = m.get("gemm_ceiling")
+    if ceiling:
+        text += f"; big-GEMM ceiling {ceiling['gflops']:.0f} GF/s ({ceiling['by']}, 2048³ float32)"
+    return text
+
+
+def serving_section(cells: dict) -> str:
+    """Every cell against torch's own module at the serving grid, across separate runs: inference
+    (no_grad) and training speedups and our inference rate as a fraction of the ceiling, mean (min)."""
+    first = next(iter(next(iter(cells.values())).values()))
+    lines = [f"Measured on {cpu_line(first['machine'])}; float32, one layer, unidirectional, V = 64; each figure the "
+             f"median of 5 timings, then mean (minimum) over {len(next(iter(cells.values())))} separate runs "
+             "(`mmrnn-bench --cell CELL --grid serving --stock-only --json bench/results/cpu_serving_CELL_runN.json`). "
+             "x = torch's module on the concatenated input (its time) / mmrnn_ext's; % ceiling = mmrnn_ext's "
+             "inference GEMM FLOPs (its own algorithm's: input product + recurrence) per second over the "
+             "machine's big-GEMM rate, measured at the start of each run.", "",
+             "| cell | shape (B,T,I,V,H) | torch ran | inference x | training x | inference % ceiling |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for cell, runs in cells.items():
+        results = list(runs.values())
+        for shape in dict.fromkeys(tuple(r["shape"]) for r in results[0]["rows"]):
+            def pick(res, provider, pass_name):
+                return next(r for r in res["rows"] if tuple(r["shape"]) == shape and r["provider"] == provider
+                            and r["pass"] == pass_name)
+
+            stock = f"nn.{cell.upper()}(concat)"
+            fwd = [pick(res, stock, "forward")["speedup_of_mmrnn_ext"] for res in results]
+            train = [pick(res, stock, "forward+backward")["speedup_of_mmrnn_ext"] for res in results]
+            ceil = [100 * pick(res, "mmrnn_ext", "forward")["fraction_of_ceiling"] for res in results]
+            path = pick(results[0], stock, "forward").get("path") or ""
+            mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+            lines.append(f"| {cell} | {','.join(map(str, shape))} | {path.split(' (')[0]} | {mean(fwd):.2f}x ({min(fwd):.2f}x) | "
+                         f"{mean(train):.2f}x ({min(train):.2f}x) | {mean(ceil):.0f}% ({min(ceil):.0f}%) |")
+    files = ", ".join(f"`{os.path.relpath(p, ROOT)}`" for runs in cells.values() for p in runs)
+    lines += ["", f"Sources: {files}."]
+    return "\n".join(lines)
+
+
 def section(result: dict, json_rel: str, png_rel: str) -> str:
     m = result["machine"]
     cell = result.get("cell", "rnn")
     G = {"rnn": "", "lstm": "4", "gru": "3"}[cell]
     flag = "" if cell == "rnn" else f"--cell {cell} "
-    lines = [f"Measured on {m['device']}, {m['cpu_cores']} cores ({m['torch_threads']} torch threads), "
-             f"torch {m['torch']}, {m['date'][:10]}; float32, one layer, unidirectional; median of "
+    lines = [f"Measured on {cpu_line(m)}; float32, one layer, unidirectional; median of "
              f"5 runs after a warm-up. Source: `{json_rel}` (regenerate: `mmrnn-bench {flag}--all-backends "
              f"--json {json_rel} --plot {png_rel}`, then `python bench/update_readme.py`).", "",
              markdown_table(result), "",
@@ -260,6 +307,16 @@ def main():
             cell_result = json.load(f)
         rel = os.path.relpath(json_path, ROOT)
         text = _replace(text, start, end, section(cell_result, rel, os.path.splitext(rel)[0] + ".png"))
+    serving = {}
+    for cell in ("rnn", "lstm", "gru"):
+        paths = sorted(glob.glob(os.path.join(ROOT, "bench", "results", f"cpu_serving_{cell}_run*.json")))
+        if paths:
+            serving[cell] = {}
+            for path in paths:
+                with open(path) as f:
+                    serving[cell][path] = json.load(f)
+    if serving:
+        text = _replace(text, SERVING_START, SERVING_END, serving_section(serving))
     train_path = os.path.join(ROOT, "bench", "results", "train_quick_ablate.json")
     if os.path.exists(train_path):
         with open(train_path) as f:

@@ -148,50 +148,31 @@ void check_forward_args(const at::Tensor& xp, const at::Tensor& w_hh, const std:
   check_arg(h0, "h0", xp, {B, H});
 }
 
-std::tuple<at::Tensor, at::Tensor> gru_forward(const at::Tensor& xp, const at::Tensor& w_hh,
-                                               const std::optional<at::Tensor>& b_hn, const at::Tensor& h0,
-                                               const std::optional<at::Tensor>& image_term,
-                                               const std::optional<at::Tensor>& lengths) {
+// SAVE (training forward) -> (out, gates [T, B, 4H]); !SAVE (inference) -> (out, h_last).
+template <bool SAVE>
+std::tuple<at::Tensor, at::Tensor> gru_run(const at::Tensor& xp, const at::Tensor& w_hh,
+                                           const std::optional<at::Tensor>& b_hn, const at::Tensor& h0,
+                                           const std::optional<at::Tensor>& image_term,
+                                           const std::optional<at::Tensor>& lengths) {
   check_forward_args(xp, w_hh, b_hn, h0);
   const int64_t T_ = xp.size(0), B = xp.size(1), H = xp.size(2) / 3;
   const bool per_step = check_image_term(image_term, xp, T_, B, 3 * H);
   const int64_t* len = check_lengths(lengths, T_, B);
   const Isa isa = cpu_isa();
   at::Tensor out = empty_huge({T_, B, H}, xp.options());
-  at::Tensor gates = empty_huge({T_, B, 4 * H}, xp.options());
+  at::Tensor second = SAVE ? empty_huge({T_, B, 4 * H}, xp.options()) : h0.clone();
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "mmrnn_gru_forward", [&] {
       const auto pw = pack_weight<scalar_t>(w_hh, 3, /*transpose=*/true, B, isa);
-      gru_forward_loop<scalar_t, true>(pw, xp.data_ptr<scalar_t>(), data_or_null<scalar_t>(b_hn), h0.data_ptr<scalar_t>(),
-                                       data_or_null<scalar_t>(image_term), per_step, len, out.data_ptr<scalar_t>(),
-                                       gates.data_ptr<scalar_t>(), nullptr, T_, B, H);
+      scalar_t* extra = second.data_ptr<scalar_t>();
+      gru_forward_loop<scalar_t, SAVE>(pw, xp.data_ptr<scalar_t>(), data_or_null<scalar_t>(b_hn),
+                                       h0.data_ptr<scalar_t>(), data_or_null<scalar_t>(image_term), per_step, len,
+                                       out.data_ptr<scalar_t>(), SAVE ? extra : nullptr, SAVE ? nullptr : extra, T_,
+                                       B, H);
     });
   }
-  return {out, gates};
-}
-
-std::tuple<at::Tensor, at::Tensor> gru_infer(const at::Tensor& xp, const at::Tensor& w_hh,
-                                             const std::optional<at::Tensor>& b_hn, const at::Tensor& h0,
-                                             const std::optional<at::Tensor>& image_term,
-                                             const std::optional<at::Tensor>& lengths) {
-  check_forward_args(xp, w_hh, b_hn, h0);
-  const int64_t T_ = xp.size(0), B = xp.size(1), H = xp.size(2) / 3;
-  const bool per_step = check_image_term(image_term, xp, T_, B, 3 * H);
-  const int64_t* len = check_lengths(lengths, T_, B);
-  const Isa isa = cpu_isa();
-  at::Tensor out = empty_huge({T_, B, H}, xp.options());
-  at::Tensor h_last = h0.clone();
-  {
-    pybind11::gil_scoped_release no_gil;
-    AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "mmrnn_gru_infer", [&] {
-      const auto pw = pack_weight<scalar_t>(w_hh, 3, /*transpose=*/true, B, isa);
-      gru_forward_loop<scalar_t, false>(pw, xp.data_ptr<scalar_t>(), data_or_null<scalar_t>(b_hn),
-                                        h0.data_ptr<scalar_t>(), data_or_null<scalar_t>(image_term), per_step, len,
-                                        out.data_ptr<scalar_t>(), nullptr, h_last.data_ptr<scalar_t>(), T_, B, H);
-    });
-  }
-  return {out, h_last};
+  return {out, second};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_backward(const at::Tensor& grad_out, const at::Tensor& grad_h_last,
@@ -227,10 +208,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_backward(const at::Tensor& gr
 }  // namespace
 
 void register_gru(pybind11::module& m) {
-  m.def("gru_forward", &gru_forward, "GRU forward over the whole sequence -> (out, gates)", pybind11::arg("xp"),
+  m.def("gru_forward", &gru_run<true>, "GRU forward over the whole sequence -> (out, gates)", pybind11::arg("xp"),
         pybind11::arg("w_hh"), pybind11::arg("b_hn"), pybind11::arg("h0"), pybind11::arg("image_term"),
         pybind11::arg("lengths"));
-  m.def("gru_infer", &gru_infer, "GRU forward that saves nothing for backward -> (out, h_last)", pybind11::arg("xp"),
+  m.def("gru_infer", &gru_run<false>, "GRU forward that saves nothing for backward -> (out, h_last)", pybind11::arg("xp"),
         pybind11::arg("w_hh"), pybind11::arg("b_hn"), pybind11::arg("h0"), pybind11::arg("image_term"),
         pybind11::arg("lengths"));
   m.def("gru_backward", &gru_backward, "GRU BPTT over the whole sequence -> (dGx [T, B, 3H], dhn [T, B, H], dh0)",

@@ -141,46 +141,15 @@ void lstm_backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, co
       });
 }
 
-void check_forward_args(const at::Tensor& xp, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0) {
-  check_sequence(xp, "xp", 4);
-  const int64_t B = xp.size(1), H = xp.size(2) / 4;
-  check_arg(w_hh, "w_hh", xp, {4 * H, H});
-  check_arg(h0, "h0", xp, {B, H});
-  check_arg(c0, "c0", xp, {B, H});
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_forward(const at::Tensor& xp, const at::Tensor& w_hh,
-                                                            const at::Tensor& h0, const at::Tensor& c0,
-                                                            const std::optional<at::Tensor>& image_term,
-                                                            const std::optional<at::Tensor>& lengths) {
-  check_forward_args(xp, w_hh, h0, c0);
-  const int64_t T_ = xp.size(0), B = xp.size(1), H = xp.size(2) / 4;
-  const bool per_step = check_image_term(image_term, xp, T_, B, 4 * H);
-  const int64_t* len = check_lengths(lengths, T_, B);
-  const Isa isa = cpu_isa();
-  at::Tensor out = empty_huge({T_, B, H}, xp.options());
-  at::Tensor c_all = empty_huge({T_, B, H}, xp.options());
-  at::Tensor gates = empty_huge(xp.sizes(), xp.options());
-  {
-    pybind11::gil_scoped_release no_gil;
-    AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "mmrnn_lstm_forward", [&] {
-      const auto pw = pack_weight<scalar_t>(w_hh, 4, /*transpose=*/true, B, isa);
-      lstm_forward_loop<scalar_t, true>(pw, xp.data_ptr<scalar_t>(), nullptr, h0.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
-                                        data_or_null<scalar_t>(image_term), per_step, len, out.data_ptr<scalar_t>(),
-                                        c_all.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), nullptr, nullptr, T_,
-                                        B, H);
-    });
-  }
-  return {out, c_all, gates};
-}
-
-// The forward for inference: out, h_last, c_last only. With w_ih, `input` is x [T, B, I] and the
-// input product is fused into every step's tile; without, it is xp [T, B, 4H].
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_infer(const at::Tensor& input, const std::optional<at::Tensor>& w_ih,
-                                                          const at::Tensor& w_hh, const at::Tensor& h0,
-                                                          const at::Tensor& c0,
-                                                          const std::optional<at::Tensor>& image_term,
-                                                          const std::optional<at::Tensor>& lengths) {
+// SAVE (training forward; `input` is xp, no w_ih) -> (out, c_all, gates). !SAVE (inference) ->
+// (out, h_last, c_last); with w_ih, `input` is x [T, B, I] and the input product is fused into
+// every step's tile, without it is xp [T, B, 4H].
+template <bool SAVE>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_run(const at::Tensor& input, const std::optional<at::Tensor>& w_ih,
+                                                        const at::Tensor& w_hh, const at::Tensor& h0,
+                                                        const at::Tensor& c0,
+                                                        const std::optional<at::Tensor>& image_term,
+                                                        const std::optional<at::Tensor>& lengths) {
   const int64_t H = check_infer_input(input, w_ih, w_hh, 4);
   const int64_t T_ = input.size(0), B = input.size(1);
   check_arg(h0, "h0", input, {B, H});
@@ -189,20 +158,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_infer(const at::Tensor& inpu
   const int64_t* len = check_lengths(lengths, T_, B);
   const Isa isa = cpu_isa();
   at::Tensor out = empty_huge({T_, B, H}, input.options());
-  at::Tensor h_last = h0.clone(), c_last = c0.clone(), c = c0.clone();
+  // SAVE: c_all [T, B, H] and gates [T, B, 4H]; else the running c (c0 on entry), h_last, c_last
+  at::Tensor c = SAVE ? empty_huge({T_, B, H}, input.options()) : c0.clone();
+  at::Tensor second = SAVE ? c : h0.clone();
+  at::Tensor third = SAVE ? empty_huge({T_, B, 4 * H}, input.options()) : c0.clone();
   {
     pybind11::gil_scoped_release no_gil;
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "mmrnn_lstm_infer", [&] {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "mmrnn_lstm_forward", [&] {
       const auto pw = pack_weight<scalar_t>(w_hh, 4, /*transpose=*/true, B, isa, w_ih.has_value() ? &*w_ih : nullptr);
       const scalar_t* data = input.data_ptr<scalar_t>();
-      lstm_forward_loop<scalar_t, false>(pw, w_ih.has_value() ? nullptr : data, w_ih.has_value() ? data : nullptr,
-                                         h0.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
-                                         data_or_null<scalar_t>(image_term), per_step, len, out.data_ptr<scalar_t>(),
-                                         c.data_ptr<scalar_t>(), nullptr, h_last.data_ptr<scalar_t>(),
-                                         c_last.data_ptr<scalar_t>(), T_, B, H);
+      lstm_forward_loop<scalar_t, SAVE>(pw, w_ih.has_value() ? nullptr : data, w_ih.has_value() ? data : nullptr,
+                                        h0.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
+                                        data_or_null<scalar_t>(image_term), per_step, len, out.data_ptr<scalar_t>(),
+                                        c.data_ptr<scalar_t>(), SAVE ? third.data_ptr<scalar_t>() : nullptr,
+                                        SAVE ? nullptr : second.data_ptr<scalar_t>(),
+                                        SAVE ? nullptr : third.data_ptr<scalar_t>(), T_, B, H);
     });
   }
-  return {out, h_last, c_last};
+  return {out, second, third};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_forward(const at::Tensor& xp, const at::Tensor& w_hh,
+                                                            const at::Tensor& h0, const at::Tensor& c0,
+                                                            const std::optional<at::Tensor>& image_term,
+                                                            const std::optional<at::Tensor>& lengths) {
+  return lstm_run<true>(xp, std::nullopt, w_hh, h0, c0, image_term, lengths);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_backward(
@@ -242,7 +222,7 @@ void register_lstm(pybind11::module& m) {
   m.def("lstm_forward", &lstm_forward, "LSTM forward over the whole sequence -> (out, c_all, gates)", pybind11::arg("xp"),
         pybind11::arg("w_hh"), pybind11::arg("h0"), pybind11::arg("c0"), pybind11::arg("image_term"),
         pybind11::arg("lengths"));
-  m.def("lstm_infer", &lstm_infer,
+  m.def("lstm_infer", &lstm_run<false>,
         "LSTM forward for inference -> (out, h_last, c_last); with w_ih the input is x and its product is fused",
         pybind11::arg("input"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("h0"), pybind11::arg("c0"),
         pybind11::arg("image_term"), pybind11::arg("lengths"));

@@ -263,26 +263,32 @@ def time_ms(fn, device, repeats: int) -> float:
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    return statistics.median(cpu_times_ms(fn, repeats))
+
+
+def cpu_times_ms(fn, repeats: int) -> list:
+    """`repeats` timings of fn in milliseconds after one warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def time_side_by_side(fns: dict, device, repeats: int) -> dict:
-    """{name: median ms}. On CPU the providers take turns, one call each per round (after a warm-up
-    round), so that a slow spell of a shared machine falls on every provider alike rather than on
-    whichever was being timed; on GPU each is timed on its own (triton.testing.do_bench)."""
+    """{name: median ms}. On CPU the providers take turns: each round runs every provider twice, an
+    untimed call then a timed one, so that a slow spell of a shared machine falls on every provider
+    alike rather than on whichever was being timed, and every timed call follows a call of its own
+    (the steady state of a served model, not the cost of switching from another provider's memory
+    footprint). On GPU each is timed on its own (triton.testing.do_bench)."""
     if device.type == "cuda":
         return {name: time_ms(fn, device, repeats) for name, fn in fns.items()}
-    for fn in fns.values():
-        fn()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            fn()
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -487,13 +493,7 @@ def gemm_ceiling(repeats: int = 5, n: int = 2048) -> dict:
     flop = 2.0 * n ** 3
 
     def best_ms(fn):
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times) * 1e3
+        return min(cpu_times_ms(fn, repeats))
 
     rates = {"torch.mm": flop / best_ms(lambda: torch.mm(a, b)) / 1e6}
     try:
