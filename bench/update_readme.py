@@ -61,10 +61,8 @@ PyTorch bf16 at hidden 128/256 (5.5× and more) and the batch-1 step time (1.40�
 
 
 CELL_NOTES = {
-    "rnn": "Timing noise on this 2-core VM is ±15% and more between runs: `mmrnn_ext` and "
-           "`mmrnn_ext[cpp]` run the same code, so the gap between their rows shows it; in separate runs "
-           "the forward+backward speedup over nn.RNN(concat) at (32,128,128,128,256) ranged from 1.56x "
-           "to 2.12x (bench/NOTES.md).",
+    "rnn": "PyTorch's CPU RNN is a per-step loop of ATen ops; `mmrnn_ext` and `mmrnn_ext[cpp]` run the "
+           "same code, so the gap between their rows shows the run's noise.",
     "lstm": "PyTorch runs its CPU LSTM through oneDNN (a fused kernel); `mmrnn_ext` and `mmrnn_ext[cpp]` "
             "run the same code, so the gap between their rows shows the run's noise.",
     "gru": "PyTorch's CPU GRU is a per-step loop of ATen ops; `mmrnn_ext` and `mmrnn_ext[cpp]` run the "
@@ -127,7 +125,8 @@ def serving_section(cells: dict) -> str:
     (no_grad) and training speedups and our inference rate as a fraction of the ceiling, mean (min)."""
     first = next(iter(next(iter(cells.values())).values()))
     lines = [f"Measured on {cpu_line(first['machine'])}; float32, one layer, unidirectional, V = 64; each figure the "
-             f"median of 5 timings, then mean (minimum) over {len(next(iter(cells.values())))} separate runs "
+             f"median of 5 timed calls (providers taking turns, each timed call right after an untimed one of its own), "
+             f"then mean (minimum) over {len(next(iter(cells.values())))} separate runs "
              "(`mmrnn-bench --cell CELL --grid serving --stock-only --json bench/results/cpu_serving_CELL_runN.json`). "
              "x = torch's module on the concatenated input (its time) / mmrnn_ext's; % ceiling = mmrnn_ext's "
              "inference GEMM FLOPs (its own algorithm's: input product + recurrence) per second over the "
@@ -160,7 +159,8 @@ def section(result: dict, json_rel: str, png_rel: str) -> str:
     G = {"rnn": "", "lstm": "4", "gru": "3"}[cell]
     flag = "" if cell == "rnn" else f"--cell {cell} "
     lines = [f"Measured on {cpu_line(m)}; float32, one layer, unidirectional; median of "
-             f"5 runs after a warm-up. Source: `{json_rel}` (regenerate: `mmrnn-bench {flag}--all-backends "
+             f"5 timed calls, providers taking turns, each timed call right after an untimed one of its own. "
+             f"Source: `{json_rel}` (regenerate: `mmrnn-bench {flag}--all-backends "
              f"--json {json_rel} --plot {png_rel}`, then `python bench/update_readme.py`).", "",
              markdown_table(result), "",
              "x = that provider's time / mmrnn_ext's; saved MB = what autograd keeps for backward during "
