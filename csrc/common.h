@@ -91,6 +91,10 @@ inline T sigmoid_(T x) {
   }
 }
 
+// The dtype of a state carried between steps for a storage dtype: float32 for bfloat16 (acc_t in
+// engine.h), itself otherwise.
+inline at::ScalarType carry_type(at::ScalarType st) { return st == at::kBFloat16 ? at::kFloat : st; }
+
 // Rows per parallel chunk: enough elements per chunk that the fork costs less than the work.
 inline int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)); }
 
@@ -137,8 +141,8 @@ inline void check_arg(const at::Tensor& t, const char* name, const at::Tensor& r
 inline void check_sequence(const at::Tensor& t, const char* name, int64_t gates) {
   TORCH_CHECK(t.dim() == 3, name, ": expected a 3-D tensor [T, B, ", gates, "H], got ", t.dim(), "-D of shape ",
               t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
-              ": the cpp backend computes float32 and float64, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble || t.scalar_type() == at::kBFloat16,
+              name, ": the cpp backend computes float32, float64 and bfloat16, got ", t.scalar_type());
   check_float_cpu(t, name, t);
   TORCH_CHECK(t.size(2) % gates == 0, name, ": expected a last dimension of ", gates, " x hidden size, got ", t.size(2));
 }
@@ -154,8 +158,9 @@ inline int64_t check_infer_input(const at::Tensor& input, const std::optional<at
     return H;
   }
   TORCH_CHECK(input.dim() == 3, "x: expected a 3-D tensor [T, B, I], got ", input.dim(), "-D of shape ", input.sizes());
-  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
-              "x: the cpp backend computes float32 and float64, got ", input.scalar_type());
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble ||
+                  input.scalar_type() == at::kBFloat16,
+              "x: the cpp backend computes float32, float64 and bfloat16, got ", input.scalar_type());
   check_float_cpu(input, "x", input);
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == gates * w_hh.size(1), "w_hh: expected shape [", gates,
               "H, H], got ", w_hh.sizes());
@@ -211,5 +216,6 @@ void initial_state_grad(const T* carried, const T* grad_last, const int64_t* len
 void register_rnn(pybind11::module& m);
 void register_lstm(pybind11::module& m);
 void register_gru(pybind11::module& m);
+void register_cell_step(pybind11::module& m);
 
 }  // namespace mmrnn

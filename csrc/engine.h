@@ -16,12 +16,23 @@
 //
 // ISA. AVX-512, AVX2+FMA and a portable 128-bit path are compiled into every build (GCC vector
 // extensions under per-function target attributes) and chosen at run time from the CPU's flags;
-// MMRNN_CPU_ISA=avx2|generic caps the choice (tests force each path on one machine).
+// MMRNN_CPU_ISA=avx512|avx2|generic caps the choice (tests force each path on one machine).
+//
+// bfloat16. Storage S = bfloat16 computes in float32 (acc_t<S>): W' holds bf16 pairs (rows k and
+// k + 1 of a column side by side, each part's odd last row paired with a zero), so that one 32-bit
+// lane holds what the CPU's bf16 dot instruction (vdpbf16ps, avx512_bf16) multiplies into one
+// float32 lane; without that instruction the same panels are widened to float32 in registers (a
+// shift and a mask per pair) and run through FMAs. The operands A (x, h, gradients) stay bf16 in
+// memory; the tile, the gate pass and the carried state are float32.
 #pragma once
 
 #include "common.h"
 
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <thread>
@@ -29,10 +40,11 @@
 
 namespace mmrnn {
 
-enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+// kAvx512Bf16 is kAvx512 plus the bf16 dot instruction (used by the bfloat16 kernels only).
+enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 inline const char* isa_name(Isa isa) {
-  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "generic";
+  return isa == Isa::kAvx512Bf16 ? "avx512_bf16" : isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "generic";
 }
 
 // The widest path this CPU runs, capped by MMRNN_CPU_ISA (read on every call, so a test can switch
@@ -42,7 +54,7 @@ inline Isa cpu_isa() {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-      return Isa::kAvx512;
+      return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
     return Isa::kGeneric;
@@ -51,12 +63,27 @@ inline Isa cpu_isa() {
   if (env == nullptr || *env == '\0') return detected;
   const std::string cap(env);
   Isa want;
-  if (cap == "avx512") want = Isa::kAvx512;
+  if (cap == "avx512_bf16") want = Isa::kAvx512Bf16;
+  else if (cap == "avx512") want = Isa::kAvx512;
   else if (cap == "avx2") want = Isa::kAvx2;
   else if (cap == "generic") want = Isa::kGeneric;
-  else TORCH_CHECK(false, "MMRNN_CPU_ISA: expected avx512, avx2 or generic, got '", cap, "'");
+  else TORCH_CHECK(false, "MMRNN_CPU_ISA: expected avx512_bf16, avx512, avx2 or generic, got '", cap, "'");
   return static_cast<int>(want) < static_cast<int>(detected) ? want : detected;
 }
+
+// The accumulation type of a storage type: float for bfloat16, the type itself otherwise.
+template <typename S>
+struct AccType {
+  using type = S;
+};
+template <>
+struct AccType<c10::BFloat16> {
+  using type = float;
+};
+template <typename S>
+using acc_t = typename AccType<S>::type;
+template <typename S>
+constexpr bool kIsBf16 = std::is_same_v<S, c10::BFloat16>;
 
 // tile[r, c] = sum_k A[r, k] * w[k, c] for MR rows and one panel of NV vectors of VW values, where
 // A = [x | h]: its first K1 columns come from x (row stride ldx), the other K - K1 from h (row
@@ -104,26 +131,136 @@ void micro_generic(MMRNN_MICRO_ARGS) {
 #undef MMRNN_MICRO_ARGS
 #undef MMRNN_MICRO_BODY
 
-template <typename T>
-using MicroFn = void (*)(const T*, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*);
+// The bfloat16 form: w holds bf16 pairs (see the top of this file): pair row q of a panel is NV
+// vectors of VW 32-bit lanes, lane c holding column c's rows 2q (low half) and 2q + 1 (high half).
+// Part 0 (x, K1 rows) takes pair rows [0, ceil(K1/2)), part 1 (h) the ones after. Widening path:
+// a lane shifted left by 16 is the low bf16 as a float32, masked to its high half the high one.
+#define MMRNN_MICRO_BF16_BODY                                                                         \
+  typedef float vec __attribute__((vector_size(VW * 4)));                                             \
+  typedef uint32_t uvec __attribute__((vector_size(VW * 4)));                                         \
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x);                                          \
+  const uint16_t* hs = reinterpret_cast<const uint16_t*>(h);                                          \
+  const uint16_t* ws = reinterpret_cast<const uint16_t*>(w);                                          \
+  vec acc[MR][NV];                                                                                    \
+  _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)                                               \
+      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[r][v] = vec{};                         \
+  const int64_t kp1 = (K1 + 1) & ~int64_t(1);                                                         \
+  for (int part = 0; part < 2; ++part) {                                                              \
+    const uint16_t* a = part == 0 ? xs : hs;                                                          \
+    const int64_t lda = part == 0 ? ldx : ldh, n = part == 0 ? K1 : K - K1;                           \
+    const uint16_t* wp = ws + (part == 0 ? 0 : kp1) * (NV * VW);                                      \
+    for (int64_t k = 0; k < n; k += 2) {                                                              \
+      const uvec* wk = reinterpret_cast<const uvec*>(wp + k * (NV * VW));                             \
+      vec lo[NV], hi[NV];                                                                             \
+      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {                                          \
+        lo[v] = reinterpret_cast<vec>(wk[v] << 16);                                                   \
+        hi[v] = reinterpret_cast<vec>(wk[v] & 0xffff0000u);                                           \
+      }                                                                                               \
+      const bool pair = k + 1 < n;                                                                    \
+      _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {                                         \
+        const vec s0 = vec{} + bf16_bits_to_float(a[r * lda + k]);                                    \
+        const vec s1 = vec{} + (pair ? bf16_bits_to_float(a[r * lda + k + 1]) : 0.f);                 \
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[r][v] += lo[v] * s0 + hi[v] * s1;    \
+      }                                                                                               \
+    }                                                                                                 \
+  }                                                                                                   \
+  _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)                                               \
+      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v)                                            \
+          *reinterpret_cast<vec*>(tile + r * (NV * VW) + v * VW) = acc[r][v];
+
+#define MMRNN_MICRO_BF16_ARGS                                                                         \
+  const c10::BFloat16 *__restrict x, int64_t ldx, int64_t K1, const c10::BFloat16 *__restrict h, int64_t ldh, \
+      const c10::BFloat16 *__restrict w, int64_t K, float *__restrict tile
+
+inline float bf16_bits_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+template <int VW, int NV, int MR>
+__attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))) void micro_bf16_avx512(MMRNN_MICRO_BF16_ARGS) {
+  MMRNN_MICRO_BF16_BODY
+}
+template <int VW, int NV, int MR>
+__attribute__((target("avx2,fma"))) void micro_bf16_avx2(MMRNN_MICRO_BF16_ARGS) {
+  MMRNN_MICRO_BF16_BODY
+}
+template <int VW, int NV, int MR>
+void micro_bf16_generic(MMRNN_MICRO_BF16_ARGS) {
+  MMRNN_MICRO_BF16_BODY
+}
+
+// The same product on the bf16 dot instruction: per pair row, one broadcast of each row's two A
+// values (one 32-bit lane) and one vdpbf16ps per accumulator (32 multiply-adds).
+template <int VW, int NV, int MR>
+__attribute__((target("avx512f,avx512vl,avx512dq,avx512bf16,avx2,fma"))) void micro_bf16_dot(MMRNN_MICRO_BF16_ARGS) {
+  static_assert(VW == 16, "the bf16 dot kernel runs 512-bit vectors");
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x);
+  const uint16_t* hs = reinterpret_cast<const uint16_t*>(h);
+  const uint16_t* ws = reinterpret_cast<const uint16_t*>(w);
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  const int64_t kp1 = (K1 + 1) & ~int64_t(1);
+  for (int part = 0; part < 2; ++part) {
+    const uint16_t* a = part == 0 ? xs : hs;
+    const int64_t lda = part == 0 ? ldx : ldh, n = part == 0 ? K1 : K - K1;
+    const uint16_t* wp = ws + (part == 0 ? 0 : kp1) * (NV * VW);
+    for (int64_t k = 0; k < n; k += 2) {
+      const __m512i* wk = reinterpret_cast<const __m512i*>(wp + k * (NV * VW));
+      __m512i wv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) wv[v] = _mm512_load_si512(wk + v);
+      const bool pair = k + 1 < n;
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+        uint32_t two = a[r * lda + k];
+        if (pair) std::memcpy(&two, a + r * lda + k, sizeof(two));
+        const __m512i s = _mm512_set1_epi32(static_cast<int>(two));
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)s, (__m512bh)wv[v]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) _mm512_store_ps(tile + r * (NV * VW) + v * VW, acc[r][v]);
+}
+#undef MMRNN_MICRO_BF16_ARGS
+#undef MMRNN_MICRO_BF16_BODY
+
+template <typename S>
+using MicroFn = void (*)(const S*, int64_t, int64_t, const S*, int64_t, const S*, int64_t, acc_t<S>*);
 
 constexpr int kMaxRows = 12;  // the largest MR of any configuration
 
 // One ISA's kernel family for one panel shape: fns[r - 1] computes r rows (1 <= r <= mr).
-template <typename T>
+template <typename S>
 struct Kernels {
   int vw = 0, nv = 0, mr = 0;
-  MicroFn<T> fns[kMaxRows] = {};
+  MicroFn<S> fns[kMaxRows] = {};
 };
 
-template <typename T, Isa I, int VW, int NV, int MR, int... R>
-void fill_kernels(Kernels<T>& k, std::integer_sequence<int, R...>) {
+template <typename S, Isa I, int VW, int NV, int MR, int... R>
+void fill_kernels(Kernels<S>& k, std::integer_sequence<int, R...>) {
   k.vw = VW;
   k.nv = NV;
   k.mr = MR;
-  if constexpr (I == Isa::kAvx512) ((k.fns[R] = &micro_avx512<T, VW, NV, R + 1>), ...);
-  else if constexpr (I == Isa::kAvx2) ((k.fns[R] = &micro_avx2<T, VW, NV, R + 1>), ...);
-  else ((k.fns[R] = &micro_generic<T, VW, NV, R + 1>), ...);
+  if constexpr (kIsBf16<S>) {
+    if constexpr (I == Isa::kAvx512Bf16) ((k.fns[R] = &micro_bf16_dot<VW, NV, R + 1>), ...);
+    else if constexpr (I == Isa::kAvx512) ((k.fns[R] = &micro_bf16_avx512<VW, NV, R + 1>), ...);
+    else if constexpr (I == Isa::kAvx2) ((k.fns[R] = &micro_bf16_avx2<VW, NV, R + 1>), ...);
+    else ((k.fns[R] = &micro_bf16_generic<VW, NV, R + 1>), ...);
+  } else {
+    if constexpr (I == Isa::kAvx512 || I == Isa::kAvx512Bf16) ((k.fns[R] = &micro_avx512<S, VW, NV, R + 1>), ...);
+    else if constexpr (I == Isa::kAvx2) ((k.fns[R] = &micro_avx2<S, VW, NV, R + 1>), ...);
+    else ((k.fns[R] = &micro_generic<S, VW, NV, R + 1>), ...);
+  }
 }
 
 // The panel shape for `groups` gate blocks and a batch of `rows`: NV vectors per K row and MR rows
@@ -133,48 +270,51 @@ void fill_kernels(Kernels<T>& k, std::integer_sequence<int, R...>) {
 // tile (up to 12 rows: each panel then leaves L2 once per step). Measured on the 2-core EPYC: LSTM
 // (8,512,.,1024) recurrence 152 -> 177 GF/s with 12 x 2, while at B = 24-64 the 6 x 4 tile is
 // 20-30% faster for the LSTM and 8-14% for the RNN (inference at (32,128,128,64,256) 144 -> 160
-// GF/s, (64,256,256,64,512) 173 -> 196).
-template <typename T, Isa I>
-Kernels<T> kernels_for(int groups, int64_t rows) {
-  constexpr int VW = (I == Isa::kAvx512 ? 64 : I == Isa::kAvx2 ? 32 : 16) / static_cast<int>(sizeof(T));
-  Kernels<T> k;
-  if constexpr (I == Isa::kAvx512) {
-    if ((groups == 4 || groups == 1) && rows > 12) fill_kernels<T, I, VW, 4, 6>(k, std::make_integer_sequence<int, 6>{});
-    else if (groups == 3) fill_kernels<T, I, VW, 3, 8>(k, std::make_integer_sequence<int, 8>{});
-    else fill_kernels<T, I, VW, 2, 12>(k, std::make_integer_sequence<int, 12>{});
+// GF/s, (64,256,256,64,512) 173 -> 196). bfloat16 takes the same shapes (float32 accumulators).
+template <typename S, Isa I>
+Kernels<S> kernels_for(int groups, int64_t rows) {
+  constexpr bool wide = I == Isa::kAvx512 || I == Isa::kAvx512Bf16;
+  constexpr int VW = (wide ? 64 : I == Isa::kAvx2 ? 32 : 16) / static_cast<int>(sizeof(acc_t<S>));
+  Kernels<S> k;
+  if constexpr (wide) {
+    if ((groups == 4 || groups == 1) && rows > 12) fill_kernels<S, I, VW, 4, 6>(k, std::make_integer_sequence<int, 6>{});
+    else if (groups == 3) fill_kernels<S, I, VW, 3, 8>(k, std::make_integer_sequence<int, 8>{});
+    else fill_kernels<S, I, VW, 2, 12>(k, std::make_integer_sequence<int, 12>{});
   } else {
-    if (groups == 3) fill_kernels<T, I, VW, 3, 4>(k, std::make_integer_sequence<int, 4>{});
-    else fill_kernels<T, I, VW, 2, 6>(k, std::make_integer_sequence<int, 6>{});
+    if (groups == 3) fill_kernels<S, I, VW, 3, 4>(k, std::make_integer_sequence<int, 4>{});
+    else fill_kernels<S, I, VW, 2, 6>(k, std::make_integer_sequence<int, 6>{});
   }
   return k;
 }
 
-template <typename T>
-Kernels<T> kernels_for(Isa isa, int groups, int64_t rows) {
+template <typename S>
+Kernels<S> kernels_for(Isa isa, int groups, int64_t rows) {
   switch (isa) {
-    case Isa::kAvx512: return kernels_for<T, Isa::kAvx512>(groups, rows);
-    case Isa::kAvx2: return kernels_for<T, Isa::kAvx2>(groups, rows);
-    default: return kernels_for<T, Isa::kGeneric>(groups, rows);
+    case Isa::kAvx512Bf16: return kernels_for<S, Isa::kAvx512Bf16>(groups, rows);
+    case Isa::kAvx512: return kernels_for<S, Isa::kAvx512>(groups, rows);
+    case Isa::kAvx2: return kernels_for<S, Isa::kAvx2>(groups, rows);
+    default: return kernels_for<S, Isa::kGeneric>(groups, rows);
   }
 }
 
-// W' packed into panels (see the top of this file), with the kernels that read it.
-template <typename T>
+// W' packed into panels (see the top of this file), with the kernels that read it. A panel holds
+// `stride` values: K rows of `width` (bfloat16: ceil(K1/2) + ceil((K - K1)/2) pair rows of 2 x width).
+template <typename S>
 struct PackedWeight {
-  Kernels<T> kern;
-  int64_t K = 0, K1 = 0, H = 0, groups = 1, units = 0, width = 0, panels = 0;  // K1: rows of W_ih (fused)
+  Kernels<S> kern;
+  int64_t K = 0, K1 = 0, H = 0, groups = 1, units = 0, width = 0, panels = 0, stride = 0;  // K1: rows of W_ih (fused)
   at::Tensor buf;
-  const T* panel(int64_t p) const { return buf.template data_ptr<T>() + p * K * width; }
+  const S* panel(int64_t p) const { return buf.template data_ptr<S>() + p * stride; }
 };
 
 // transpose (forward): W' = w^T for w [groups*H, K]; column (g, j) of W' is row g*H + j of w.
 // !transpose (BPTT):   W' = w for w [K, H], groups = 1. rows: the batch the products will have.
 // w_in (forward only): W_ih [groups*H, K1], whose transpose goes above w's: the fused input product.
-template <typename T>
-PackedWeight<T> pack_weight(const at::Tensor& w, int64_t groups, bool transpose, int64_t rows, Isa isa,
+template <typename S>
+PackedWeight<S> pack_weight(const at::Tensor& w, int64_t groups, bool transpose, int64_t rows, Isa isa,
                             const at::Tensor* w_in = nullptr) {
-  PackedWeight<T> pw;
-  pw.kern = kernels_for<T>(isa, static_cast<int>(groups), rows);
+  PackedWeight<S> pw;
+  pw.kern = kernels_for<S>(isa, static_cast<int>(groups), rows);
   pw.groups = groups;
   pw.K1 = w_in == nullptr ? 0 : w_in->size(1);
   pw.K = (transpose ? w.size(1) : w.size(0)) + pw.K1;
@@ -182,27 +322,38 @@ PackedWeight<T> pack_weight(const at::Tensor& w, int64_t groups, bool transpose,
   pw.width = static_cast<int64_t>(pw.kern.nv) * pw.kern.vw;
   pw.units = pw.width / groups;
   pw.panels = (pw.H + pw.units - 1) / pw.units;
-  pw.buf = at::empty({std::max<int64_t>(pw.panels * pw.K * pw.width, 1)}, w.options());
-  const T* src = w.data_ptr<T>();
-  const T* src_in = w_in == nullptr ? nullptr : w_in->data_ptr<T>();
-  T* dst = pw.buf.template data_ptr<T>();
-  const int64_t K = pw.K, K1 = pw.K1, H = pw.H, U = pw.units, Wd = pw.width;
+  // the packed row of source row k, and its slot: row k at [k * width + c]; bf16 pairs at
+  // [(k' / 2) * 2 * width + 2 * c + k' % 2], k' = k in part 0, k - K1 + ceil(K1 / 2) * 2 in part 1
+  const int64_t kp1 = kIsBf16<S> ? (pw.K1 + 1) / 2 * 2 : pw.K1;
+  const int64_t kp = kIsBf16<S> ? kp1 + (pw.K - pw.K1 + 1) / 2 * 2 : pw.K;
+  pw.stride = kp * pw.width;
+  pw.buf = at::zeros({std::max<int64_t>(pw.panels * pw.stride, 1)}, w.options());
+  const S* src = w.data_ptr<S>();
+  const S* src_in = w_in == nullptr ? nullptr : w_in->data_ptr<S>();
+  S* dst = pw.buf.template data_ptr<S>();
+  const int64_t K = pw.K, K1 = pw.K1, H = pw.H, U = pw.units, Wd = pw.width, stride = pw.stride;
+  auto slot = [&](int64_t k, int64_t c) -> int64_t {
+    if constexpr (kIsBf16<S>) {
+      const int64_t kk = k < K1 ? k : k - K1 + kp1;
+      return (kk / 2) * 2 * Wd + 2 * c + kk % 2;
+    } else {
+      return k * Wd + c;
+    }
+  };
   at::parallel_for(0, pw.panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      T* pp = dst + p * K * Wd;
+      S* pp = dst + p * stride;
       for (int64_t g = 0; g < groups; ++g) {
         for (int64_t u = 0; u < U; ++u) {
-          const int64_t j = p * U + u;
-          T* col = pp + g * U + u;
-          if (j >= H) {
-            for (int64_t k = 0; k < K; ++k) col[k * Wd] = T(0);
-          } else if (transpose) {
-            const T* row_in = src_in + (g * H + j) * K1;
-            for (int64_t k = 0; k < K1; ++k) col[k * Wd] = row_in[k];
-            const T* row = src + (g * H + j) * (K - K1);
-            for (int64_t k = K1; k < K; ++k) col[k * Wd] = row[k - K1];
+          const int64_t j = p * U + u, c = g * U + u;
+          if (j >= H) continue;  // zero columns past the last unit (buf starts zeroed)
+          if (transpose) {
+            const S* row_in = src_in + (g * H + j) * K1;
+            for (int64_t k = 0; k < K1; ++k) pp[slot(k, c)] = row_in[k];
+            const S* row = src + (g * H + j) * (K - K1);
+            for (int64_t k = K1; k < K; ++k) pp[slot(k, c)] = row[k - K1];
           } else {
-            for (int64_t k = 0; k < K; ++k) col[k * Wd] = src[k * H + j];
+            for (int64_t k = 0; k < K; ++k) pp[slot(k, c)] = src[k * H + j];
           }
         }
       }
@@ -258,7 +409,7 @@ struct Operands {
 
 // Runs `steps` dependent products with the epilogue fused: for s in [0, steps), every tile of
 //   tile = [x_s | h_s] @ W'  (Operands a_of(s); a null h_s means a zero product)
-// is handed to epi(s, b0, rows, j0, units, tile, ld_tile) — rows [b0, b0 + rows) and hidden units
+// is handed to epi(s, b0, rows, j0, units, tile, ld_tile) (tile in acc_t<T>) — rows [b0, b0 + rows) and hidden units
 // [j0, j0 + units) (fewer than pw.units in the last panel), gate g of unit j0 + u at
 // tile[r * ld_tile + g * pw.units + u]. Step s + 1 starts after every tile of step s is through
 // its epilogue. Called with the GIL released.
@@ -270,7 +421,8 @@ void run_steps(const PackedWeight<T>& pw, int64_t steps, int64_t B, AOf a_of, Ep
   const int64_t blocks = (B + mr - 1) / mr;
   StepBarrier barrier(workers);
   auto run = [&](int64_t w0, int64_t w1) {
-    alignas(64) T tile[kMaxRows * 64];
+    using C = acc_t<T>;
+    alignas(64) C tile[kMaxRows * 64];
     for (int64_t s = 0; s < steps; ++s) {
       const Operands<T> a = a_of(s);
       for (int64_t w = w0; w < w1; ++w) {
@@ -283,9 +435,9 @@ void run_steps(const PackedWeight<T>& pw, int64_t steps, int64_t B, AOf a_of, Ep
               pw.kern.fns[rows - 1](a.x == nullptr ? nullptr : a.x + b0 * a.ldx, a.ldx, pw.K1, a.h + b0 * a.ldh, a.ldh,
                                     pw.panel(p), pw.K, tile);
             } else {
-              std::fill(tile, tile + rows * pw.width, T(0));
+              std::fill(tile, tile + rows * pw.width, C(0));
             }
-            epi(s, b0, rows, j0, nu, static_cast<const T*>(tile), pw.width);
+            epi(s, b0, rows, j0, nu, static_cast<const C*>(tile), pw.width);
           }
         }
       }
@@ -310,7 +462,7 @@ void linear(const PackedWeight<T>& pw, const T* a, int64_t M, T* out) {
   const int64_t chunk = std::max<int64_t>(mr, (48 / mr) * mr);
   const int64_t chunks = (M + chunk - 1) / chunk;
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    alignas(64) T tile[kMaxRows * 64];
+    alignas(64) acc_t<T> tile[kMaxRows * 64];
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t r_end = std::min(M, (c + 1) * chunk);
       for (int64_t p = 0; p < pw.panels; ++p) {

@@ -14,38 +14,43 @@
 namespace mmrnn {
 namespace {
 
-template <typename T, bool IMG, bool BIAS, bool SAVE>
-inline void gru_forward_units(const T* __restrict acc, int64_t U, const T* __restrict x, const T* __restrict im,
-                              const T* __restrict bhn, const T* __restrict hp, T* __restrict h, T* __restrict gates,
+// Storage S, computed in C = acc_t<S>; hr is the running state h_{t-1} (C), replaced by h_t in
+// place (each unit reads its own state before writing it), h the output row (S).
+template <typename S, typename C, bool IMG, bool BIAS, bool SAVE>
+inline void gru_forward_units(const C* __restrict acc, int64_t U, const S* __restrict x, const S* __restrict im,
+                              const S* __restrict bhn, C* __restrict hr, S* __restrict h, S* __restrict gates,
                               int64_t H, int64_t n) {
   for (int64_t u = 0; u < n; ++u) {
-    const T xr = x[u] + (IMG ? im[u] : T(0));
-    const T xz = x[H + u] + (IMG ? im[H + u] : T(0));
-    const T xn = x[2 * H + u] + (IMG ? im[2 * H + u] : T(0));
-    const T hn = acc[2 * U + u] + (BIAS ? bhn[u] : T(0));
-    const T r = sigmoid_(acc[u] + xr);
-    const T z = sigmoid_(acc[U + u] + xz);
-    const T nn = tanh_(xn + r * hn);
+    const C xr = C(x[u]) + (IMG ? C(im[u]) : C(0));
+    const C xz = C(x[H + u]) + (IMG ? C(im[H + u]) : C(0));
+    const C xn = C(x[2 * H + u]) + (IMG ? C(im[2 * H + u]) : C(0));
+    const C hn = acc[2 * U + u] + (BIAS ? C(bhn[u]) : C(0));
+    const C r = sigmoid_(acc[u] + xr);
+    const C z = sigmoid_(acc[U + u] + xz);
+    const C nn = tanh_(xn + r * hn);
     if constexpr (SAVE) {
       gates[u] = r;
       gates[H + u] = z;
       gates[2 * H + u] = nn;
       gates[3 * H + u] = hn;
     }
-    h[u] = nn + z * (hp[u] - nn);
+    const C hv = nn + z * (hr[u] - nn);
+    hr[u] = hv;
+    h[u] = hv;
   }
 }
 
-// SAVE (training): gates [T, B, 4H] is written for backward. !SAVE (inference): h_last (h0 on
-// entry) gets each row's state at its last valid step.
+// h_run [B, H] (C) carries the state (h0 on entry). SAVE (training): gates [T, B, 4H] is written
+// for backward. !SAVE (inference): h_last (h0 on entry) gets each row's state at its last valid step.
 template <typename T, bool SAVE>
 void gru_forward_loop(const PackedWeight<T>& pw, const T* xp, const T* b_hn, const T* h0, const T* img,
-                      bool img_per_step, const int64_t* lengths, T* out, T* gates, T* h_last, int64_t T_, int64_t B,
-                      int64_t H) {
+                      bool img_per_step, const int64_t* lengths, T* out, acc_t<T>* h_run, T* gates, T* h_last,
+                      int64_t T_, int64_t B, int64_t H) {
+  using C = acc_t<T>;
   const int64_t step = B * H, G = 3 * H, W = 4 * H, U = pw.units;
   run_steps<T>(
       pw, T_, B, [&](int64_t t) { return Operands<T>{t == 0 ? h0 : out + (t - 1) * step, H}; },
-      [&](int64_t t, int64_t b0, int64_t rows, int64_t j0, int64_t nu, const T* tile, int64_t ld) {
+      [&](int64_t t, int64_t b0, int64_t rows, int64_t j0, int64_t nu, const C* tile, int64_t ld) {
         const T* im = img == nullptr ? nullptr : (img_per_step ? img + t * B * G : img);
         const T* bias = b_hn == nullptr ? nullptr : b_hn + j0;
         for (int64_t b = b0; b < b0 + rows; ++b) {
@@ -57,34 +62,35 @@ void gru_forward_loop(const PackedWeight<T>& pw, const T* xp, const T* b_hn, con
             if constexpr (SAVE) for (int k = 0; k < 4; ++k) std::fill(gt + k * H, gt + k * H + nu, T(0));
             continue;
           }
-          const T* acc = tile + (b - b0) * ld;
+          const C* acc = tile + (b - b0) * ld;
           const T* x = xp + t * B * G + b * G + j0;
-          const T* hp = (t == 0 ? h0 : out + (t - 1) * step) + bj;
+          C* hr = h_run + bj;
           const T* i = im == nullptr ? nullptr : im + b * G + j0;
           if (i != nullptr) {
-            if (bias != nullptr) gru_forward_units<T, true, true, SAVE>(acc, U, x, i, bias, hp, h, gt, H, nu);
-            else gru_forward_units<T, true, false, SAVE>(acc, U, x, i, bias, hp, h, gt, H, nu);
+            if (bias != nullptr) gru_forward_units<T, C, true, true, SAVE>(acc, U, x, i, bias, hr, h, gt, H, nu);
+            else gru_forward_units<T, C, true, false, SAVE>(acc, U, x, i, bias, hr, h, gt, H, nu);
           } else {
-            if (bias != nullptr) gru_forward_units<T, false, true, SAVE>(acc, U, x, i, bias, hp, h, gt, H, nu);
-            else gru_forward_units<T, false, false, SAVE>(acc, U, x, i, bias, hp, h, gt, H, nu);
+            if (bias != nullptr) gru_forward_units<T, C, false, true, SAVE>(acc, U, x, i, bias, hr, h, gt, H, nu);
+            else gru_forward_units<T, C, false, false, SAVE>(acc, U, x, i, bias, hr, h, gt, H, nu);
           }
           if (!SAVE && t == len - 1) std::copy(h, h + nu, h_last + bj);
         }
       });
 }
 
-// One row's units of one backward step. hz carries dL/dh_t * z_t (the direct path into h_{t-1})
-// from step to step; hin is dL/dh_t arriving from step t+1 (or the final state's gradient).
-template <typename T>
-inline void gru_backward_units(const T* __restrict gy, const T* hin, const T* __restrict g4, const T* __restrict hp,
-                               T* __restrict dx, T* __restrict dhn, T* __restrict srow, T* hz, int64_t H, int64_t n) {
+// One row's units of one backward step. hz (C) carries dL/dh_t * z_t (the direct path into
+// h_{t-1}) from step to step; hin is dL/dh_t arriving from step t+1 (C) or the final state's
+// gradient (S).
+template <typename S, typename C, typename HIn>
+inline void gru_backward_units(const S* __restrict gy, const HIn* hin, const S* __restrict g4, const S* __restrict hp,
+                               S* __restrict dx, S* __restrict dhn, S* __restrict srow, C* hz, int64_t H, int64_t n) {
   for (int64_t u = 0; u < n; ++u) {
-    const T r = g4[u], z = g4[H + u], nn = g4[2 * H + u], hn = g4[3 * H + u];
-    const T dh = gy[u] + hin[u];
-    const T dn = dh * (T(1) - z) * (T(1) - nn * nn);
-    const T dz = dh * (hp[u] - nn) * z * (T(1) - z);
-    const T dr = dn * hn * r * (T(1) - r);
-    const T d_hn = dn * r;
+    const C r = g4[u], z = g4[H + u], nn = g4[2 * H + u], hn = g4[3 * H + u];
+    const C dh = C(gy[u]) + C(hin[u]);
+    const C dn = dh * (C(1) - z) * (C(1) - nn * nn);
+    const C dz = dh * (C(hp[u]) - nn) * z * (C(1) - z);
+    const C dr = dn * hn * r * (C(1) - r);
+    const C d_hn = dn * r;
     dx[u] = dr;
     dx[H + u] = dz;
     dx[2 * H + u] = dn;
@@ -101,21 +107,22 @@ inline void gru_backward_units(const T* __restrict gy, const T* hin, const T* __
 // S_{t+1}). Step T writes dh0.
 template <typename T>
 void gru_backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, const T* out, const T* h0, const T* gates,
-                       const int64_t* lengths, T* dGx, T* dhn, T* scratch, T* hz, T* dh0, int64_t T_, int64_t B,
+                       const int64_t* lengths, T* dGx, T* dhn, T* scratch, acc_t<T>* hz, T* dh0, int64_t T_, int64_t B,
                        int64_t H) {
+  using C = acc_t<T>;
   const int64_t step = B * H, G = 3 * H, W = 4 * H;
   run_steps<T>(
       pw, T_ + 1, B,
       [&](int64_t s) { return Operands<T>{s == 0 ? nullptr : scratch + ((s - 1) % 2) * B * G, G}; },
-      [&](int64_t s, int64_t b0, int64_t rows, int64_t j0, int64_t nu, const T* tile, int64_t ld) {
+      [&](int64_t s, int64_t b0, int64_t rows, int64_t j0, int64_t nu, const C* tile, int64_t ld) {
         const int64_t t = T_ - 1 - s;
         T* sbuf = scratch + (s % 2) * B * G;
-        alignas(64) T gin[64];
+        alignas(64) C gin[64];
         for (int64_t b = b0; b < b0 + rows; ++b) {
           const int64_t len = row_length(lengths, b, T_), bj = b * H + j0;
-          const T* acc = tile + (b - b0) * ld;
+          const C* acc = tile + (b - b0) * ld;
           if (s == T_) {
-            for (int64_t u = 0; u < nu; ++u) dh0[bj + u] = len == 0 ? ghl[bj + u] : acc[u] + hz[bj + u];
+            for (int64_t u = 0; u < nu; ++u) dh0[bj + u] = len == 0 ? ghl[bj + u] : T(acc[u] + hz[bj + u]);
             continue;
           }
           T* dx = dGx + t * B * G + b * G + j0;
@@ -128,13 +135,15 @@ void gru_backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, con
             std::fill(dhn + t * step + bj, dhn + t * step + bj + nu, T(0));
             continue;
           }
-          const T* hin = ghl + bj;
-          if (t != len - 1) {
+          const T* g4 = gates + t * B * W + b * W + j0;
+          const T* hp = (t == 0 ? h0 : out + (t - 1) * step) + bj;
+          if (t == len - 1) {
+            gru_backward_units<T, C>(gy + t * step + bj, ghl + bj, g4, hp, dx, dhn + t * step + bj, srow, hz + bj, H, nu);
+          } else {
             for (int64_t u = 0; u < nu; ++u) gin[u] = acc[u] + hz[bj + u];
-            hin = gin;
+            gru_backward_units<T, C>(gy + t * step + bj, static_cast<const C*>(gin), g4, hp, dx, dhn + t * step + bj,
+                                     srow, hz + bj, H, nu);
           }
-          gru_backward_units<T>(gy + t * step + bj, hin, gates + t * B * W + b * W + j0,
-                                (t == 0 ? h0 : out + (t - 1) * step) + bj, dx, dhn + t * step + bj, srow, hz + bj, H, nu);
         }
       });
 }
@@ -161,15 +170,16 @@ std::tuple<at::Tensor, at::Tensor> gru_run(const at::Tensor& xp, const at::Tenso
   const Isa isa = cpu_isa();
   at::Tensor out = empty_huge({T_, B, H}, xp.options());
   at::Tensor second = SAVE ? empty_huge({T_, B, 4 * H}, xp.options()) : h0.clone();
+  at::Tensor h_run = h0.to(carry_type(h0.scalar_type()), /*non_blocking=*/false, /*copy=*/true);
   {
     pybind11::gil_scoped_release no_gil;
-    AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "mmrnn_gru_forward", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xp.scalar_type(), "mmrnn_gru_forward", [&] {
       const auto pw = pack_weight<scalar_t>(w_hh, 3, /*transpose=*/true, B, isa);
       scalar_t* extra = second.data_ptr<scalar_t>();
       gru_forward_loop<scalar_t, SAVE>(pw, xp.data_ptr<scalar_t>(), data_or_null<scalar_t>(b_hn),
                                        h0.data_ptr<scalar_t>(), data_or_null<scalar_t>(image_term), per_step, len,
-                                       out.data_ptr<scalar_t>(), SAVE ? extra : nullptr, SAVE ? nullptr : extra, T_,
-                                       B, H);
+                                       out.data_ptr<scalar_t>(), h_run.data_ptr<acc_t<scalar_t>>(),
+                                       SAVE ? extra : nullptr, SAVE ? nullptr : extra, T_, B, H);
     });
   }
   return {out, second};
@@ -191,15 +201,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_backward(const at::Tensor& gr
   at::Tensor dGx = empty_huge({T_, B, 3 * H}, out.options());
   at::Tensor dhn = empty_huge({T_, B, H}, out.options());
   at::Tensor scratch = at::empty({2, B, 3 * H}, out.options());
-  at::Tensor hz = at::empty_like(h0), dh0 = at::empty_like(h0);
+  at::Tensor hz = at::empty(h0.sizes(), h0.options().dtype(carry_type(h0.scalar_type())));
+  at::Tensor dh0 = at::empty_like(h0);
   {
     pybind11::gil_scoped_release no_gil;
-    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "mmrnn_gru_backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "mmrnn_gru_backward", [&] {
       const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/false, B, isa);
       gru_backward_loop<scalar_t>(pw, grad_out.data_ptr<scalar_t>(), grad_h_last.data_ptr<scalar_t>(),
                                   out.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), len,
                                   dGx.data_ptr<scalar_t>(), dhn.data_ptr<scalar_t>(), scratch.data_ptr<scalar_t>(),
-                                  hz.data_ptr<scalar_t>(), dh0.data_ptr<scalar_t>(), T_, B, H);
+                                  hz.data_ptr<acc_t<scalar_t>>(), dh0.data_ptr<scalar_t>(), T_, B, H);
     });
   }
   return {dGx, dhn, dh0};

@@ -16,67 +16,70 @@ namespace {
 
 // One row's units [j0, j0 + n) of one forward step: pre-activations = product tile (gate g at
 // acc[g * U + u]) + projected input (XP; gate g at x[g * H + u]; absent when the input product is
-// fused into the tile) + image term.
-template <typename T, bool XP, bool IMG, bool SAVE>
-inline void lstm_forward_units(const T* __restrict acc, int64_t U, const T* __restrict x, const T* __restrict im,
-                               const T* cp, T* c, T* __restrict h, T* __restrict gates,
-                               int64_t H, int64_t n) {
+// fused into the tile) + image term. Storage S, computed in C = acc_t<S>; c is the running cell
+// state (C, updated in place: each unit reads its own state before writing it).
+template <typename S, typename C, bool XP, bool IMG, bool SAVE>
+inline void lstm_forward_units(const C* __restrict acc, int64_t U, const S* __restrict x, const S* __restrict im,
+                               C* __restrict c, S* __restrict c_save, S* __restrict h, S* __restrict gates, int64_t H,
+                               int64_t n) {
   for (int64_t u = 0; u < n; ++u) {
-    T a[4];
-    for (int k = 0; k < 4; ++k) a[k] = acc[k * U + u] + (XP ? x[k * H + u] : T(0)) + (IMG ? im[k * H + u] : T(0));
-    const T i = sigmoid_(a[0]), f = sigmoid_(a[1]), g = tanh_(a[2]), o = sigmoid_(a[3]);
-    const T cn = f * cp[u] + i * g;
+    C a[4];
+    for (int k = 0; k < 4; ++k)
+      a[k] = acc[k * U + u] + (XP ? C(x[k * H + u]) : C(0)) + (IMG ? C(im[k * H + u]) : C(0));
+    const C i = sigmoid_(a[0]), f = sigmoid_(a[1]), g = tanh_(a[2]), o = sigmoid_(a[3]);
+    const C cn = f * c[u] + i * g;
     if constexpr (SAVE) {
       gates[u] = i;
       gates[H + u] = f;
       gates[2 * H + u] = g;
       gates[3 * H + u] = o;
+      c_save[u] = cn;
     }
     c[u] = cn;
     h[u] = o * tanh_(cn);
   }
 }
 
-// SAVE (training): c_all [T, B, H] and gates [T, B, 4H] are written for backward. !SAVE
-// (inference): c [B, H] holds the running cell state (c0 on entry), and h_last/c_last (h0/c0 on
-// entry) get each row's state at its last valid step. (cp and c are the same buffer then: each unit
-// reads its own state before writing it.) xp [T, B, 4H], or (inference) x [T, B, I] with the input
+// c_run [B, H] (C) carries the cell state (c0 on entry). SAVE (training): c_all [T, B, H] and
+// gates [T, B, 4H] are written for backward. !SAVE (inference): h_last/c_last get each row's state
+// at its last valid step (h0/c0 on entry). xp [T, B, 4H], or (inference) x [T, B, I] with the input
 // product fused (pw.K1 = I, xp null).
 template <typename T, bool SAVE>
-void lstm_forward_loop(const PackedWeight<T>& pw, const T* xp, const T* x_in, const T* h0, const T* c0, const T* img,
-                       bool img_per_step, const int64_t* lengths, T* out, T* c_state, T* gates, T* h_last, T* c_last,
-                       int64_t T_, int64_t B, int64_t H) {
+void lstm_forward_loop(const PackedWeight<T>& pw, const T* xp, const T* x_in, const T* h0, const T* img,
+                       bool img_per_step, const int64_t* lengths, T* out, acc_t<T>* c_run, T* c_all, T* gates,
+                       T* h_last, T* c_last, int64_t T_, int64_t B, int64_t H) {
+  using C = acc_t<T>;
   const int64_t step = B * H, G = 4 * H, U = pw.units, I = pw.K1;
   run_steps<T>(
       pw, T_, B,
       [&](int64_t t) {
         return Operands<T>{t == 0 ? h0 : out + (t - 1) * step, H, x_in == nullptr ? nullptr : x_in + t * B * I, I};
       },
-      [&](int64_t t, int64_t b0, int64_t rows, int64_t j0, int64_t nu, const T* tile, int64_t ld) {
+      [&](int64_t t, int64_t b0, int64_t rows, int64_t j0, int64_t nu, const C* tile, int64_t ld) {
         const T* im = img == nullptr ? nullptr : (img_per_step ? img + t * B * G : img);
         for (int64_t b = b0; b < b0 + rows; ++b) {
           const int64_t len = row_length(lengths, b, T_), bj = b * H + j0;
           T* h = out + t * step + bj;
-          T* c = SAVE ? c_state + t * step + bj : c_state + bj;
+          T* cs = SAVE ? c_all + t * step + bj : nullptr;
           T* gt = SAVE ? gates + t * B * G + b * G + j0 : nullptr;
           if (t >= len) {
             std::fill(h, h + nu, T(0));
             if constexpr (SAVE) {
-              std::fill(c, c + nu, T(0));
+              std::fill(cs, cs + nu, T(0));
               for (int k = 0; k < 4; ++k) std::fill(gt + k * H, gt + k * H + nu, T(0));
             }
             continue;
           }
-          const T* cp = SAVE ? (t == 0 ? c0 + bj : c_state + (t - 1) * step + bj) : c;
-          const T* acc = tile + (b - b0) * ld;
+          C* c = c_run + bj;
+          const C* acc = tile + (b - b0) * ld;
           const T* x = xp == nullptr ? nullptr : xp + t * B * G + b * G + j0;
           const T* i = im == nullptr ? nullptr : im + b * G + j0;
           if (x != nullptr) {
-            if (i != nullptr) lstm_forward_units<T, true, true, SAVE>(acc, U, x, i, cp, c, h, gt, H, nu);
-            else lstm_forward_units<T, true, false, SAVE>(acc, U, x, i, cp, c, h, gt, H, nu);
+            if (i != nullptr) lstm_forward_units<T, C, true, true, SAVE>(acc, U, x, i, c, cs, h, gt, H, nu);
+            else lstm_forward_units<T, C, true, false, SAVE>(acc, U, x, i, c, cs, h, gt, H, nu);
           } else {
-            if (i != nullptr) lstm_forward_units<T, false, true, SAVE>(acc, U, x, i, cp, c, h, gt, H, nu);
-            else lstm_forward_units<T, false, false, SAVE>(acc, U, x, i, cp, c, h, gt, H, nu);
+            if (i != nullptr) lstm_forward_units<T, C, false, true, SAVE>(acc, U, x, i, c, cs, h, gt, H, nu);
+            else lstm_forward_units<T, C, false, false, SAVE>(acc, U, x, i, c, cs, h, gt, H, nu);
           }
           if (!SAVE && t == len - 1) {
             std::copy(h, h + nu, h_last + bj);
@@ -88,44 +91,48 @@ void lstm_forward_loop(const PackedWeight<T>& pw, const T* xp, const T* x_in, co
 
 // One row's units of one backward step: dG from the incoming dL/dh (hin + gy) and dL/dc (cin);
 // dL/dc_{t-1} goes to cout (the same buffer as cin but for the final-state step: each unit reads
-// its own value before writing it).
-template <typename T>
-inline void lstm_backward_units(const T* __restrict gy, const T* hin, const T* cin, const T* __restrict g4,
-                                const T* __restrict c, const T* __restrict cp, T* __restrict d, T* cout, int64_t H,
+// its own value before writing it). hin/cin: the tile and carry (C) or the final states' gradients (S).
+template <typename S, typename C, typename HIn, typename CIn>
+inline void lstm_backward_units(const S* __restrict gy, const HIn* hin, const CIn* cin, const S* __restrict g4,
+                                const S* __restrict c, const S* __restrict cp, S* __restrict d, C* cout, int64_t H,
                                 int64_t n) {
   for (int64_t u = 0; u < n; ++u) {
-    const T i = g4[u], f = g4[H + u], g = g4[2 * H + u], o = g4[3 * H + u];
-    const T tc = tanh_(c[u]);
-    const T dh = gy[u] + hin[u];
-    const T dc = cin[u] + dh * o * (T(1) - tc * tc);
-    d[u] = dc * g * i * (T(1) - i);
-    d[H + u] = dc * cp[u] * f * (T(1) - f);
-    d[2 * H + u] = dc * i * (T(1) - g * g);
-    d[3 * H + u] = dh * tc * o * (T(1) - o);
+    const C i = g4[u], f = g4[H + u], g = g4[2 * H + u], o = g4[3 * H + u];
+    const C tc = tanh_(C(c[u]));
+    const C dh = C(gy[u]) + C(hin[u]);
+    const C dc = C(cin[u]) + dh * o * (C(1) - tc * tc);
+    d[u] = dc * g * i * (C(1) - i);
+    d[H + u] = dc * C(cp[u]) * f * (C(1) - f);
+    d[2 * H + u] = dc * i * (C(1) - g * g);
+    d[3 * H + u] = dh * tc * o * (C(1) - o);
     cout[u] = dc * f;
   }
 }
 
 // Reverse step s handles t = T - 1 - s with dL/dh_t = dG_{t+1} @ W_hh (no product at s = 0);
-// step T writes dh0 = dG_0 @ W_hh and dc0. gc [B, H] carries dL/dc between steps. At a row's last
-// step the final states' gradients enter.
+// step T writes dh0 = dG_0 @ W_hh and dc0. gc [B, H] (C) carries dL/dc between steps. At a row's
+// last step the final states' gradients enter.
 template <typename T>
 void lstm_backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, const T* gcl, const T* c0,
-                        const T* c_all, const T* gates, const int64_t* lengths, T* dG, T* gc, T* dh0, T* dc0,
+                        const T* c_all, const T* gates, const int64_t* lengths, T* dG, acc_t<T>* gc, T* dh0, T* dc0,
                         int64_t T_, int64_t B, int64_t H) {
+  using C = acc_t<T>;
   const int64_t step = B * H, G = 4 * H;
   run_steps<T>(
       pw, T_ + 1, B, [&](int64_t s) { return Operands<T>{s == 0 ? nullptr : dG + (T_ - s) * B * G, G}; },
-      [&](int64_t s, int64_t b0, int64_t rows, int64_t j0, int64_t nu, const T* tile, int64_t ld) {
+      [&](int64_t s, int64_t b0, int64_t rows, int64_t j0, int64_t nu, const C* tile, int64_t ld) {
         const int64_t t = T_ - 1 - s;
         for (int64_t b = b0; b < b0 + rows; ++b) {
           const int64_t len = row_length(lengths, b, T_), bj = b * H + j0;
-          const T* acc = tile + (b - b0) * ld;
+          const C* acc = tile + (b - b0) * ld;
           if (s == T_) {
-            const T* dh = len == 0 ? ghl + bj : acc;
-            const T* dc = len == 0 ? gcl + bj : gc + bj;
-            std::copy(dh, dh + nu, dh0 + bj);
-            std::copy(dc, dc + nu, dc0 + bj);
+            if (len == 0) {
+              std::copy(ghl + bj, ghl + bj + nu, dh0 + bj);
+              std::copy(gcl + bj, gcl + bj + nu, dc0 + bj);
+            } else {
+              std::copy(acc, acc + nu, dh0 + bj);
+              std::copy(gc + bj, gc + bj + nu, dc0 + bj);
+            }
             continue;
           }
           T* d = dG + t * B * G + b * G + j0;
@@ -133,10 +140,11 @@ void lstm_backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, co
             for (int k = 0; k < 4; ++k) std::fill(d + k * H, d + k * H + nu, T(0));
             continue;
           }
-          const bool last = t == len - 1;
-          lstm_backward_units<T>(gy + t * step + bj, last ? ghl + bj : acc, last ? gcl + bj : gc + bj,
-                                 gates + t * B * G + b * G + j0, c_all + t * step + bj,
-                                 (t == 0 ? c0 : c_all + (t - 1) * step) + bj, d, gc + bj, H, nu);
+          const T* g4 = gates + t * B * G + b * G + j0;
+          const T* c = c_all + t * step + bj;
+          const T* cp = (t == 0 ? c0 : c_all + (t - 1) * step) + bj;
+          if (t == len - 1) lstm_backward_units<T, C>(gy + t * step + bj, ghl + bj, gcl + bj, g4, c, cp, d, gc + bj, H, nu);
+          else lstm_backward_units<T, C>(gy + t * step + bj, acc, gc + bj, g4, c, cp, d, gc + bj, H, nu);
         }
       });
 }
@@ -158,21 +166,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_run(const at::Tensor& input,
   const int64_t* len = check_lengths(lengths, T_, B);
   const Isa isa = cpu_isa();
   at::Tensor out = empty_huge({T_, B, H}, input.options());
-  // SAVE: c_all [T, B, H] and gates [T, B, 4H]; else the running c (c0 on entry), h_last, c_last
-  at::Tensor c = SAVE ? empty_huge({T_, B, H}, input.options()) : c0.clone();
-  at::Tensor second = SAVE ? c : h0.clone();
+  at::Tensor c_run = c0.to(carry_type(c0.scalar_type()), /*non_blocking=*/false, /*copy=*/true);
+  // SAVE: c_all [T, B, H] and gates [T, B, 4H]; else h_last and c_last
+  at::Tensor second = SAVE ? empty_huge({T_, B, H}, input.options()) : h0.clone();
   at::Tensor third = SAVE ? empty_huge({T_, B, 4 * H}, input.options()) : c0.clone();
   {
     pybind11::gil_scoped_release no_gil;
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "mmrnn_lstm_forward", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "mmrnn_lstm_forward", [&] {
       const auto pw = pack_weight<scalar_t>(w_hh, 4, /*transpose=*/true, B, isa, w_ih.has_value() ? &*w_ih : nullptr);
       const scalar_t* data = input.data_ptr<scalar_t>();
+      scalar_t* s2 = second.data_ptr<scalar_t>();
+      scalar_t* s3 = third.data_ptr<scalar_t>();
       lstm_forward_loop<scalar_t, SAVE>(pw, w_ih.has_value() ? nullptr : data, w_ih.has_value() ? data : nullptr,
-                                        h0.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
-                                        data_or_null<scalar_t>(image_term), per_step, len, out.data_ptr<scalar_t>(),
-                                        c.data_ptr<scalar_t>(), SAVE ? third.data_ptr<scalar_t>() : nullptr,
-                                        SAVE ? nullptr : second.data_ptr<scalar_t>(),
-                                        SAVE ? nullptr : third.data_ptr<scalar_t>(), T_, B, H);
+                                        h0.data_ptr<scalar_t>(), data_or_null<scalar_t>(image_term), per_step, len,
+                                        out.data_ptr<scalar_t>(), c_run.data_ptr<acc_t<scalar_t>>(),
+                                        SAVE ? s2 : nullptr, SAVE ? s3 : nullptr, SAVE ? nullptr : s2,
+                                        SAVE ? nullptr : s3, T_, B, H);
     });
   }
   return {out, second, third};
@@ -202,14 +211,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_backward(
   const int64_t* len = check_lengths(lengths, T_, B);
   const Isa isa = cpu_isa();
   at::Tensor dG = empty_huge(gates.sizes(), out.options());
-  at::Tensor gc = at::empty_like(c0), dh0 = at::empty_like(h0), dc0 = at::empty_like(c0);
+  at::Tensor gc = at::empty(c0.sizes(), c0.options().dtype(carry_type(c0.scalar_type())));
+  at::Tensor dh0 = at::empty_like(h0), dc0 = at::empty_like(c0);
   {
     pybind11::gil_scoped_release no_gil;
-    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "mmrnn_lstm_backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "mmrnn_lstm_backward", [&] {
       const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/false, B, isa);
       lstm_backward_loop<scalar_t>(pw, grad_out.data_ptr<scalar_t>(), grad_h_last.data_ptr<scalar_t>(),
                                    grad_c_last.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(), c_all.data_ptr<scalar_t>(),
-                                   gates.data_ptr<scalar_t>(), len, dG.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(),
+                                   gates.data_ptr<scalar_t>(), len, dG.data_ptr<scalar_t>(), gc.data_ptr<acc_t<scalar_t>>(),
                                    dh0.data_ptr<scalar_t>(), dc0.data_ptr<scalar_t>(), T_, B, H);
     });
   }

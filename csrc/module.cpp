@@ -1,5 +1,5 @@
 // The extension module mmrnn_ext._C: the CPU recurrences of every cell (rnn_cpu.cpp, lstm_cpu.cpp,
-// gru_cpu.cpp), each file registering its own functions.
+// gru_cpu.cpp) and the cells' decoding step (cell_step.cpp), each file registering its own functions.
 #include "engine.h"
 
 namespace {
@@ -7,8 +7,9 @@ namespace {
 // x [..., K] @ w[N, K]^T on the engine's kernels (the modules' input projection when nothing needs
 // its gradient).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
-              "x: expected a float32 or float64 CPU tensor, got ", x.scalar_type(), " on ", x.device());
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
+                                       x.scalar_type() == at::kBFloat16),
+              "x: expected a float32, float64 or bfloat16 CPU tensor, got ", x.scalar_type(), " on ", x.device());
   TORCH_CHECK(x.dim() >= 1, "x: expected at least one dimension, got a scalar");
   mmrnn::check_float_cpu(w, "w", x);
   TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(-1), "w: expected shape [N, ", x.size(-1), "], got ", w.sizes());
@@ -24,7 +25,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
   const mmrnn::Isa isa = mmrnn::cpu_isa();
   {
     pybind11::gil_scoped_release no_gil;
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmrnn_linear", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "mmrnn_linear", [&] {
       const auto pw = mmrnn::pack_weight<scalar_t>(w, 1, /*transpose=*/true, M, isa);
       mmrnn::linear<scalar_t>(pw, xc.data_ptr<scalar_t>(), M, out.data_ptr<scalar_t>());
     });
@@ -39,5 +40,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   mmrnn::register_rnn(m);
   mmrnn::register_lstm(m);
   mmrnn::register_gru(m);
+  mmrnn::register_cell_step(m);
   m.def("linear", &linear, "x @ w^T on the recurrences' kernels", pybind11::arg("x"), pybind11::arg("w"));
 }

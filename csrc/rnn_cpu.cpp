@@ -30,11 +30,13 @@ inline T activation_grad_from_output(T h) {
   }
 }
 
-// XP: add the projected input (absent when the input product is fused into the tile).
-template <typename T, bool RELU, bool XP, bool IMG>
-inline void rnn_forward_units(const T* __restrict acc, const T* __restrict x, const T* __restrict im,
-                              T* __restrict o, int64_t n) {
-  for (int64_t u = 0; u < n; ++u) o[u] = activation<T, RELU>(acc[u] + (XP ? x[u] : T(0)) + (IMG ? im[u] : T(0)));
+// XP: add the projected input (absent when the input product is fused into the tile). Storage S,
+// computed in C = acc_t<S>.
+template <typename S, typename C, bool RELU, bool XP, bool IMG>
+inline void rnn_forward_units(const C* __restrict acc, const S* __restrict x, const S* __restrict im,
+                              S* __restrict o, int64_t n) {
+  for (int64_t u = 0; u < n; ++u)
+    o[u] = activation<C, RELU>(acc[u] + (XP ? C(x[u]) : C(0)) + (IMG ? C(im[u]) : C(0)));
 }
 
 // xp [T, B, H] (the projected input), or x [T, B, I] with the input product fused (pw.K1 = I, xp
@@ -42,16 +44,17 @@ inline void rnn_forward_units(const T* __restrict acc, const T* __restrict x, co
 template <typename T, bool RELU>
 void forward_loop(const PackedWeight<T>& pw, const T* xp, const T* x, const T* h0, const T* img, bool img_per_step,
                   const int64_t* lengths, T* out, T* h_last, int64_t T_, int64_t B, int64_t H) {
+  using C = acc_t<T>;
   const int64_t step = B * H, I = pw.K1;
   run_steps<T>(
       pw, T_, B,
       [&](int64_t t) { return Operands<T>{t == 0 ? h0 : out + (t - 1) * step, H, x == nullptr ? nullptr : x + t * B * I, I}; },
-      [&](int64_t t, int64_t b0, int64_t rows, int64_t j0, int64_t nu, const T* tile, int64_t ld) {
+      [&](int64_t t, int64_t b0, int64_t rows, int64_t j0, int64_t nu, const C* tile, int64_t ld) {
         const T* im = img == nullptr ? nullptr : (img_per_step ? img + t * step : img);
         for (int64_t b = b0; b < b0 + rows; ++b) {
           const int64_t len = row_length(lengths, b, T_), bj = b * H + j0;
           T* o = out + t * step + bj;
-          const T* acc = tile + (b - b0) * ld;
+          const C* acc = tile + (b - b0) * ld;
           if (t >= len) {
             std::fill(o, o + nu, T(0));
             continue;
@@ -59,11 +62,11 @@ void forward_loop(const PackedWeight<T>& pw, const T* xp, const T* x, const T* h
           const T* xr = xp == nullptr ? nullptr : xp + t * step + bj;
           const T* ir = im == nullptr ? nullptr : im + bj;
           if (xr != nullptr) {
-            if (ir != nullptr) rnn_forward_units<T, RELU, true, true>(acc, xr, ir, o, nu);
-            else rnn_forward_units<T, RELU, true, false>(acc, xr, ir, o, nu);
+            if (ir != nullptr) rnn_forward_units<T, C, RELU, true, true>(acc, xr, ir, o, nu);
+            else rnn_forward_units<T, C, RELU, true, false>(acc, xr, ir, o, nu);
           } else {
-            if (ir != nullptr) rnn_forward_units<T, RELU, false, true>(acc, xr, ir, o, nu);
-            else rnn_forward_units<T, RELU, false, false>(acc, xr, ir, o, nu);
+            if (ir != nullptr) rnn_forward_units<T, C, RELU, false, true>(acc, xr, ir, o, nu);
+            else rnn_forward_units<T, C, RELU, false, false>(acc, xr, ir, o, nu);
           }
           if (h_last != nullptr && t == len - 1) std::copy(o, o + nu, h_last + bj);
         }
@@ -75,18 +78,19 @@ void forward_loop(const PackedWeight<T>& pw, const T* xp, const T* x, const T* h
 template <typename T, bool RELU>
 void backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, const T* out, const int64_t* lengths, T* dA,
                    T* dh0, int64_t T_, int64_t B, int64_t H) {
+  using C = acc_t<T>;
   const int64_t step = B * H;
   run_steps<T>(
       pw, T_ + 1, B,
       [&](int64_t s) { return Operands<T>{s == 0 ? nullptr : dA + (T_ - s) * step, H}; },
-      [&](int64_t s, int64_t b0, int64_t rows, int64_t j0, int64_t nu, const T* tile, int64_t ld) {
+      [&](int64_t s, int64_t b0, int64_t rows, int64_t j0, int64_t nu, const C* tile, int64_t ld) {
         const int64_t t = T_ - 1 - s;
         for (int64_t b = b0; b < b0 + rows; ++b) {
           const int64_t len = row_length(lengths, b, T_);
-          const T* __restrict acc = tile + (b - b0) * ld;
+          const C* __restrict acc = tile + (b - b0) * ld;
           if (s == T_) {
-            const T* src = len == 0 ? ghl + b * H + j0 : acc;
-            std::copy(src, src + nu, dh0 + b * H + j0);
+            if (len == 0) std::copy(ghl + b * H + j0, ghl + b * H + j0 + nu, dh0 + b * H + j0);
+            else std::copy(acc, acc + nu, dh0 + b * H + j0);
             continue;
           }
           T* __restrict d = dA + t * step + b * H + j0;
@@ -94,10 +98,14 @@ void backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, const T
             std::fill(d, d + nu, T(0));
             continue;
           }
-          const T* __restrict gin = t == len - 1 ? ghl + b * H + j0 : acc;
           const T* __restrict g = gy + t * step + b * H + j0;
           const T* __restrict h = out + t * step + b * H + j0;
-          for (int64_t u = 0; u < nu; ++u) d[u] = (g[u] + gin[u]) * activation_grad_from_output<T, RELU>(h[u]);
+          auto units = [&](const auto* __restrict gin) {  // the final state's gradient (T) or the tile's (C)
+            for (int64_t u = 0; u < nu; ++u)
+              d[u] = (C(g[u]) + C(gin[u])) * activation_grad_from_output<C, RELU>(C(h[u]));
+          };
+          if (t == len - 1) units(ghl + b * H + j0);
+          else units(acc);
         }
       });
 }
@@ -114,7 +122,7 @@ at::Tensor rnn_forward(const at::Tensor& xp, const at::Tensor& w_hh, const at::T
   at::Tensor out = empty_huge(xp.sizes(), xp.options());
   {
     pybind11::gil_scoped_release no_gil;
-    AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "mmrnn_rnn_forward", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xp.scalar_type(), "mmrnn_rnn_forward", [&] {
       const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/true, B, isa);
       auto run = relu ? forward_loop<scalar_t, true> : forward_loop<scalar_t, false>;
       run(pw, xp.data_ptr<scalar_t>(), nullptr, h0.data_ptr<scalar_t>(), data_or_null<scalar_t>(image_term), per_step,
@@ -140,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_infer(const at::Tensor& input, const std:
   at::Tensor h_last = h0.clone();
   {
     pybind11::gil_scoped_release no_gil;
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "mmrnn_rnn_infer", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "mmrnn_rnn_infer", [&] {
       const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/true, B, isa, w_ih.has_value() ? &*w_ih : nullptr);
       auto run = relu ? forward_loop<scalar_t, true> : forward_loop<scalar_t, false>;
       const scalar_t* data = input.data_ptr<scalar_t>();
@@ -167,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_backward(const at::Tensor& grad_out, cons
   at::Tensor dh0 = at::empty_like(h0);
   {
     pybind11::gil_scoped_release no_gil;
-    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "mmrnn_rnn_backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "mmrnn_rnn_backward", [&] {
       const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/false, B, isa);
       auto run = relu ? backward_loop<scalar_t, true> : backward_loop<scalar_t, false>;
       run(pw, grad_out.data_ptr<scalar_t>(), grad_h_last.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), len,
@@ -203,7 +211,7 @@ void register_rnn(pybind11::module& m) {
         pybind11::arg("grad_out"), pybind11::arg("grad_h_last"), pybind11::arg("out"), pybind11::arg("h0"),
         pybind11::arg("w_hh"), pybind11::arg("lengths"), pybind11::arg("relu"));
   m.def("cpu_isa", [] { return std::string(isa_name(cpu_isa())); },
-        "the vector path the recurrences take on this CPU (avx512, avx2 or generic; MMRNN_CPU_ISA caps it)");
+        "the vector path the recurrences take on this CPU (avx512_bf16, avx512, avx2 or generic; MMRNN_CPU_ISA caps it)");
   m.def("tanh_float32", [](const at::Tensor& x) { return apply_f32(x, tanh_f32); },
         "the recurrences' float32 tanh, exposed for its accuracy test", pybind11::arg("x"));
   m.def("sigmoid_float32", [](const at::Tensor& x) { return apply_f32(x, sigmoid_f32); },

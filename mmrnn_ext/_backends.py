@@ -57,8 +57,9 @@ def _load_cpp() -> tuple[ModuleType | None, str]:
         mod = importlib.import_module("mmrnn_ext._C")
     except ImportError as exc:
         return None, f"the C++ extension mmrnn_ext._C is not built ({exc}); build it with: {_BUILD_COMMAND}"
-    return mod, ("built; rnn, lstm, gru in float32 and float64 on CPU tensors (bfloat16/float16 go to 'reference'; "
-                 "LSTM with proj_size > 0 runs the reference step loop)")
+    return mod, ("built; rnn, lstm, gru in float32, float64 and bfloat16 (float32 accumulation and state; the bf16 "
+                 f"dot instruction where the CPU has it: this one runs {mod.cpu_isa()}) on CPU tensors (float16 goes "
+                 "to 'reference'; LSTM with proj_size > 0 runs the reference step loop)")
 
 
 def _load_kernels() -> tuple[ModuleType | None, str]:
@@ -170,7 +171,7 @@ def _cpp_backend() -> Backend:
         "lstm": CellImpl(lambda *a: tuple(mod.lstm_forward(*a)), lambda *a: tuple(mod.lstm_backward(*a)), lstm_infer),
         "gru": CellImpl(lambda *a: tuple(mod.gru_forward(*a)), lambda *a: tuple(mod.gru_backward(*a)),
                         lambda *a: tuple(mod.gru_infer(*a))),
-    }, (torch.float64, torch.float32), ("cpu",))
+    }, (torch.float64, torch.float32, torch.bfloat16), ("cpu",))
     _cache["cpp_backend"] = be
     return be
 
@@ -192,7 +193,7 @@ def backend_for(tensor: torch.Tensor, backend: str = "auto", cell: str = "rnn") 
 def select(backend: str, device: torch.device, dtype: torch.dtype, cell: str = "rnn") -> Backend:
     """The backend that runs `cell`'s recurrence for tensors on `device` of `dtype`.
 
-    backend="auto": triton on CUDA, cpp on CPU (float32/float64), each where it implements the
+    backend="auto": triton on CUDA, cpp on CPU (float32/float64/bfloat16), each where it implements the
     cell; else reference."""
     if backend not in BACKEND_NAMES + ("auto",):
         raise ValueError(f"backend: expected one of {('auto',) + BACKEND_NAMES}, got {backend!r}")

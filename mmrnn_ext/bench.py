@@ -53,12 +53,18 @@ GPU_GRID = [(16, 256, 128, 256, 128), (64, 256, 256, 512, 256), (64, 256, 512, 1
 SERVING_GRID = [(32, 128, 128, 64, 256), (64, 256, 256, 64, 512), (8, 512, 128, 64, 1024), (1, 512, 128, 64, 256),
                 (24, 100, 96, 64, 320)]
 QUICK_CPU_GRID = [(8, 32, 32, 32, 64), (16, 64, 64, 64, 128)]
+# decoding: one cell call per generated token, (B, I, V, H); a round runs DECODE_STEPS steps
+DECODE_SHAPES = [(1, 128, 64, 256), (16, 256, 64, 512)]
+QUICK_DECODE_SHAPES = [(1, 16, 8, 32), (4, 32, 8, 64)]
+DECODE_STEPS = 64
 QUICK_GPU_GRID = [(16, 64, 128, 256, 128), (1, 128, 64, 64, 256)]
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PASSES = ("forward", "forward+backward")
 OURS = "mmrnn_ext"
 CELLS = {"rnn": (mmrnn_ext.RNN, torch.nn.RNN, 1), "lstm": (mmrnn_ext.LSTM, torch.nn.LSTM, 4),
          "gru": (mmrnn_ext.GRU, torch.nn.GRU, 3)}
+CELL_MODULES = {"rnn": (mmrnn_ext.RNNCell, torch.nn.RNNCell), "lstm": (mmrnn_ext.LSTMCell, torch.nn.LSTMCell),
+                "gru": (mmrnn_ext.GRUCell, torch.nn.GRUCell)}
 
 
 def stock_name(cell: str) -> str:
@@ -186,8 +192,24 @@ def _time_limit(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
+def _under_autocast(fn, dtype):
+    def run():
+        with torch.autocast("cpu", dtype=dtype):
+            return fn()
+    return run
+
+
 def make_providers(case: Case, args) -> tuple[dict, dict]:
-    """-> ({name: callable returning the output [T, B, D*H]}, {name: reason skipped})."""
+    """-> ({name: callable returning the output [T, B, D*H]}, {name: reason skipped}). With
+    --autocast every provider runs under torch.autocast (float32 models and inputs)."""
+    providers, skipped = _make_providers(case, args)
+    if getattr(args, "autocast", None):
+        dtype = DTYPES[args.autocast]
+        providers = {name: _under_autocast(fn, dtype) for name, fn in providers.items()}
+    return providers, skipped
+
+
+def _make_providers(case: Case, args) -> tuple[dict, dict]:
     ours = build_ours(case)
     providers = {OURS: lambda: ours(case.x, image=case.image)[0]}
     skipped = {}
@@ -402,7 +424,7 @@ def run_case(case: Case, args, progress) -> tuple[list, dict]:
     progress.add_total(2 * len(providers))
     with torch.no_grad():
         reference = providers[OURS]()
-        tol = tolerance(case.dtype, case.device)
+        tol = tolerance(DTYPES[args.autocast] if getattr(args, "autocast", None) else case.dtype, case.device)
         diffs = {}
         for name, fn in providers.items():
             diffs[name] = relative_difference(fn(), reference)
@@ -442,7 +464,8 @@ def run_case(case: Case, args, progress) -> tuple[list, dict]:
             gflop = gemm_gflop(case, name, pass_name)
             rows.append({"shape": list(case.shape), "B": case.B, "T": case.T, "I": case.I, "V": case.V, "H": case.H,
                          "layers": case.layers, "bidirectional": case.bidirectional, "cell": case.cell,
-                         "dtype": dtype_name, "provider": name, "pass": pass_name, "ms": ms,
+                         "dtype": dtype_name, "autocast": getattr(args, "autocast", None), "provider": name,
+                         "pass": pass_name, "ms": ms,
                          "gemm_gflop": gflop, "gemm_gflops": None if gflop is None else gflop / ms * 1e3,
                          "saved_activations_mb": saved,
                          "peak_memory_mb": peak if pass_name == "forward+backward" else None,
@@ -453,6 +476,109 @@ def run_case(case: Case, args, progress) -> tuple[list, dict]:
         r["speedup_of_mmrnn_ext"] = r["ms"] / ours[r["pass"]]
         r["fraction_of_ceiling"] = None if ceiling is None or r["gemm_gflops"] is None else r["gemm_gflops"] / ceiling
     return rows, skipped
+
+
+# --- decoding ---------------------------------------------------------------------------------------
+
+def decode_providers(cell: str, B: int, I: int, V: int, H: int, steps: int) -> dict:
+    """{name: callable running `steps` decoding steps from a zero state, returning the last h}:
+    our cell and torch's cell on the concatenated input, and both modules called with T = 1 and a
+    carried state (the concatenation is prepared once, outside the timing: torch's side pays nothing
+    for the image). float32, no_grad."""
+    ours_cls, stock_cls = CELL_MODULES[cell]
+    torch.manual_seed(0)
+    ours_cell = ours_cls(I, H, image_size=V)
+    stock_cell = stock_cls(I + V, H)
+    ours_mod = CELLS[cell][0](I, H, image_size=V)
+    stock_mod = CELLS[cell][1](I + V, H)
+    with torch.no_grad():
+        for name, p in ours_cell.named_parameters():  # one set of weights for all four
+            getattr(ours_mod, name + "_l0").copy_(p)
+        for o, s_ in ((ours_cell, stock_cell), (ours_mod, stock_mod)):
+            suffix = "_l0" if o is ours_mod else ""
+            for name, p in s_.named_parameters():
+                src = getattr(o, name)
+                if name == "weight_ih" + suffix:
+                    p.copy_(torch.cat([src, getattr(o, "weight_img" + suffix)], dim=1))
+                else:
+                    p.copy_(src)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(steps, B, I, generator=g)
+    v = torch.randn(B, V, generator=g)
+    xc = torch.cat([x, v.expand(steps, -1, -1)], dim=-1)
+    lstm = cell == "lstm"
+
+    def zeros(*lead):
+        z = torch.zeros(*lead, B, H)
+        return (z, z.clone()) if lstm else z
+
+    def first(state):
+        return state[0] if lstm else state
+
+    def ours_cell_run():
+        state = zeros()
+        for t in range(steps):
+            state = ours_cell(x[t], state, image=v)
+        return first(state)
+
+    def stock_cell_run():
+        state = zeros()
+        for t in range(steps):
+            state = stock_cell(xc[t], state)
+        return first(state)
+
+    def ours_mod_run():
+        state = zeros(1)
+        for t in range(steps):
+            _, state = ours_mod(x[t:t + 1], state, image=v)
+        return first(state)[0]
+
+    def stock_mod_run():
+        state = zeros(1)
+        for t in range(steps):
+            _, state = stock_mod(xc[t:t + 1], state)
+        return first(state)[0]
+
+    return {f"{OURS} cell": ours_cell_run, f"nn.{cell.upper()}Cell(concat)": stock_cell_run,
+            f"{OURS} module T=1": ours_mod_run, f"{stock_name(cell)} T=1": stock_mod_run}
+
+
+def decode_rows(cell: str, shapes, rounds: int, steps: int = DECODE_STEPS) -> list:
+    """µs per decoding step for every provider (rounds of `steps` steps taking turns, as
+    time_side_by_side): median and minimum over the rounds; outputs checked against ours first."""
+    rows = []
+    for B, I, V, H in shapes:
+        providers = decode_providers(cell, B, I, V, H, steps)
+        with torch.no_grad():
+            reference = providers[f"{OURS} cell"]()
+            for name, fn in providers.items():
+                diff = relative_difference(fn(), reference)
+                if not diff <= tolerance(torch.float32, torch.device("cpu")):
+                    raise DisagreementError(f"decode: {name} disagrees with {OURS} cell at (B,I,V,H) = "
+                                            f"{(B, I, V, H)}: relative difference {diff:.3e}")
+            times = {name: [] for name in providers}
+            for _ in range(rounds):
+                for name, fn in providers.items():
+                    fn()
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append((time.perf_counter() - start) / steps * 1e6)
+        stock_cell = times[f"nn.{cell.upper()}Cell(concat)"]
+        for name, t in times.items():
+            rows.append({"cell": cell, "B": B, "I": I, "V": V, "H": H, "provider": name,
+                         "us_per_step": statistics.median(t), "us_per_step_min": min(t), "rounds": rounds,
+                         "steps_per_round": steps,
+                         "torch_cell_over_this": statistics.median(stock_cell) / statistics.median(t)})
+    return rows
+
+
+def format_decode(rows: list) -> str:
+    lines = [f"  {'cell':5} {'B,I,V,H':16} {'provider':28} {'us/step':>9} {'min':>9} {'torch cell / this':>18}"]
+    for r in rows:
+        shape = f"{r['B']},{r['I']},{r['V']},{r['H']}"
+        lines.append(f"  {r['cell']:5} {shape:16} {r['provider']:28} {r['us_per_step']:9.1f} {r['us_per_step_min']:9.1f} "
+                     f"{r['torch_cell_over_this']:18.2f}")
+    return "\n".join(lines)
 
 
 # --- reporting ------------------------------------------------------------------------------------
@@ -668,6 +794,10 @@ def parse_args(argv=None):
     p.add_argument("--grid", choices=["default", "serving"], default="default",
                    help="the shapes when no --shape is given: the device's default grid, or (CPU) the serving grid "
                         "(B,T,I,V,H) = " + " ".join(",".join(map(str, s)) for s in SERVING_GRID))
+    p.add_argument("--autocast", choices=["bfloat16"], default=None,
+                   help="run every provider under torch.autocast('cpu', <dtype>) (float32 models; CPU only)")
+    p.add_argument("--decode", action="store_true",
+                   help="time decoding instead of the grid: us per cell step at B=1 and B=16 (CPU, float32, no_grad)")
     p.add_argument("--stock-only", action="store_true",
                    help="time mmrnn_ext against torch's own module only (no eager loop, no torch.compile)")
     p.add_argument("--repeats", type=_cli.positive_int, default=None, help="CPU timing repeats (median; default 5, quick 3)")
@@ -694,6 +824,12 @@ def main(argv=None) -> int:
     _cli.writable_file("mmrnn-bench", "--json", args.json)
     _cli.writable_file("mmrnn-bench", "--plot", args.plot)
     device = _cli.device("mmrnn-bench", args.device)
+    if (args.autocast or args.decode) and device.type != "cpu":
+        raise SystemExit(f"{'--autocast' if args.autocast else '--decode'}: a CPU measurement; use --device cpu")
+    if args.autocast and args.dtype not in (None, "float32"):
+        raise SystemExit(f"--autocast: autocast runs float32 models; got --dtype {args.dtype}")
+    if args.decode:
+        return decode_main(args, device)
     if args.tf32 != "default":
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
     dtype_names = (args.dtype or "float32").split(",")
@@ -764,6 +900,29 @@ def main(argv=None) -> int:
     if failures:
         print(f"mmrnn-bench: FAILED: {len(failures)} case(s) disagreed; no speed is reported for them", file=sys.stderr)
         return 1
+    return 0
+
+
+def decode_main(args, device) -> int:
+    if args.shape:
+        raise SystemExit("--decode: the decoding shapes are fixed (B,I,V,H) = "
+                         f"{DECODE_SHAPES}; --shape applies to the grid")
+    machine = machine_info(device)
+    shapes = QUICK_DECODE_SHAPES if args.quick else DECODE_SHAPES
+    rounds = args.repeats or (3 if args.quick else 9)
+    print(f"mmrnn-bench --decode --cell {args.cell}: {machine['cpu_model']} ({machine['cpu_vendor']}; engine path "
+          f"{machine['engine_isa']}), torch {torch.__version__}, {DECODE_STEPS} steps a round, {rounds} rounds",
+          flush=True)
+    try:
+        rows = decode_rows(args.cell, shapes, rounds)
+    except DisagreementError as exc:
+        print(f"mmrnn-bench: FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(format_decode(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "cell": args.cell, "decode": rows}, f, indent=1)
+        print(f"\nwrote {args.json}")
     return 0
 
 

@@ -132,7 +132,7 @@ def test_cpp_rejects_what_it_cannot_run():
         _C.rnn_forward(xp, torch.randn(4, 5), torch.zeros(2, 4), None, None, False)
     with pytest.raises(RuntimeError, match=r"lengths: expected values in \[0, 3\]"):
         _C.rnn_forward(xp, torch.randn(4, 4), torch.zeros(2, 4), None, torch.tensor([1, 4]), False)
-    with pytest.raises(RuntimeError, match="float32 and float64"):
+    with pytest.raises(RuntimeError, match="float32, float64 and bfloat16"):
         _C.rnn_forward(xp.half(), torch.randn(4, 4).half(), torch.zeros(2, 4).half(), None, None, False)
     with pytest.raises(RuntimeError, match="contiguous"):
         _C.rnn_forward(xp.transpose(0, 1), torch.randn(4, 4), torch.zeros(3, 4), None, None, False)

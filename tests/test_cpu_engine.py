@@ -13,7 +13,7 @@ from op_cases import compare_with_reference
 from test_gated_ops import compare as compare_gated
 from test_gated_ops import make_inputs as make_gated_inputs
 
-ORDER = ["generic", "avx2", "avx512"]
+ORDER = ["generic", "avx2", "avx512", "avx512_bf16"]
 
 
 @pytest.fixture(autouse=True)
@@ -82,7 +82,7 @@ def test_linear_edges():
     assert _C.linear(torch.randn(0, 4), torch.randn(5, 4)).shape == (0, 5)
     with pytest.raises(RuntimeError, match=r"w: expected shape \[N, 4\]"):
         _C.linear(torch.randn(3, 4), torch.randn(5, 3))
-    with pytest.raises(RuntimeError, match="x: expected a float32 or float64 CPU tensor"):
+    with pytest.raises(RuntimeError, match="x: expected a float32, float64 or bfloat16 CPU tensor"):
         _C.linear(torch.randn(3, 4).half(), torch.randn(5, 4).half())
 
 
@@ -170,7 +170,7 @@ def test_bad_isa_switch_is_an_error(monkeypatch):
     from mmrnn_ext import _C
 
     monkeypatch.setenv("MMRNN_CPU_ISA", "sse9")
-    with pytest.raises(RuntimeError, match="MMRNN_CPU_ISA: expected avx512, avx2 or generic, got 'sse9'"):
+    with pytest.raises(RuntimeError, match="MMRNN_CPU_ISA: expected avx512_bf16, avx512, avx2 or generic, got 'sse9'"):
         _C.cpu_isa()
     with pytest.raises(RuntimeError, match="MMRNN_CPU_ISA"):
         mmrnn_ext.rnn_recurrence(torch.randn(2, 1, 3), torch.randn(3, 3), backend="cpp")

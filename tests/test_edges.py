@@ -171,12 +171,12 @@ def test_integer_input_says_to_convert_the_input_not_the_model():
     assert "model.to(torch.int64)" not in message and "input.to(torch.float32)" in message
 
 
-def test_cpp_backend_on_a_bfloat16_module_is_an_input_error_saying_what_to_do():
+def test_cpp_backend_on_a_float16_module_is_an_input_error_saying_what_to_do():
     if not mmrnn_ext.backends()["cpp"]["available"]:
         pytest.skip("the C++ extension is not built")
-    m = mmrnn_ext.LSTM(4, 6, backend="cpp").bfloat16()
+    m = mmrnn_ext.LSTM(4, 6, backend="cpp").half()
     with pytest.raises(InputError) as exc:
-        m(torch.ones(3, 2, 4, dtype=torch.bfloat16))
+        m(torch.ones(3, 2, 4, dtype=torch.float16))
     assert isinstance(exc.value, TypeError)  # code that caught the TypeError still does
     message = str(exc.value)
-    assert "backend='auto'" in message and "float32" in message and "bfloat16" in message
+    assert "backend='auto'" in message and "float32" in message and "float16" in message

@@ -241,7 +241,7 @@ def test_cpp_rejects_what_it_cannot_run():
         _C.gru_forward(xp, torch.randn(6, 2), None, torch.zeros(2, 2), None, None)
     with pytest.raises(RuntimeError, match=r"lengths: expected values in \[0, 3\]"):
         _C.lstm_forward(xp, torch.randn(8, 2), torch.zeros(2, 2), torch.zeros(2, 2), None, torch.tensor([1, 4]))
-    with pytest.raises(RuntimeError, match="float32 and float64"):
+    with pytest.raises(RuntimeError, match="float32, float64 and bfloat16"):
         _C.gru_forward(xp[..., :6].half(), torch.randn(6, 2).half(), None, torch.zeros(2, 2).half(), None, None)
     with pytest.raises(RuntimeError, match="b_hn: expected shape"):
         _C.gru_forward(xp[..., :6].contiguous(), torch.randn(6, 2), torch.zeros(3), torch.zeros(2, 2), None, None)

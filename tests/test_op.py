@@ -89,13 +89,24 @@ def test_unknown_backend_is_rejected():
         rnn_recurrence(xp, w, h0, backend="cuda-magic")
 
 
-def test_cpp_rejects_low_precision_but_auto_serves_it():
+def test_cpp_rejects_float16_but_auto_serves_it():
     if not mmrnn_ext.backends()["cpp"]["available"]:
         pytest.skip("cpp backend not built")
-    xp, w, h0, _, _ = make_inputs(3, 2, 5, None, torch.bfloat16)
+    xp, w, h0, _, _ = make_inputs(3, 2, 5, None, torch.float16)
     with pytest.raises(TypeError, match="float32"):
         rnn_recurrence(xp, w, h0, backend="cpp")
     out, _ = rnn_recurrence(xp, w, h0)  # auto -> reference, computed in float32
+    ref, _ = rnn_recurrence_ref(xp.double(), w.double(), h0.double())
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=1e-2)
+
+
+def test_auto_serves_bfloat16_on_cpp():
+    if not mmrnn_ext.backends()["cpp"]["available"]:
+        pytest.skip("cpp backend not built")
+    xp, w, h0, _, _ = make_inputs(3, 2, 5, None, torch.bfloat16)
+    assert mmrnn_ext.backend_for(xp) == "cpp"
+    out, _ = rnn_recurrence(xp, w, h0)  # auto -> cpp: bf16 operands, float32 accumulation
     ref, _ = rnn_recurrence_ref(xp.double(), w.double(), h0.double())
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=1e-2)

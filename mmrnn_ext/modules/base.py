@@ -116,6 +116,22 @@ def _check_image(image, *, image_size, batched, batch, steps, batch_first, modul
     raise InputError(f"image: expected shape {allowed}, got {shape}")
 
 
+# The cell kinds of the decoding step (csrc/cell_step.cpp).
+_STEP_KIND = {"tanh": 0, "relu": 1, "lstm": 2, "gru": 3}
+_STEP_DTYPES = (torch.float32, torch.float64)
+
+
+def _decode_possible(x, backend) -> bool:
+    """Whether a CPU call on x can take the decoding kernel: a plain float32/float64 CPU tensor, the
+    cpp backend chosen (auto or cpp, built), nothing that could want a gradient or a traced graph
+    (grad mode off — else the caller checks requires_grad —, no autocast, forward AD, torch.func
+    transform or compile). Cheap: this runs before every decoding step."""
+    return (type(x) is torch.Tensor and x.is_cpu and x.dtype in _STEP_DTYPES and backend in ("auto", "cpp")
+            and not torch.is_autocast_enabled("cpu") and torch.autograd.forward_ad._current_level < 0
+            and not torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
+            and _backends._cpp()[0] is not None)
+
+
 def _check_common_ctor(hidden_size, image_size, backend):
     if not isinstance(hidden_size, int) or isinstance(hidden_size, bool):
         raise TypeError(f"hidden_size should be of type int, got: {type(hidden_size).__name__}")
@@ -269,6 +285,21 @@ class RecurrentBase(nn.Module):
         None where the cell has none."""
         return None
 
+    def _step_kind(self):
+        """The decoding step's cell kind (cell_step.cpp: 0 RNN tanh, 1 RNN relu, 2 LSTM, 3 GRU), or
+        None where a one-step call takes the sequence path (LSTM with proj_size)."""
+        return _STEP_KIND[self.CELL] if self.CELL != "rnn" else _STEP_KIND[self.nonlinearity]
+
+    def _one_step(self, p, x, img, states):
+        """One step (T = 1) of one layer and direction on the decoding kernel: x [1, B, I], img
+        None | [B, V] | [1, B, V] -> (out [1, B, H], final states). No packing: the weights are
+        read once, where they are (see CellBase._decode)."""
+        v = None if img is None else (img[0] if img.dim() == 3 else img)
+        h, c = _backends._cpp()[0].cell_step(self._step_kind(), x[0], states[0], states[1] if self.STATES == 2 else None,
+                                             v, p["weight_ih"], p["weight_hh"], p.get("weight_img") if v is not None else None,
+                                             p.get("bias_ih"), p.get("bias_hh"))
+        return h.unsqueeze(0), ((h, c) if self.STATES == 2 else (h,))
+
     # --- hx ----------------------------------------------------------------------------------------
 
     def _hx_tensors(self, hx):
@@ -370,6 +401,7 @@ class RecurrentBase(nn.Module):
             engine = (chosen.name == "cpp" and x.dtype == torch.float32 and amp is None
                       and no_gradient_possible([x, *self.parameters()]))
 
+        step_path = engine and T == 1 and lengths is None and self._step_kind() is not None
         layer_input = x
         finals = [[] for _ in range(self.STATES)]
         for layer in range(self.num_layers):
@@ -377,6 +409,14 @@ class RecurrentBase(nn.Module):
             for direction in range(num_directions):
                 p = self._params(layer, direction)
                 idx = layer * num_directions + direction
+                if step_path:
+                    # one step with a carried state (decoding through the module): the decoding kernel
+                    x_in = layer_input
+                    out, last = self._one_step(p, x_in, img, [s[idx] for s in states0])
+                    outs.append(out)
+                    for k, s in enumerate(last):
+                        finals[k].append(s)
+                    continue
                 fused = self._fused_inference(p) if engine else None
                 if fused is not None:
                     # inference on the C++ engine: the input product runs inside every step's tile
@@ -480,7 +520,46 @@ class CellBase(nn.Module):
     def _step(self, xp, image_term, states):
         raise NotImplementedError
 
+    def _step_kind(self):
+        return _STEP_KIND[self.CELL] if self.CELL != "rnn" else _STEP_KIND[self.nonlinearity]
+
+    def _decode(self, input, hx, image):
+        """The decoding path: a batched float32/float64 CPU call that no gradient can reach runs one
+        C++ call on the weights as they are (csrc/cell_step.cpp: nothing packed, nothing cached, so a
+        weight changed in place is always seen). None where it does not apply, or where the kernel
+        refuses an argument: the checked path below then gives the error (or runs the call)."""
+        if input.dim() != 2 or not _decode_possible(input, self.backend):
+            return None
+        if torch.is_grad_enabled() and (input.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return None
+        if hx is None:
+            h = c = input.new_zeros(input.shape[0], self.hidden_size)
+        elif self.STATES == 2:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                return None
+            h, c = hx
+        else:
+            h, c = hx, None
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (h, c, image)):
+            return None
+        w_img = None
+        if image is not None:
+            if self.weight_img is None:
+                return None
+            w_img = self.weight_img
+        try:
+            h_new, c_new = _backends._cpp()[0].cell_step(self._step_kind(), input, h, c if self.STATES == 2 else None,
+                                                         image, self.weight_ih, self.weight_hh, w_img, self.bias_ih,
+                                                         self.bias_hh)
+        except (RuntimeError, TypeError):  # a refused argument: the checked path says what is wrong
+            return None
+        return h_new if self.STATES == 1 else (h_new, c_new)
+
     def forward(self, input, hx=None, image=None):
+        if type(input) is torch.Tensor:
+            out = self._decode(input, hx, image)
+            if out is not None:
+                return out
         name = type(self).__name__
         if not isinstance(input, torch.Tensor):
             raise InputError(f"input: expected a tensor, got {type(input).__name__}")

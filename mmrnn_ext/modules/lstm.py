@@ -54,6 +54,9 @@ class LSTM(RecurrentBase):
     def _autocast_full(self):
         return (False, False, self.proj_size > 0)  # torch keeps c_n in float32 with proj_size
 
+    def _step_kind(self):
+        return None if self.proj_size > 0 else super()._step_kind()
+
     def _fused_inference(self, p):
         if self.proj_size > 0:  # the projected state: the reference step loop (see _recurrence)
             return None
