@@ -90,27 +90,48 @@ constexpr bool kIsBf16 = std::is_same_v<S, c10::BFloat16>;
 // stride ldh). K1 = 0 is a plain product with h; K1 > 0 fuses a step's input projection into its
 // recurrent product (W' holds W_ih's K1 rows above W_hh's). The body is shared by every ISA; each
 // instantiation is compiled for its own target.
+//
+// Small tiles (B = 1, 2: MR x NV < 8 accumulators) would wait on the multiply-add's latency (4-6
+// cycles) rather than its throughput, so KU = 8 / (MR x NV) sets of accumulators take consecutive
+// k in turn and are summed at the end. Measured on the 2-core EPYC at (1, 512, ., 256) LSTM
+// inference: float32 71 -> 10x GF/s (see bench/NOTES.md).
+template <int MR, int NV>
+constexpr int k_unroll() {
+  return MR * NV >= 8 ? 1 : (8 + MR * NV - 1) / (MR * NV);
+}
+
 #define MMRNN_MICRO_BODY                                                                              \
   typedef T vec __attribute__((vector_size(VW * sizeof(T))));                                        \
-  vec acc[MR][NV];                                                                                    \
-  _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)                                               \
-      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[r][v] = vec{};                         \
+  constexpr int KU = k_unroll<MR, NV>();                                                              \
+  vec acc[KU][MR][NV];                                                                                \
+  _Pragma("GCC unroll 8") for (int q = 0; q < KU; ++q)                                                \
+      _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)                                           \
+          _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[q][r][v] = vec{};                  \
   for (int part = 0; part < 2; ++part) {                                                              \
     const T* a = part == 0 ? x : h;                                                                   \
     const int64_t lda = part == 0 ? ldx : ldh, k0 = part == 0 ? 0 : K1;                               \
-    for (int64_t k = k0; k < (part == 0 ? K1 : K); ++k) {                                             \
-      const vec* wk = reinterpret_cast<const vec*>(w + k * (NV * VW));                               \
+    const int64_t k1 = part == 0 ? K1 : K;                                                            \
+    int64_t k = k0;                                                                                   \
+    auto row = [&](int64_t kk, vec(*ac)[NV]) __attribute__((always_inline)) {                         \
+      const vec* wk = reinterpret_cast<const vec*>(w + kk * (NV * VW));                              \
       vec wv[NV];                                                                                     \
       _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) wv[v] = wk[v];                             \
       _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {                                         \
-        const vec s = vec{} + a[r * lda + k - k0];                                                    \
-        _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[r][v] += wv[v] * s;                  \
+        const vec s = vec{} + a[r * lda + kk - k0];                                                   \
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) ac[r][v] += wv[v] * s;                   \
       }                                                                                               \
+    };                                                                                                \
+    for (; k + KU <= k1; k += KU) {                                                                   \
+      _Pragma("GCC unroll 8") for (int q = 0; q < KU; ++q) row(k + q, acc[q]);                        \
     }                                                                                                 \
+    for (; k < k1; ++k) row(k, acc[0]);                                                               \
   }                                                                                                   \
   _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)                                               \
-      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v)                                            \
-          *reinterpret_cast<vec*>(tile + r * (NV * VW) + v * VW) = acc[r][v];
+      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {                                          \
+    vec s = acc[0][r][v];                                                                             \
+    _Pragma("GCC unroll 8") for (int q = 1; q < KU; ++q) s += acc[q][r][v];                           \
+    *reinterpret_cast<vec*>(tile + r * (NV * VW) + v * VW) = s;                                       \
+  }
 
 #define MMRNN_MICRO_ARGS                                                                              \
   const T *__restrict x, int64_t ldx, int64_t K1, const T *__restrict h, int64_t ldh, const T *__restrict w, \
@@ -131,53 +152,71 @@ void micro_generic(MMRNN_MICRO_ARGS) {
 #undef MMRNN_MICRO_ARGS
 #undef MMRNN_MICRO_BODY
 
-// The bfloat16 form: w holds bf16 pairs (see the top of this file): pair row q of a panel is NV
-// vectors of VW 32-bit lanes, lane c holding column c's rows 2q (low half) and 2q + 1 (high half).
-// Part 0 (x, K1 rows) takes pair rows [0, ceil(K1/2)), part 1 (h) the ones after. Widening path:
-// a lane shifted left by 16 is the low bf16 as a float32, masked to its high half the high one.
-#define MMRNN_MICRO_BF16_BODY                                                                         \
-  typedef float vec __attribute__((vector_size(VW * 4)));                                             \
-  typedef uint32_t uvec __attribute__((vector_size(VW * 4)));                                         \
-  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x);                                          \
-  const uint16_t* hs = reinterpret_cast<const uint16_t*>(h);                                          \
-  const uint16_t* ws = reinterpret_cast<const uint16_t*>(w);                                          \
-  vec acc[MR][NV];                                                                                    \
-  _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)                                               \
-      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[r][v] = vec{};                         \
-  const int64_t kp1 = (K1 + 1) & ~int64_t(1);                                                         \
-  for (int part = 0; part < 2; ++part) {                                                              \
-    const uint16_t* a = part == 0 ? xs : hs;                                                          \
-    const int64_t lda = part == 0 ? ldx : ldh, n = part == 0 ? K1 : K - K1;                           \
-    const uint16_t* wp = ws + (part == 0 ? 0 : kp1) * (NV * VW);                                      \
-    for (int64_t k = 0; k < n; k += 2) {                                                              \
-      const uvec* wk = reinterpret_cast<const uvec*>(wp + k * (NV * VW));                             \
-      vec lo[NV], hi[NV];                                                                             \
-      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {                                          \
-        lo[v] = reinterpret_cast<vec>(wk[v] << 16);                                                   \
-        hi[v] = reinterpret_cast<vec>(wk[v] & 0xffff0000u);                                           \
-      }                                                                                               \
-      const bool pair = k + 1 < n;                                                                    \
-      _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {                                         \
-        const vec s0 = vec{} + bf16_bits_to_float(a[r * lda + k]);                                    \
-        const vec s1 = vec{} + (pair ? bf16_bits_to_float(a[r * lda + k + 1]) : 0.f);                 \
-        _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[r][v] += lo[v] * s0 + hi[v] * s1;    \
-      }                                                                                               \
-    }                                                                                                 \
-  }                                                                                                   \
-  _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)                                               \
-      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v)                                            \
-          *reinterpret_cast<vec*>(tile + r * (NV * VW) + v * VW) = acc[r][v];
-
-#define MMRNN_MICRO_BF16_ARGS                                                                         \
-  const c10::BFloat16 *__restrict x, int64_t ldx, int64_t K1, const c10::BFloat16 *__restrict h, int64_t ldh, \
-      const c10::BFloat16 *__restrict w, int64_t K, float *__restrict tile
-
 inline float bf16_bits_to_float(uint16_t b) {
   const uint32_t u = static_cast<uint32_t>(b) << 16;
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
 }
+
+// The bfloat16 form: w holds bf16 pairs (see the top of this file): pair row q of a panel is NV
+// vectors of VW 32-bit lanes, lane c holding column c's rows 2q (low half) and 2q + 1 (high half).
+// Part 0 (x, K1 rows) takes pair rows [0, ceil(K1/2)), part 1 (h) the ones after; a part's odd
+// last row is paired with a zero row (its A value with 0). PAIR(kk, ac, two) accumulates pair row
+// kk / 2 into the accumulator set ac, with `two` = the row's A values at kk and kk + 1 (or 0).
+// Widening path: a lane shifted left by 16 is the low bf16 as a float32, masked to its high half the
+// high one; two FMAs per lane.
+#define MMRNN_MICRO_BF16_LOOP(PAIR)                                                                   \
+  const int64_t kp1 = (K1 + 1) & ~int64_t(1);                                                         \
+  for (int part = 0; part < 2; ++part) {                                                              \
+    const uint16_t* a = part == 0 ? xs : hs;                                                          \
+    const int64_t lda = part == 0 ? ldx : ldh, n = part == 0 ? K1 : K - K1;                           \
+    const uint16_t* wp = ws + (part == 0 ? 0 : kp1) * (NV * VW);                                      \
+    int64_t k = 0;                                                                                    \
+    for (; k + 2 * KU <= n; k += 2 * KU) {                                                            \
+      _Pragma("GCC unroll 8") for (int q = 0; q < KU; ++q) PAIR(k + 2 * q, acc[q], true);             \
+    }                                                                                                 \
+    for (; k + 2 <= n; k += 2) PAIR(k, acc[0], true);                                                 \
+    if (k < n) PAIR(k, acc[0], false);                                                                \
+  }
+
+#define MMRNN_WIDEN_PAIR(kk, ac, full)                                                                \
+  {                                                                                                   \
+    const uvec* wk = reinterpret_cast<const uvec*>(wp + (kk) * (NV * VW));                            \
+    vec lo[NV], hi[NV];                                                                               \
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {                                            \
+      lo[v] = reinterpret_cast<vec>(wk[v] << 16);                                                     \
+      hi[v] = reinterpret_cast<vec>(wk[v] & 0xffff0000u);                                             \
+    }                                                                                                 \
+    _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {                                           \
+      const vec s0 = vec{} + bf16_bits_to_float(a[r * lda + (kk)]);                                   \
+      const vec s1 = vec{} + ((full) ? bf16_bits_to_float(a[r * lda + (kk) + 1]) : 0.f);              \
+      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) ac[r][v] += lo[v] * s0 + hi[v] * s1;       \
+    }                                                                                                 \
+  }
+
+#define MMRNN_MICRO_BF16_BODY                                                                         \
+  typedef float vec __attribute__((vector_size(VW * 4)));                                             \
+  typedef uint32_t uvec __attribute__((vector_size(VW * 4)));                                         \
+  constexpr int KU = k_unroll<MR, NV>();                                                              \
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x);                                          \
+  const uint16_t* hs = reinterpret_cast<const uint16_t*>(h);                                          \
+  const uint16_t* ws = reinterpret_cast<const uint16_t*>(w);                                          \
+  vec acc[KU][MR][NV];                                                                                \
+  _Pragma("GCC unroll 8") for (int q = 0; q < KU; ++q)                                                \
+      _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)                                           \
+          _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[q][r][v] = vec{};                  \
+  MMRNN_MICRO_BF16_LOOP(MMRNN_WIDEN_PAIR)                                                             \
+  _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)                                               \
+      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {                                          \
+    vec s = acc[0][r][v];                                                                             \
+    _Pragma("GCC unroll 8") for (int q = 1; q < KU; ++q) s += acc[q][r][v];                           \
+    *reinterpret_cast<vec*>(tile + r * (NV * VW) + v * VW) = s;                                       \
+  }
+
+#define MMRNN_MICRO_BF16_ARGS                                                                         \
+  const c10::BFloat16 *__restrict x, int64_t ldx, int64_t K1, const c10::BFloat16 *__restrict h, int64_t ldh, \
+      const c10::BFloat16 *__restrict w, int64_t K, float *__restrict tile
 
 template <int VW, int NV, int MR>
 __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))) void micro_bf16_avx512(MMRNN_MICRO_BF16_ARGS) {
@@ -193,51 +232,69 @@ void micro_bf16_generic(MMRNN_MICRO_BF16_ARGS) {
 }
 
 // The same product on the bf16 dot instruction: per pair row, one broadcast of each row's two A
-// values (one 32-bit lane) and one vdpbf16ps per accumulator (32 multiply-adds).
+// values (one 32-bit lane, straight from memory) and one vdpbf16ps per accumulator (32
+// multiply-adds).
+#define MMRNN_DOT_PAIR(kk, ac, full)                                                                  \
+  {                                                                                                   \
+    const __m512i* wk = reinterpret_cast<const __m512i*>(wp + (kk) * (NV * VW));                      \
+    __m512i wv[NV];                                                                                   \
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) wv[v] = _mm512_load_si512(wk + v);           \
+    _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {                                           \
+      if (full) {                                                                                     \
+        const uint16_t* ar = a + r * lda + (kk);                                                      \
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) dot_bcast(ac[r][v], wv[v], ar);           \
+      } else {                                                                                        \
+        const __m512i s = _mm512_set1_epi32(a[r * lda + (kk)]);                                       \
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) ac[r][v] =                               \
+            _mm512_dpbf16_ps(ac[r][v], (__m512bh)wv[v], (__m512bh)s);                                 \
+      }                                                                                               \
+    }                                                                                                 \
+  }
+
+// acc += the pairwise bf16 dot of w with the two bf16 values at p broadcast to every lane, the
+// broadcast folded into the instruction's memory operand ({1to16}): a load, not a shuffle. (A
+// separate broadcast competes with the dot instructions for the vector pipes: at (8, 512, ., 1024)
+// the LSTM forward ran at 215 GF/s with it on the 2-core EPYC, see bench/NOTES.md.)
+__attribute__((target("avx512f,avx512bf16"), always_inline)) inline void dot_bcast(__m512& acc, const __m512i& w,
+                                                                                  const uint16_t* p) {
+  asm("vdpbf16ps %[m]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [m] "m"(*reinterpret_cast<const int*>(p)));
+}
+
 template <int VW, int NV, int MR>
 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bf16,avx2,fma"))) void micro_bf16_dot(MMRNN_MICRO_BF16_ARGS) {
   static_assert(VW == 16, "the bf16 dot kernel runs 512-bit vectors");
+  constexpr int KU = k_unroll<MR, NV>();
   const uint16_t* xs = reinterpret_cast<const uint16_t*>(x);
   const uint16_t* hs = reinterpret_cast<const uint16_t*>(h);
   const uint16_t* ws = reinterpret_cast<const uint16_t*>(w);
-  __m512 acc[MR][NV];
+  __m512 acc[KU][MR][NV];
+#pragma GCC unroll 8
+  for (int q = 0; q < KU; ++q)
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[q][r][v] = _mm512_setzero_ps();
+  MMRNN_MICRO_BF16_LOOP(MMRNN_DOT_PAIR)
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  const int64_t kp1 = (K1 + 1) & ~int64_t(1);
-  for (int part = 0; part < 2; ++part) {
-    const uint16_t* a = part == 0 ? xs : hs;
-    const int64_t lda = part == 0 ? ldx : ldh, n = part == 0 ? K1 : K - K1;
-    const uint16_t* wp = ws + (part == 0 ? 0 : kp1) * (NV * VW);
-    for (int64_t k = 0; k < n; k += 2) {
-      const __m512i* wk = reinterpret_cast<const __m512i*>(wp + k * (NV * VW));
-      __m512i wv[NV];
+    for (int v = 0; v < NV; ++v) {
+      __m512 s = acc[0][r][v];
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) wv[v] = _mm512_load_si512(wk + v);
-      const bool pair = k + 1 < n;
-#pragma GCC unroll 16
-      for (int r = 0; r < MR; ++r) {
-        uint32_t two = a[r * lda + k];
-        if (pair) std::memcpy(&two, a + r * lda + k, sizeof(two));
-        const __m512i s = _mm512_set1_epi32(static_cast<int>(two));
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)s, (__m512bh)wv[v]);
-      }
+      for (int q = 1; q < KU; ++q) s = _mm512_add_ps(s, acc[q][r][v]);
+      _mm512_store_ps(tile + r * (NV * VW) + v * VW, s);
     }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) _mm512_store_ps(tile + r * (NV * VW) + v * VW, acc[r][v]);
 }
+#undef MMRNN_DOT_PAIR
+#undef MMRNN_WIDEN_PAIR
+#undef MMRNN_MICRO_BF16_LOOP
 #undef MMRNN_MICRO_BF16_ARGS
 #undef MMRNN_MICRO_BF16_BODY
 
 template <typename S>
 using MicroFn = void (*)(const S*, int64_t, int64_t, const S*, int64_t, const S*, int64_t, acc_t<S>*);
 
-constexpr int kMaxRows = 12;  // the largest MR of any configuration
+constexpr int kMaxRows = 8;  // the largest MR of any configuration
 
 // One ISA's kernel family for one panel shape: fns[r - 1] computes r rows (1 <= r <= mr).
 template <typename S>
@@ -263,23 +320,23 @@ void fill_kernels(Kernels<S>& k, std::integer_sequence<int, R...>) {
   }
 }
 
-// The panel shape for `groups` gate blocks and a batch of `rows`: NV vectors per K row and MR rows
-// per tile, as many accumulators as the register file holds with room for the panel's row (32
-// vector registers with AVX-512, 16 otherwise). groups must divide NV*VW (units = NV*VW / groups).
-// Four gates (or one) with AVX-512: 6 rows x 4 vectors, but 12 x 2 when the whole batch fits one
-// tile (up to 12 rows: each panel then leaves L2 once per step). Measured on the 2-core EPYC: LSTM
-// (8,512,.,1024) recurrence 152 -> 177 GF/s with 12 x 2, while at B = 24-64 the 6 x 4 tile is
-// 20-30% faster for the LSTM and 8-14% for the RNN (inference at (32,128,128,64,256) 144 -> 160
-// GF/s, (64,256,256,64,512) 173 -> 196). bfloat16 takes the same shapes (float32 accumulators).
+// The panel shape for `groups` gate blocks: NV vectors per K row and MR rows per tile, as many
+// accumulators as the register file holds with room for the panel's row (32 vector registers with
+// AVX-512, 16 otherwise). groups must divide NV*VW (units = NV*VW / groups). Four gates (or one)
+// with AVX-512: 6 rows x 4 vectors at every batch size. (A 12 x 2 tile for batches up to 12, one
+// pass over each panel a step, lost once small tiles got their split accumulators: on the 2-core
+// EPYC the LSTM forward at (8, 256, ., 1024) runs 188 GF/s with 6 x 4 against 167, at B = 12 199
+// against 135; in bfloat16 372 against 209 — bench/NOTES.md.) bfloat16 takes the same shapes
+// (float32 accumulators).
 template <typename S, Isa I>
 Kernels<S> kernels_for(int groups, int64_t rows) {
+  (void)rows;
   constexpr bool wide = I == Isa::kAvx512 || I == Isa::kAvx512Bf16;
   constexpr int VW = (wide ? 64 : I == Isa::kAvx2 ? 32 : 16) / static_cast<int>(sizeof(acc_t<S>));
   Kernels<S> k;
   if constexpr (wide) {
-    if ((groups == 4 || groups == 1) && rows > 12) fill_kernels<S, I, VW, 4, 6>(k, std::make_integer_sequence<int, 6>{});
-    else if (groups == 3) fill_kernels<S, I, VW, 3, 8>(k, std::make_integer_sequence<int, 8>{});
-    else fill_kernels<S, I, VW, 2, 12>(k, std::make_integer_sequence<int, 12>{});
+    if (groups == 3) fill_kernels<S, I, VW, 3, 8>(k, std::make_integer_sequence<int, 8>{});
+    else fill_kernels<S, I, VW, 4, 6>(k, std::make_integer_sequence<int, 6>{});
   } else {
     if (groups == 3) fill_kernels<S, I, VW, 3, 4>(k, std::make_integer_sequence<int, 4>{});
     else fill_kernels<S, I, VW, 2, 6>(k, std::make_integer_sequence<int, 6>{});
