@@ -394,12 +394,15 @@ class RecurrentBase(nn.Module):
             # reading them is a host sync that would break a compiled graph)
             check_lengths(lengths, B, T, check_values=not compiling)
             lengths = lengths.to(device=x.device, dtype=torch.int64).contiguous()
-        engine = False
+        engine = fuse = False
         if not compiling:
             # an unavailable backend fails before any GEMM
             chosen = _backends.select(self.backend, x.device, amp or x.dtype, self.CELL)
-            engine = (chosen.name == "cpp" and x.dtype == torch.float32 and amp is None
-                      and no_gradient_possible([x, *self.parameters()]))
+            if chosen.name == "cpp" and no_gradient_possible([x, *self.parameters()]):
+                # engine: float32 inference on the C++ engine (its input product, the decoding step);
+                # fuse: the input product inside the recurrence, float32 or bfloat16 (autocast included)
+                engine = x.dtype == torch.float32 and amp is None
+                fuse = (amp or x.dtype) in (torch.float32, torch.bfloat16)
 
         step_path = engine and T == 1 and lengths is None and self._step_kind() is not None
         layer_input = x
@@ -417,14 +420,16 @@ class RecurrentBase(nn.Module):
                     for k, s in enumerate(last):
                         finals[k].append(s)
                     continue
-                fused = self._fused_inference(p) if engine else None
+                fused = self._fused_inference({k: _to(v, amp) for k, v in p.items()}) if fuse else None
                 if fused is not None:
                     # inference on the C++ engine: the input product runs inside every step's tile
+                    # (under autocast in its dtype: bf16 operands, float32 accumulation and state)
                     x_in = layer_input if direction == 0 else _time_reverse(layer_input, lengths)
-                    img_term = _image_term(x_in, img, self._outer_bias(p), p.get("weight_img"))
+                    img_term = _to(_image_term(x_in, img, self._outer_bias(p), p.get("weight_img")), amp)
                     if direction == 1 and img_term is not None and img_term.dim() == 3:
                         img_term = _time_reverse(img_term, lengths)
-                    out, last = fused(x_in.contiguous(), img_term, [s[idx] for s in states0], lengths)
+                    out, last = fused(_to(x_in, amp).contiguous(), img_term, [_to(s[idx], amp) for s in states0],
+                                      lengths)
                     outs.append(_time_reverse(out, lengths) if direction == 1 else out)
                     for k, s in enumerate(last):
                         finals[k].append(s)
