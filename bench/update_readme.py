@@ -6,7 +6,10 @@ The CPU performance sections (between <!-- cpu-table:start/end --> for the RNN, 
 and <!-- cpu-gru-table:... --> for the gated cells) from bench/results/cpu.json, cpu_lstm.json and
 cpu_gru.json: the machine, the table (mmrnn-bench --markdown), the GEMM rates, the recurrence-vs-torch.mm
 figures and the plot. The serving table (between <!-- cpu-serving-table:start/end -->) from
-bench/results/cpu_serving_{rnn,lstm,gru}_run*.json (mmrnn-bench --grid serving --stock-only).
+bench/results/cpu_serving_{rnn,lstm,gru}_run*.json (mmrnn-bench --grid serving --stock-only), the
+bf16 one (<!-- cpu-bf16-table -->) from cpu_serving_bf16_*_run*.json (the same with --autocast
+bfloat16) and the decoding one (<!-- cpu-decode-table -->) from cpu_decode_*_run*.json
+(mmrnn-bench --decode).
 The training results (between <!-- train-table:start/end -->) from
 bench/results/train_quick_ablate.json and its log (bash bench/train_ablation.sh), and the gap sweep
 (between <!-- gap-table:start/end -->) from bench/results/gap_sweep_quick.json and its log
@@ -30,6 +33,8 @@ GPU_START, GPU_END = "<!-- gpu-table:start -->", "<!-- gpu-table:end -->"
 GATED = {cell: (f"<!-- cpu-{cell}-table:start -->", f"<!-- cpu-{cell}-table:end -->") for cell in ("lstm", "gru")}
 GPU_PREFIX = "gpu_h100_"
 SERVING_START, SERVING_END = "<!-- cpu-serving-table:start -->", "<!-- cpu-serving-table:end -->"
+BF16_START, BF16_END = "<!-- cpu-bf16-table:start -->", "<!-- cpu-bf16-table:end -->"
+DECODE_START, DECODE_END = "<!-- cpu-decode-table:start -->", "<!-- cpu-decode-table:end -->"
 
 GPU_NOTES = """Where the time goes, per step of the recurrence (the kernels-alone table; FLOPs = 2·B·H²):
 
@@ -120,17 +125,21 @@ def cpu_line(m: dict) -> str:
     return text
 
 
-def serving_section(cells: dict) -> str:
+def serving_section(cells: dict, autocast: bool = False) -> str:
     """Every cell against torch's own module at the serving grid, across separate runs: inference
-    (no_grad) and training speedups and our inference rate as a fraction of the ceiling, mean (min)."""
+    (no_grad) and training speedups and our inference rate as a fraction of the ceiling, mean (min).
+    autocast: the runs under torch.autocast("cpu", torch.bfloat16) (mmrnn-bench --autocast bfloat16)."""
     first = next(iter(next(iter(cells.values())).values()))
-    lines = [f"Measured on {cpu_line(first['machine'])}; float32, one layer, unidirectional, V = 64; each figure the "
+    how = ("float32 models and inputs under `torch.autocast(\"cpu\", torch.bfloat16)` (both sides), "
+           if autocast else "float32, ")
+    flag, name = (" --autocast bfloat16", "cpu_serving_bf16_CELL_runN") if autocast else ("", "cpu_serving_CELL_runN")
+    lines = [f"Measured on {cpu_line(first['machine'])}; {how}one layer, unidirectional, V = 64; each figure the "
              f"median of 5 timed calls (providers taking turns, each timed call right after an untimed one of its own), "
              f"then mean (minimum) over {len(next(iter(cells.values())))} separate runs "
-             "(`mmrnn-bench --cell CELL --grid serving --stock-only --json bench/results/cpu_serving_CELL_runN.json`). "
+             f"(`mmrnn-bench --cell CELL --grid serving --stock-only{flag} --json bench/results/{name}.json`). "
              "x = torch's module on the concatenated input (its time) / mmrnn_ext's; % ceiling = mmrnn_ext's "
              "inference GEMM FLOPs (its own algorithm's: input product + recurrence) per second over the "
-             "machine's big-GEMM rate, measured at the start of each run.", "",
+             "machine's big-GEMM rate (float32), measured at the start of each run.", "",
              "| cell | shape (B,T,I,V,H) | torch ran | inference x | training x | inference % ceiling |",
              "| --- | --- | --- | --- | --- | --- |"]
     for cell, runs in cells.items():
@@ -151,6 +160,51 @@ def serving_section(cells: dict) -> str:
     files = ", ".join(f"`{os.path.relpath(p, ROOT)}`" for runs in cells.values() for p in runs)
     lines += ["", f"Sources: {files}."]
     return "\n".join(lines)
+
+
+def decode_section(cells: dict) -> str:
+    """Decoding: µs per step of our cell and module (T = 1, carried state) against torch's, mean
+    (minimum over runs of each run's median) over separate runs of mmrnn-bench --decode."""
+    first = next(iter(next(iter(cells.values())).values()))
+    runs_n = len(next(iter(cells.values())))
+    r0 = first["decode"][0]
+    lines = [f"Measured on {cpu_line(first['machine'])}; float32, no_grad, V = 64; µs per step = a round of "
+             f"{r0['steps_per_round']} steps from a zero state over {r0['steps_per_round']}, the median of "
+             f"{r0['rounds']} rounds (providers taking turns), then mean (minimum) over {runs_n} separate runs "
+             "(`mmrnn-bench --decode --cell CELL --json bench/results/cpu_decode_CELL_runN.json`). torch's side "
+             "gets its input already concatenated with the image. x = torch's time / ours (above 1: ours is faster).",
+             "", "| cell | B,I,V,H | our cell µs | torch's cell µs | cell x | our module, T=1, µs | torch's module, "
+             "T=1, µs | module x |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    for cell, runs in cells.items():
+        results = list(runs.values())
+        shapes = dict.fromkeys((r["B"], r["I"], r["V"], r["H"]) for r in results[0]["decode"])
+        names = {"oc": "mmrnn_ext cell", "tc": f"nn.{cell.upper()}Cell(concat)", "om": "mmrnn_ext module T=1",
+                 "tm": f"nn.{cell.upper()}(concat) T=1"}
+        for shape in shapes:
+            us = {k: [next(r["us_per_step"] for r in res["decode"] if (r["B"], r["I"], r["V"], r["H"]) == shape
+                           and r["provider"] == n) for res in results] for k, n in names.items()}
+            xc = [t / o for t, o in zip(us["tc"], us["oc"])]
+            xm = [t / o for t, o in zip(us["tm"], us["om"])]
+            lines.append(f"| {cell} | {','.join(map(str, shape))} | {mean(us['oc']):.1f} | {mean(us['tc']):.1f} | "
+                         f"{mean(xc):.2f}x ({min(xc):.2f}x) | {mean(us['om']):.1f} | {mean(us['tm']):.1f} | "
+                         f"{mean(xm):.2f}x ({min(xm):.2f}x) |")
+    files = ", ".join(f"`{os.path.relpath(p, ROOT)}`" for runs in cells.values() for p in runs)
+    lines += ["", f"Sources: {files}."]
+    return "\n".join(lines)
+
+
+def _runs(pattern: str) -> dict:
+    """{cell: {path: result}} for bench/results/<pattern with {cell}>, cells with no file left out."""
+    found = {}
+    for cell in ("rnn", "lstm", "gru"):
+        paths = sorted(glob.glob(os.path.join(ROOT, "bench", "results", pattern.format(cell=cell))))
+        if paths:
+            found[cell] = {}
+            for path in paths:
+                with open(path) as f:
+                    found[cell][path] = json.load(f)
+    return found
 
 
 def section(result: dict, json_rel: str, png_rel: str) -> str:
@@ -307,16 +361,15 @@ def main():
             cell_result = json.load(f)
         rel = os.path.relpath(json_path, ROOT)
         text = _replace(text, start, end, section(cell_result, rel, os.path.splitext(rel)[0] + ".png"))
-    serving = {}
-    for cell in ("rnn", "lstm", "gru"):
-        paths = sorted(glob.glob(os.path.join(ROOT, "bench", "results", f"cpu_serving_{cell}_run*.json")))
-        if paths:
-            serving[cell] = {}
-            for path in paths:
-                with open(path) as f:
-                    serving[cell][path] = json.load(f)
+    serving = _runs("cpu_serving_{cell}_run*.json")
     if serving:
         text = _replace(text, SERVING_START, SERVING_END, serving_section(serving))
+    bf16 = _runs("cpu_serving_bf16_{cell}_run*.json")
+    if bf16:
+        text = _replace(text, BF16_START, BF16_END, serving_section(bf16, autocast=True))
+    decode = _runs("cpu_decode_{cell}_run*.json")
+    if decode:
+        text = _replace(text, DECODE_START, DECODE_END, decode_section(decode))
     train_path = os.path.join(ROOT, "bench", "results", "train_quick_ablate.json")
     if os.path.exists(train_path):
         with open(train_path) as f:

@@ -93,8 +93,8 @@ constexpr bool kIsBf16 = std::is_same_v<S, c10::BFloat16>;
 //
 // Small tiles (B = 1, 2: MR x NV < 8 accumulators) would wait on the multiply-add's latency (4-6
 // cycles) rather than its throughput, so KU = 8 / (MR x NV) sets of accumulators take consecutive
-// k in turn and are summed at the end. Measured on the 2-core EPYC at (1, 512, ., 256) LSTM
-// inference: float32 71 -> 10x GF/s (see bench/NOTES.md).
+// k in turn and are summed at the end. Measured on the 2-core EPYC, LSTM recurrence at
+// (1, 512, ., 256): float32 71 -> 85 GF/s, bfloat16 55 -> 146 (with the 6 x 4 tile; bench/NOTES.md).
 template <int MR, int NV>
 constexpr int k_unroll() {
   return MR * NV >= 8 ? 1 : (8 + MR * NV - 1) / (MR * NV);
@@ -240,25 +240,14 @@ void micro_bf16_generic(MMRNN_MICRO_BF16_ARGS) {
     __m512i wv[NV];                                                                                   \
     _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) wv[v] = _mm512_load_si512(wk + v);           \
     _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {                                           \
-      if (full) {                                                                                     \
-        const uint16_t* ar = a + r * lda + (kk);                                                      \
-        _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) dot_bcast(ac[r][v], wv[v], ar);           \
-      } else {                                                                                        \
-        const __m512i s = _mm512_set1_epi32(a[r * lda + (kk)]);                                       \
-        _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) ac[r][v] =                               \
-            _mm512_dpbf16_ps(ac[r][v], (__m512bh)wv[v], (__m512bh)s);                                 \
-      }                                                                                               \
+      int two;                                                                                        \
+      if (full) std::memcpy(&two, a + r * lda + (kk), sizeof(two));                                   \
+      else two = a[r * lda + (kk)];                                                                   \
+      const __m512i s = _mm512_set1_epi32(two);                                                       \
+      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) ac[r][v] =                                 \
+          _mm512_dpbf16_ps(ac[r][v], (__m512bh)wv[v], (__m512bh)s);                                   \
     }                                                                                                 \
   }
-
-// acc += the pairwise bf16 dot of w with the two bf16 values at p broadcast to every lane, the
-// broadcast folded into the instruction's memory operand ({1to16}): a load, not a shuffle. (A
-// separate broadcast competes with the dot instructions for the vector pipes: at (8, 512, ., 1024)
-// the LSTM forward ran at 215 GF/s with it on the 2-core EPYC, see bench/NOTES.md.)
-__attribute__((target("avx512f,avx512bf16"), always_inline)) inline void dot_bcast(__m512& acc, const __m512i& w,
-                                                                                  const uint16_t* p) {
-  asm("vdpbf16ps %[m]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [m] "m"(*reinterpret_cast<const int*>(p)));
-}
 
 template <int VW, int NV, int MR>
 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bf16,avx2,fma"))) void micro_bf16_dot(MMRNN_MICRO_BF16_ARGS) {

@@ -194,7 +194,20 @@ def select(backend: str, device: torch.device, dtype: torch.dtype, cell: str = "
     """The backend that runs `cell`'s recurrence for tensors on `device` of `dtype`.
 
     backend="auto": triton on CUDA, cpp on CPU (float32/float64/bfloat16), each where it implements the
-    cell; else reference."""
+    cell; else reference. (Every call of a module asks: "auto"'s answer is remembered per device
+    type, dtype, cell and TRITON_INTERPRET, since what is built and visible does not change.)"""
+    if backend == "auto":
+        # keyed also on the probed availabilities themselves (tests replace them)
+        key = ("auto", device.type, dtype, cell, os.environ.get("TRITON_INTERPRET", ""), id(_cache.get("cpp")),
+               id(_cache.get("triton")))
+        found = _cache.get(key)
+        if found is None:
+            found = _cache[key] = _select(backend, device, dtype, cell)
+        return found
+    return _select(backend, device, dtype, cell)
+
+
+def _select(backend: str, device: torch.device, dtype: torch.dtype, cell: str) -> Backend:
     if backend not in BACKEND_NAMES + ("auto",):
         raise ValueError(f"backend: expected one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
     if cell not in CELLS:

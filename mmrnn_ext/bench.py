@@ -661,6 +661,8 @@ def format_table(rows: list) -> str:
         group = [r for r in rows if key(r) == shape_dtype]
         shape, dtype = shape_dtype
         path = next((r["path"] for r in group if r.get("path")), None)
+        amp = group[0].get("autocast")
+        dtype = f"{dtype} under autocast {amp}" if amp else dtype
         lines.append(f"\nshape (B, T, I, V, H) = {shape}, {dtype}" + (f"; torch ran {path}" if path else ""))
         lines.append(f"  {'provider':<26}{'inference ms':>13}{'x':>8}{'GF/s':>7}{'%ceil':>6}{'fwd+bwd ms':>12}{'x':>8}"
                      f"{'GF/s':>7}{'%ceil':>6}{'saved MB':>10}{'rel diff':>10}")

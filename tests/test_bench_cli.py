@@ -76,3 +76,51 @@ def test_stock_path_names_the_implementation_torch_ran():
     if torch.cuda.is_available():  # the fused cell kernels are CUDA's
         assert "fused cell kernels" in bench.stock_path(cell)
     assert bench.stock_path(lambda: torch.ones(2) + 1).startswith("unrecognised")
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_decode_section(tmp_path, cell, capsys):
+    """--decode: µs per step of our cell and module (T = 1) and torch's, every provider present at
+    both shapes, outputs checked against each other first."""
+    out = tmp_path / "d.json"
+    assert bench.main(["--decode", "--quick", "--cell", cell, "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["cell"] == cell and result["machine"]["cpu_model"]
+    providers = {"mmrnn_ext cell", f"nn.{cell.upper()}Cell(concat)", "mmrnn_ext module T=1",
+                 f"nn.{cell.upper()}(concat) T=1"}
+    for shape in bench.QUICK_DECODE_SHAPES:
+        rows = [r for r in result["decode"] if (r["B"], r["I"], r["V"], r["H"]) == shape]
+        assert {r["provider"] for r in rows} == providers
+        assert all(r["us_per_step"] >= r["us_per_step_min"] > 0 for r in rows)
+    assert "us/step" in capsys.readouterr().out
+
+
+def test_decode_disagreement_fails_loudly(monkeypatch, capsys):
+    real = bench.decode_providers
+
+    def off(*args):
+        providers = real(*args)
+        name = "mmrnn_ext module T=1"
+        f = providers[name]
+        providers[name] = lambda: f() * 1.01
+        return providers
+
+    monkeypatch.setattr(bench, "decode_providers", off)
+    assert bench.main(["--decode", "--quick", "--repeats", "1"]) == 1
+    assert "disagrees" in capsys.readouterr().err
+
+
+def test_autocast_section(tmp_path):
+    """--autocast bfloat16: every provider under CPU autocast, rows marked, within bf16's tolerance."""
+    out = tmp_path / "a.json"
+    assert bench.main(["--shape", "2,3,4,5,6", "--device", "cpu", "--repeats", "1", "--stock-only", "--cell", "lstm",
+                       "--autocast", "bfloat16", "--no-recurrence", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["autocast"] == "bfloat16" and r["relative_difference"] <= 1e-2 for r in rows)
+
+
+@pytest.mark.parametrize("bad", [["--decode", "--shape", "1,2,3,4,5"], ["--autocast", "bfloat16", "--dtype", "float64"],
+                                 ["--autocast", "float16"]])
+def test_serving_modes_bad_arguments(bad):
+    with pytest.raises(SystemExit):
+        bench.main(bad + ["--device", "cpu"])

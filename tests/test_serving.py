@@ -7,28 +7,13 @@ import pytest
 import torch
 
 import mmrnn_ext
-from conftest import assert_close, require
+from conftest import assert_close
 
-ORDER = ["generic", "avx2", "avx512", "avx512_bf16"]
+from test_cpu_engine import ORDER, _cpp, _force  # noqa: F401  (_cpp: the autouse require("cpp"))
+
 SIZES = [(5, 1, 7), (3, 13, 65), (4, 3, 33), (2, 12, 16)]  # (T, B, H): B = 1, over one tile, odd H
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 BF16_RTOL = 1e-2  # norm-wise relative error of a bf16 result against float64 on the same bf16 values
-
-
-@pytest.fixture(autouse=True)
-def _cpp():
-    require("cpp")
-
-
-def _force(monkeypatch, isa):
-    from mmrnn_ext import _C
-
-    monkeypatch.delenv("MMRNN_CPU_ISA", raising=False)
-    detected = _C.cpu_isa()
-    if ORDER.index(isa) > ORDER.index(detected):
-        pytest.skip(f"this CPU runs {detected}, not {isa}")
-    monkeypatch.setenv("MMRNN_CPU_ISA", isa)
-    assert _C.cpu_isa() == isa
 
 
 def _rel(a, b):

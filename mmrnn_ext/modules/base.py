@@ -11,6 +11,7 @@ is one [B, G*H] GEMM per sequence (never repeated over time).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import warnings
@@ -398,7 +399,7 @@ class RecurrentBase(nn.Module):
         if not compiling:
             # an unavailable backend fails before any GEMM
             chosen = _backends.select(self.backend, x.device, amp or x.dtype, self.CELL)
-            if chosen.name == "cpp" and no_gradient_possible([x, *self.parameters()]):
+            if chosen.name == "cpp" and no_gradient_possible(itertools.chain((x,), self.parameters())):
                 # engine: float32 inference on the C++ engine (its input product, the decoding step);
                 # fuse: the input product inside the recurrence, float32 or bfloat16 (autocast included)
                 engine = x.dtype == torch.float32 and amp is None

@@ -83,14 +83,14 @@ def prepare_lengths(lengths, xp, B: int, T: int, compiling: bool):
 
 
 def no_gradient_possible(tensors) -> bool:
-    """Whether nothing can ask for a gradient of a computation on `tensors`: grad mode off or none
-    requiring grad, no forward-mode AD level open, no torch.func transform."""
-    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    """Whether nothing can ask for a gradient of a computation on `tensors` (any iterable; read only
+    in grad mode): grad mode off or none requiring grad, no forward-mode AD level open, no torch.func
+    transform active. Cheap: it runs on every call."""
+    if torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
         return False
-    if torch.autograd.forward_ad._current_level >= 0:
-        return False
-    return not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    if not torch.is_grad_enabled():
+        return True
+    return not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 def inference_forward(cell: str, backend: str, inputs):
