@@ -135,7 +135,7 @@ void step_block(const DotKernels<T>& dk, int kind, const Part<T>* parts, int n_p
                 const T* h, const T* c, T* h_new, T* c_new, int64_t b0, int64_t rows, int64_t j0, int64_t nu,
                 int64_t H) {
   const int64_t G = gate_count(kind);
-  alignas(64) T pre[4][kMR][kNR], hn[kMR][kNR];
+  alignas(64) T pre[4][kMR][kNR] = {}, hn[kMR][kNR] = {};
   for (int64_t g = 0; g < G; ++g) {
     const int64_t n0 = g * H + j0;
     const bool split = kind == kGru && g == 2;
@@ -159,30 +159,56 @@ void step_block(const DotKernels<T>& dk, int kind, const Part<T>* parts, int n_p
       }
     }
   }
-  for (int r = 0; r < rows; ++r) {
-    const int64_t b = b0 + r;
-    for (int64_t n = 0; n < nu; ++n) {
-      const int64_t j = j0 + n, bj = b * H + j;
-      auto a = [&](int64_t g) {
-        return pre[g][r][n] + (b_ih ? b_ih[g * H + j] : T(0)) + (b_hh ? b_hh[g * H + j] : T(0));
-      };
-      if (kind == kRnnTanh) {
-        h_new[bj] = tanh_(a(0));
-      } else if (kind == kRnnRelu) {
-        const T v = a(0);
-        h_new[bj] = v < T(0) ? T(0) : v;  // NaN passes through, as torch.relu
-      } else if (kind == kLstm) {
-        const T i = sigmoid_(a(0)), f = sigmoid_(a(1)), gg = tanh_(a(2)), o = sigmoid_(a(3));
-        const T cn = f * c[bj] + i * gg;
-        c_new[bj] = cn;
-        h_new[bj] = o * tanh_(cn);
-      } else {  // GRU, torch's reset-after form: n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
-        const T rg = sigmoid_(a(0)), z = sigmoid_(a(1));
-        const T xn = pre[2][r][n] + (b_ih ? b_ih[2 * H + j] : T(0));
-        const T hh = hn[r][n] + (b_hh ? b_hh[2 * H + j] : T(0));
-        const T nn = tanh_(xn + rg * hh);
-        h_new[bj] = nn + z * (h[bj] - nn);
+  // The gate pass over the block's kMR x kNR slots at once (slot e = r * kNR + n; slots past the
+  // rows or units compute on zeros and are not stored): biases added, the state gathered, then
+  // plain loops of fixed length with the kind decided outside them, which the compiler vectorises
+  // (a slot at a time with the kind switched inside cost as much as the products for the LSTM).
+  constexpr int E = kMR * kNR;
+  alignas(64) T prev[E] = {}, out_h[E], out_c[E];
+  for (int64_t g = 0; g < G; ++g) {
+    for (int r = 0; r < kMR; ++r) {
+      for (int n = 0; n < kNR; ++n) {
+        const bool live = r < rows && n < nu;
+        const int64_t j = j0 + n;
+        const bool outer_hh = !(kind == kGru && g == 2);  // the GRU's b_hn goes with the recurrent side
+        const T bias = live ? (b_ih ? b_ih[g * H + j] : T(0)) + (b_hh && outer_hh ? b_hh[g * H + j] : T(0)) : T(0);
+        pre[g][r][n] = live ? pre[g][r][n] + bias : T(0);
       }
+    }
+  }
+  const T* state = kind == kLstm ? c : kind == kGru ? h : nullptr;
+  if (state != nullptr)
+    for (int r = 0; r < rows; ++r)
+      for (int64_t n = 0; n < nu; ++n) prev[r * kNR + n] = state[(b0 + r) * H + j0 + n];
+  const T* a0 = &pre[0][0][0];
+  if (kind == kRnnTanh) {
+    for (int e = 0; e < E; ++e) out_h[e] = tanh_(a0[e]);
+  } else if (kind == kRnnRelu) {
+    for (int e = 0; e < E; ++e) out_h[e] = a0[e] < T(0) ? T(0) : a0[e];  // NaN passes through, as torch.relu
+  } else if (kind == kLstm) {
+    const T *a1 = &pre[1][0][0], *a2 = &pre[2][0][0], *a3 = &pre[3][0][0];
+    for (int e = 0; e < E; ++e) {
+      const T cn = sigmoid_(a1[e]) * prev[e] + sigmoid_(a0[e]) * tanh_(a2[e]);
+      out_c[e] = cn;
+      out_h[e] = sigmoid_(a3[e]) * tanh_(cn);
+    }
+  } else {  // GRU, torch's reset-after form: n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
+    alignas(64) T bhn[E] = {};
+    if (b_hh != nullptr)
+      for (int r = 0; r < rows; ++r)
+        for (int64_t n = 0; n < nu; ++n) bhn[r * kNR + n] = b_hh[2 * H + j0 + n];
+    const T *a1 = &pre[1][0][0], *a2 = &pre[2][0][0], *hh = &hn[0][0];
+    for (int e = 0; e < E; ++e) {
+      const T rg = sigmoid_(a0[e]), z = sigmoid_(a1[e]);
+      const T nn = tanh_(a2[e] + rg * (hh[e] + bhn[e]));
+      out_h[e] = nn + z * (prev[e] - nn);
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    for (int64_t n = 0; n < nu; ++n) {
+      const int64_t bj = (b0 + r) * H + j0 + n;
+      h_new[bj] = out_h[r * kNR + n];
+      if (kind == kLstm) c_new[bj] = out_c[r * kNR + n];
     }
   }
 }
