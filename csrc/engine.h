@@ -162,8 +162,8 @@ inline float bf16_bits_to_float(uint16_t b) {
 // The bfloat16 form: w holds bf16 pairs (see the top of this file): pair row q of a panel is NV
 // vectors of VW 32-bit lanes, lane c holding column c's rows 2q (low half) and 2q + 1 (high half).
 // Part 0 (x, K1 rows) takes pair rows [0, ceil(K1/2)), part 1 (h) the ones after; a part's odd
-// last row is paired with a zero row (its A value with 0). PAIR(kk, ac, two) accumulates pair row
-// kk / 2 into the accumulator set ac, with `two` = the row's A values at kk and kk + 1 (or 0).
+// last row is paired with a zero row (its A value with 0). PAIR(kk, ac, full) accumulates pair row
+// kk / 2 into the accumulator set ac: A's values at kk and kk + 1 (full), or at kk and a zero.
 // Widening path: a lane shifted left by 16 is the low bf16 as a float32, masked to its high half the
 // high one; two FMAs per lane.
 #define MMRNN_MICRO_BF16_LOOP(PAIR)                                                                   \
@@ -318,8 +318,7 @@ void fill_kernels(Kernels<S>& k, std::integer_sequence<int, R...>) {
 // against 135; in bfloat16 372 against 209 — bench/NOTES.md.) bfloat16 takes the same shapes
 // (float32 accumulators).
 template <typename S, Isa I>
-Kernels<S> kernels_for(int groups, int64_t rows) {
-  (void)rows;
+Kernels<S> kernels_for(int groups) {
   constexpr bool wide = I == Isa::kAvx512 || I == Isa::kAvx512Bf16;
   constexpr int VW = (wide ? 64 : I == Isa::kAvx2 ? 32 : 16) / static_cast<int>(sizeof(acc_t<S>));
   Kernels<S> k;
@@ -334,12 +333,12 @@ Kernels<S> kernels_for(int groups, int64_t rows) {
 }
 
 template <typename S>
-Kernels<S> kernels_for(Isa isa, int groups, int64_t rows) {
+Kernels<S> kernels_for(Isa isa, int groups) {
   switch (isa) {
-    case Isa::kAvx512Bf16: return kernels_for<S, Isa::kAvx512Bf16>(groups, rows);
-    case Isa::kAvx512: return kernels_for<S, Isa::kAvx512>(groups, rows);
-    case Isa::kAvx2: return kernels_for<S, Isa::kAvx2>(groups, rows);
-    default: return kernels_for<S, Isa::kGeneric>(groups, rows);
+    case Isa::kAvx512Bf16: return kernels_for<S, Isa::kAvx512Bf16>(groups);
+    case Isa::kAvx512: return kernels_for<S, Isa::kAvx512>(groups);
+    case Isa::kAvx2: return kernels_for<S, Isa::kAvx2>(groups);
+    default: return kernels_for<S, Isa::kGeneric>(groups);
   }
 }
 
@@ -354,13 +353,13 @@ struct PackedWeight {
 };
 
 // transpose (forward): W' = w^T for w [groups*H, K]; column (g, j) of W' is row g*H + j of w.
-// !transpose (BPTT):   W' = w for w [K, H], groups = 1. rows: the batch the products will have.
+// !transpose (BPTT):   W' = w for w [K, H], groups = 1.
 // w_in (forward only): W_ih [groups*H, K1], whose transpose goes above w's: the fused input product.
 template <typename S>
-PackedWeight<S> pack_weight(const at::Tensor& w, int64_t groups, bool transpose, int64_t rows, Isa isa,
+PackedWeight<S> pack_weight(const at::Tensor& w, int64_t groups, bool transpose, Isa isa,
                             const at::Tensor* w_in = nullptr) {
   PackedWeight<S> pw;
-  pw.kern = kernels_for<S>(isa, static_cast<int>(groups), rows);
+  pw.kern = kernels_for<S>(isa, static_cast<int>(groups));
   pw.groups = groups;
   pw.K1 = w_in == nullptr ? 0 : w_in->size(1);
   pw.K = (transpose ? w.size(1) : w.size(0)) + pw.K1;

@@ -174,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor> gru_run(const at::Tensor& xp, const at::Tenso
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xp.scalar_type(), "mmrnn_gru_forward", [&] {
-      const auto pw = pack_weight<scalar_t>(w_hh, 3, /*transpose=*/true, B, isa);
+      const auto pw = pack_weight<scalar_t>(w_hh, 3, /*transpose=*/true, isa);
       scalar_t* extra = second.data_ptr<scalar_t>();
       gru_forward_loop<scalar_t, SAVE>(pw, xp.data_ptr<scalar_t>(), data_or_null<scalar_t>(b_hn),
                                        h0.data_ptr<scalar_t>(), data_or_null<scalar_t>(image_term), per_step, len,
@@ -206,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_backward(const at::Tensor& gr
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "mmrnn_gru_backward", [&] {
-      const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/false, B, isa);
+      const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/false, isa);
       gru_backward_loop<scalar_t>(pw, grad_out.data_ptr<scalar_t>(), grad_h_last.data_ptr<scalar_t>(),
                                   out.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), len,
                                   dGx.data_ptr<scalar_t>(), dhn.data_ptr<scalar_t>(), scratch.data_ptr<scalar_t>(),

@@ -173,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_run(const at::Tensor& input,
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "mmrnn_lstm_forward", [&] {
-      const auto pw = pack_weight<scalar_t>(w_hh, 4, /*transpose=*/true, B, isa, w_ih.has_value() ? &*w_ih : nullptr);
+      const auto pw = pack_weight<scalar_t>(w_hh, 4, /*transpose=*/true, isa, w_ih.has_value() ? &*w_ih : nullptr);
       const scalar_t* data = input.data_ptr<scalar_t>();
       scalar_t* s2 = second.data_ptr<scalar_t>();
       scalar_t* s3 = third.data_ptr<scalar_t>();
@@ -216,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_backward(
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "mmrnn_lstm_backward", [&] {
-      const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/false, B, isa);
+      const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/false, isa);
       lstm_backward_loop<scalar_t>(pw, grad_out.data_ptr<scalar_t>(), grad_h_last.data_ptr<scalar_t>(),
                                    grad_c_last.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(), c_all.data_ptr<scalar_t>(),
                                    gates.data_ptr<scalar_t>(), len, dG.data_ptr<scalar_t>(), gc.data_ptr<acc_t<scalar_t>>(),

@@ -26,7 +26,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "mmrnn_linear", [&] {
-      const auto pw = mmrnn::pack_weight<scalar_t>(w, 1, /*transpose=*/true, M, isa);
+      const auto pw = mmrnn::pack_weight<scalar_t>(w, 1, /*transpose=*/true, isa);
       mmrnn::linear<scalar_t>(pw, xc.data_ptr<scalar_t>(), M, out.data_ptr<scalar_t>());
     });
   }

@@ -123,7 +123,7 @@ at::Tensor rnn_forward(const at::Tensor& xp, const at::Tensor& w_hh, const at::T
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xp.scalar_type(), "mmrnn_rnn_forward", [&] {
-      const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/true, B, isa);
+      const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/true, isa);
       auto run = relu ? forward_loop<scalar_t, true> : forward_loop<scalar_t, false>;
       run(pw, xp.data_ptr<scalar_t>(), nullptr, h0.data_ptr<scalar_t>(), data_or_null<scalar_t>(image_term), per_step,
           len, out.data_ptr<scalar_t>(), nullptr, T_, B, H);
@@ -149,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_infer(const at::Tensor& input, const std:
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "mmrnn_rnn_infer", [&] {
-      const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/true, B, isa, w_ih.has_value() ? &*w_ih : nullptr);
+      const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/true, isa, w_ih.has_value() ? &*w_ih : nullptr);
       auto run = relu ? forward_loop<scalar_t, true> : forward_loop<scalar_t, false>;
       const scalar_t* data = input.data_ptr<scalar_t>();
       run(pw, w_ih.has_value() ? nullptr : data, w_ih.has_value() ? data : nullptr, h0.data_ptr<scalar_t>(),
@@ -176,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_backward(const at::Tensor& grad_out, cons
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "mmrnn_rnn_backward", [&] {
-      const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/false, B, isa);
+      const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/false, isa);
       auto run = relu ? backward_loop<scalar_t, true> : backward_loop<scalar_t, false>;
       run(pw, grad_out.data_ptr<scalar_t>(), grad_h_last.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), len,
           dA.data_ptr<scalar_t>(), dh0.data_ptr<scalar_t>(), T_, B, H);

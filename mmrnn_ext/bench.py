@@ -307,14 +307,20 @@ def time_side_by_side(fns: dict, device, repeats: int) -> dict:
     footprint). On GPU each is timed on its own (triton.testing.do_bench)."""
     if device.type == "cuda":
         return {name: time_ms(fn, device, repeats) for name, fn in fns.items()}
+    return {name: statistics.median(t) * 1e3 for name, t in cpu_turns(fns, repeats).items()}
+
+
+def cpu_turns(fns: dict, rounds: int) -> dict:
+    """{name: [seconds per round]}: in each round every provider runs an untimed call, then a timed
+    one (see time_side_by_side)."""
     times = {name: [] for name in fns}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, fn in fns.items():
             fn()
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return times
 
 
 def saved_activation_mb(fn) -> float:
@@ -556,13 +562,7 @@ def decode_rows(cell: str, shapes, rounds: int, steps: int = DECODE_STEPS) -> li
                 if not diff <= tolerance(torch.float32, torch.device("cpu")):
                     raise DisagreementError(f"decode: {name} disagrees with {OURS} cell at (B,I,V,H) = "
                                             f"{(B, I, V, H)}: relative difference {diff:.3e}")
-            times = {name: [] for name in providers}
-            for _ in range(rounds):
-                for name, fn in providers.items():
-                    fn()
-                    start = time.perf_counter()
-                    fn()
-                    times[name].append((time.perf_counter() - start) / steps * 1e6)
+            times = {name: [t / steps * 1e6 for t in ts] for name, ts in cpu_turns(providers, rounds).items()}
         stock_cell = times[f"nn.{cell.upper()}Cell(concat)"]
         for name, t in times.items():
             rows.append({"cell": cell, "B": B, "I": I, "V": V, "H": H, "provider": name,

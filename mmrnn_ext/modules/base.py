@@ -283,7 +283,7 @@ class RecurrentBase(nn.Module):
     def _fused_inference(self, p):
         """A callable (x, image_term, states, lengths) -> (out, final states) running this layer and
         direction's inference with the input product fused into the recurrence (the C++ engine), or
-        None where the cell has none."""
+        None where the cell has none. p holds weight_ih and weight_hh, in the dtype it runs in."""
         return None
 
     def _step_kind(self):
@@ -421,7 +421,7 @@ class RecurrentBase(nn.Module):
                     for k, s in enumerate(last):
                         finals[k].append(s)
                     continue
-                fused = self._fused_inference({k: _to(v, amp) for k, v in p.items()}) if fuse else None
+                fused = self._fused_inference({k: _to(p[k], amp) for k in ("weight_ih", "weight_hh")}) if fuse else None
                 if fused is not None:
                     # inference on the C++ engine: the input product runs inside every step's tile
                     # (under autocast in its dtype: bf16 operands, float32 accumulation and state)
