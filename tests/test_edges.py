@@ -64,7 +64,7 @@ def test_gpu_trained_checkpoint_evaluates_on_a_cpu(tmp_path, monkeypatch, backen
 
 def test_unavailable_backend_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
     _no_triton_here(monkeypatch)
-    monkeypatch.setattr(train, "_load_data", lambda *a, **k: pytest.fail("data loaded before the backend check"))
+    monkeypatch.setattr(train.sweeps, "_load_data", lambda *a, **k: pytest.fail("data loaded before the backend check"))
     with pytest.raises(SystemExit) as exc:
         train.main(["--backend", "triton", "--out", str(tmp_path / "r")])
     message = str(exc.value)

@@ -117,14 +117,14 @@ def test_curriculum_stages():
 def test_curriculum_advances_on_validation_accuracy(tmp_path, monkeypatch):
     """With the threshold at 0 every epoch moves on: gaps 0, 2, 5, 10, then the target 20; the
     weights kept are scored on the target's validation split."""
-    monkeypatch.setattr(train, "CURRICULUM_ADVANCE", 0.0)
+    monkeypatch.setattr(train.loop, "CURRICULUM_ADVANCE", 0.0)
     out = tmp_path / "m.json"
     assert train.main(["--cell", "gru", "--gap", "20", "--max-steps", "0", "--epochs", "6", "--batch-size", "512",
                        "--hidden", "8", "--embed", "4", "--out", str(tmp_path / "r"), "--json", str(out)]) == 0
     r = json.loads(out.read_text())["add"]
     assert [h["gap"] for h in r["history"]] == [0, 2, 5, 10, 20, 20]
     assert all("stage_val_accuracy" in h for h in r["history"][:4]) and r["curriculum_reached"] == 20
-    monkeypatch.setattr(train, "CURRICULUM_ADVANCE", 1.01)  # never reached: training stays on gap 0
+    monkeypatch.setattr(train.loop, "CURRICULUM_ADVANCE", 1.01)  # never reached: training stays on gap 0
     assert train.main(["--gap", "20", "--epochs", "2", "--batch-size", "512", "--hidden", "8", "--embed", "4",
                        "--out", str(tmp_path / "r"), "--json", str(out)]) == 0
     assert [h["gap"] for h in json.loads(out.read_text())["add"]["history"]] == [0, 0]

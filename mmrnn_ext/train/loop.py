@@ -1,0 +1,154 @@
+"""The training loop of mmrnn-train: the model from its config, batches, evaluation (and its text
+report), the curriculum over gaps, torchrun's process group."""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from ..models import MultimodalClassifier
+
+
+PROG = "mmrnn-train"
+
+
+def dist_setup(device: torch.device):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world
+
+
+def log(rank, *args, **kwargs):
+    if rank == 0:
+        print(*args, **kwargs)
+
+
+def build_model(config: dict) -> MultimodalClassifier:
+    return MultimodalClassifier(
+        config["vocab_size"], config["num_classes"], config["image_dim"], embed_dim=config["embed_dim"],
+        hidden_size=config["hidden_size"], num_layers=config["num_layers"], bidirectional=config["bidirectional"],
+        dropout=config["dropout"], fusion=config["fusion"], image_encoder=config["image_encoder"],
+        backend=config["backend"], cell=config["cell"])
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1):
+    perm = torch.randperm(n, generator=generator)
+    for i in range(0, n, batch_size):
+        yield perm[i:i + batch_size][rank::world]
+
+
+def evaluate(model, split, device, batch_size=1024) -> dict:
+    import numpy as np
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    model.eval()
+    preds, losses = [], []
+    with torch.no_grad():
+        for i in range(0, len(split), batch_size):
+            sl = slice(i, i + batch_size)
+            logits = model(split.tokens[sl].to(device), split.lengths[sl].to(device), split.images[sl].to(device))
+            losses.append(F.cross_entropy(logits, split.labels[sl].to(device), reduction="sum").item())
+            preds.append(logits.argmax(-1).cpu())
+    pred = torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
+    y = split.labels.numpy()
+    labels = list(range(int(model.head[-1].out_features)))
+    return {"accuracy": float((pred == y).mean()) if len(y) else float("nan"),
+            "macro_f1": float(f1_score(y, pred, average="macro", labels=labels, zero_division=0)),
+            "loss": sum(losses) / max(1, len(y)),
+            "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist()}
+
+
+def report(name, metrics, labels):
+    cm = metrics["confusion_matrix"]
+    lines = [f"[{name}] test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}",
+             "  confusion matrix (rows: true, columns: predicted; " + ", ".join(labels) + "):"]
+    lines += ["    " + " ".join(f"{v:6d}" for v in row) for row in cm]
+    return "\n".join(lines)
+
+
+CURRICULUM_ADVANCE = 0.9  # validation accuracy on a stage's gap that moves training to the next stage
+
+
+def curriculum_gaps(gap: int) -> list:
+    """The stages before the target gap: 0, gap/8, gap/4, gap/2 (distinct, below gap)."""
+    return sorted({g for g in (0, gap // 8, gap // 4, gap // 2) if g < gap}) if gap > 0 else []
+
+
+def train(dataset, config: dict, args, device, rank=0, world=1, progress=True, log_every=None, stages=()):
+    """-> (model, history, steps) with the best validation weights restored. history: per epoch
+    train loss/accuracy, the gap trained on and validation accuracy; steps: every optimisation
+    step's training loss.
+
+    stages: a curriculum, [(gap, Dataset)] before `dataset` (the same examples with shorter gaps):
+    training starts on the first and moves to the next once its validation accuracy reaches
+    CURRICULUM_ADVANCE. The weights kept are always the best on `dataset`'s own validation split;
+    early stopping counts only epochs on `dataset` itself."""
+    torch.manual_seed(config["seed"])
+    model = build_model(config)
+    if model.encoder is not None:
+        model.encoder.fit(dataset.train.images)
+    model = model.to(device)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    gen = torch.Generator().manual_seed(config["seed"])
+    stages = list(stages) + [(config.get("gap", 0), dataset)]
+    stage = 0
+    history, steps = [], []
+    best, best_state, stale = -1.0, None, 0
+    bar = None
+    if progress and rank == 0:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=config["epochs"], desc=f"train {config['fusion']}", file=sys.stderr, leave=False)
+        except ImportError:
+            bar = None
+    for epoch in range(config["epochs"]):
+        gap, current = stages[stage]
+        tr = current.train
+        net.train()
+        total, correct, seen = 0.0, 0, 0
+        for idx in _batches(len(tr), config["batch_size"], gen, rank, world):
+            logits = net(tr.tokens[idx].to(device), tr.lengths[idx].to(device), tr.images[idx].to(device))
+            y = tr.labels[idx].to(device)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps.append(loss.item())
+            if args.max_steps and len(steps) >= args.max_steps:
+                break
+            total += loss.item() * len(idx)
+            correct += int((logits.argmax(-1) == y).sum())
+            seen += len(idx)
+        val = evaluate(model, dataset.val, device)
+        history.append({"epoch": epoch + 1, "gap": gap, "train_loss": total / max(1, seen),
+                        "train_accuracy": correct / max(1, seen), "val_loss": val["loss"], "val_accuracy": val["accuracy"]})
+        at_target = stage == len(stages) - 1
+        if not at_target:
+            history[-1]["stage_val_accuracy"] = evaluate(model, current.val, device)["accuracy"]
+            stage += history[-1]["stage_val_accuracy"] >= CURRICULUM_ADVANCE
+        if bar is not None:
+            bar.set_postfix(loss=f"{total / max(1, seen):.3f}", acc=f"{correct / max(1, seen):.3f}",
+                            val=f"{val['accuracy']:.3f}", gap=gap)
+            bar.update(1)
+        if val["accuracy"] > best:
+            best, stale = val["accuracy"], 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif at_target:
+            stale += 1
+        if stale >= config["patience"] or (args.max_steps and len(steps) >= args.max_steps):
+            break
+    if bar is not None:
+        bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return model, history, steps
