@@ -23,7 +23,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .. import _backends
 from ..ops import InputError, _describe, check_lengths
-from ..ops.common import no_gradient_possible
+from ..ops.common import no_gradient_possible, shape_is
+from .. import export as _export
 
 
 def _check_same(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str, dtype: bool = True) -> None:
@@ -107,9 +108,9 @@ def _check_image(image, *, image_size, batched, batch, steps, batch_first, modul
     else:
         static, per_step = (image_size,), (steps, image_size)
     shape = tuple(image.shape)
-    if shape == static:
+    if shape_is(image, static):
         return image if batched else image.unsqueeze(0)
-    if steps is not None and shape == per_step:
+    if steps is not None and shape_is(image, per_step):
         if not batched:
             return image.unsqueeze(1)
         return image.transpose(0, 1) if batch_first else image
@@ -199,6 +200,9 @@ class RecurrentBase(nn.Module):
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
         self.reset_parameters()
+
+    def __prepare_scriptable__(self):
+        _export.refuse_torchscript(self)
 
     def reset_parameters(self) -> None:
         """torch's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)), in torch's order."""
@@ -341,11 +345,63 @@ class RecurrentBase(nn.Module):
 
     # --- forward -----------------------------------------------------------------------------------
 
-    def forward(self, input, hx=None, image=None, lengths=None):
+    def _run_layers(self, x, img, states0, lengths, amp, engine, fuse):
+        """The layer x direction loop on time-major x [T, B, I] -> (output [T, B, D * H], final
+        states, each [L * D, B, H]). engine / fuse: see forward."""
         num_directions = 2 if self.bidirectional else 1
+        step_path = engine and x.shape[0] == 1 and lengths is None and self._step_kind() is not None
+        layer_input = x
+        finals = [[] for _ in range(self.STATES)]
+        for layer in range(self.num_layers):
+            outs = []
+            for direction in range(num_directions):
+                p = self._params(layer, direction)
+                idx = layer * num_directions + direction
+                if step_path:
+                    # one step with a carried state (decoding through the module): the decoding kernel
+                    x_in = layer_input
+                    out, last = self._one_step(p, x_in, img, [s[idx] for s in states0])
+                    outs.append(out)
+                    for k, s in enumerate(last):
+                        finals[k].append(s)
+                    continue
+                fused = self._fused_inference({k: _to(p[k], amp) for k in ("weight_ih", "weight_hh")}) if fuse else None
+                if fused is not None:
+                    # inference on the C++ engine: the input product runs inside every step's tile
+                    # (under autocast in its dtype: bf16 operands, float32 accumulation and state)
+                    x_in = layer_input if direction == 0 else _time_reverse(layer_input, lengths)
+                    img_term = _to(_image_term(x_in, img, self._outer_bias(p), p.get("weight_img")), amp)
+                    if direction == 1 and img_term is not None and img_term.dim() == 3:
+                        img_term = _time_reverse(img_term, lengths)
+                    out, last = fused(_to(x_in, amp).contiguous(), img_term, [_to(s[idx], amp) for s in states0],
+                                      lengths)
+                    outs.append(_time_reverse(out, lengths) if direction == 1 else out)
+                    for k, s in enumerate(last):
+                        finals[k].append(s)
+                    continue
+                xp, img_term = _project(layer_input, img, p["weight_ih"], self._outer_bias(p), p.get("weight_img"), engine)
+                xp, img_term = _to(xp, amp), _to(img_term, amp)
+                if direction == 1:
+                    xp = _time_reverse(xp, lengths)
+                    if img_term is not None and img_term.dim() == 3:
+                        img_term = _time_reverse(img_term, lengths)
+                recurrent = {k: _to(v, amp) for k, v in p.items() if k in _RECURRENT_PARAMS}
+                out, last = self._recurrence(recurrent, xp, img_term, [_to(s[idx], amp) for s in states0], lengths)
+                outs.append(_time_reverse(out, lengths) if direction == 1 else out)
+                for k, s in enumerate(last):
+                    finals[k].append(s)
+            layer_input = outs[0] if num_directions == 1 else torch.cat(outs, dim=2)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, p=self.dropout, training=True)
+        return layer_input, [torch.stack(f) for f in finals]
+
+    def forward(self, input, hx=None, image=None, lengths=None):
         name = type(self).__name__
         weight = self.weight_ih_l0
         packed = isinstance(input, PackedSequence)
+        exporting_onnx = _export.onnx_exporting()
+        if exporting_onnx:
+            _export.check_onnx_exportable(self, packed=packed, amp=_autocast_dtype(weight.device, weight.dtype))
         if packed:
             if lengths is not None:
                 raise InputError("lengths: a PackedSequence carries its own lengths; pass lengths only with padded input")
@@ -405,52 +461,10 @@ class RecurrentBase(nn.Module):
                 engine = x.dtype == torch.float32 and amp is None
                 fuse = (amp or x.dtype) in (torch.float32, torch.bfloat16)
 
-        step_path = engine and T == 1 and lengths is None and self._step_kind() is not None
-        layer_input = x
-        finals = [[] for _ in range(self.STATES)]
-        for layer in range(self.num_layers):
-            outs = []
-            for direction in range(num_directions):
-                p = self._params(layer, direction)
-                idx = layer * num_directions + direction
-                if step_path:
-                    # one step with a carried state (decoding through the module): the decoding kernel
-                    x_in = layer_input
-                    out, last = self._one_step(p, x_in, img, [s[idx] for s in states0])
-                    outs.append(out)
-                    for k, s in enumerate(last):
-                        finals[k].append(s)
-                    continue
-                fused = self._fused_inference({k: _to(p[k], amp) for k in ("weight_ih", "weight_hh")}) if fuse else None
-                if fused is not None:
-                    # inference on the C++ engine: the input product runs inside every step's tile
-                    # (under autocast in its dtype: bf16 operands, float32 accumulation and state)
-                    x_in = layer_input if direction == 0 else _time_reverse(layer_input, lengths)
-                    img_term = _to(_image_term(x_in, img, self._outer_bias(p), p.get("weight_img")), amp)
-                    if direction == 1 and img_term is not None and img_term.dim() == 3:
-                        img_term = _time_reverse(img_term, lengths)
-                    out, last = fused(_to(x_in, amp).contiguous(), img_term, [_to(s[idx], amp) for s in states0],
-                                      lengths)
-                    outs.append(_time_reverse(out, lengths) if direction == 1 else out)
-                    for k, s in enumerate(last):
-                        finals[k].append(s)
-                    continue
-                xp, img_term = _project(layer_input, img, p["weight_ih"], self._outer_bias(p), p.get("weight_img"), engine)
-                xp, img_term = _to(xp, amp), _to(img_term, amp)
-                if direction == 1:
-                    xp = _time_reverse(xp, lengths)
-                    if img_term is not None and img_term.dim() == 3:
-                        img_term = _time_reverse(img_term, lengths)
-                recurrent = {k: _to(v, amp) for k, v in p.items() if k in _RECURRENT_PARAMS}
-                out, last = self._recurrence(recurrent, xp, img_term, [_to(s[idx], amp) for s in states0], lengths)
-                outs.append(_time_reverse(out, lengths) if direction == 1 else out)
-                for k, s in enumerate(last):
-                    finals[k].append(s)
-            layer_input = outs[0] if num_directions == 1 else torch.cat(outs, dim=2)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, p=self.dropout, training=True)
-        output = layer_input
-        states = [torch.stack(f) for f in finals]
+        if exporting_onnx:
+            output, states = _export.onnx_layers(self, x, img, states0, lengths)
+        else:
+            output, states = self._run_layers(x, img, states0, lengths, amp, engine, fuse)
         if amp is not None and x.device.type == "cpu":
             output, states = self._autocast_outputs(amp, weight.dtype, output, states)
 
@@ -493,6 +507,9 @@ class CellBase(nn.Module):
         else:
             self.register_parameter("weight_img", None)
         self.reset_parameters()
+
+    def __prepare_scriptable__(self):
+        _export.refuse_torchscript(self)
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
@@ -598,10 +615,14 @@ class CellBase(nn.Module):
                            batch_first=False, module=name)
         if img is not None:
             _check_same("image", img, x, "input", dtype=amp is None)
-        if not torch.compiler.is_compiling():
-            _backends.select(self.backend, x.device, amp or x.dtype, self.CELL)
-        xp, img_term = _project(x, img, self.weight_ih, self._outer_bias(), self.weight_img)
-        new = self._step(_to(xp, amp).unsqueeze(0), _to(img_term, amp), [_to(s, amp) for s in states], amp)
+        if _export.onnx_exporting():
+            _export.check_onnx_exportable(self, amp=amp)
+            new = _export.onnx_cell(self, x, img, states)
+        else:
+            if not torch.compiler.is_compiling():
+                _backends.select(self.backend, x.device, amp or x.dtype, self.CELL)
+            xp, img_term = _project(x, img, self.weight_ih, self._outer_bias(), self.weight_img)
+            new = self._step(_to(xp, amp).unsqueeze(0), _to(img_term, amp), [_to(s, amp) for s in states], amp)
         if amp is not None and x.device.type == "cpu":  # the dtypes torch's cell returns (AUTOCAST_FULL)
             new = [s.to(self.weight_ih.dtype if f else amp) for s, f in zip(new, self.AUTOCAST_FULL)]
         new = [s if batched else s.squeeze(0) for s in new]

@@ -44,9 +44,16 @@ def check_xp(xp, gates: int):
     return T, B, G // gates
 
 
+def shape_is(t: torch.Tensor, shape) -> bool:
+    """Whether t has exactly `shape`: the ranks first, then each size. (Python's tuple comparison
+    compares sizes before ranks: with symbolic sizes under torch.export that would add a guard
+    between unrelated dimensions — time against batch — and specialise the exported program.)"""
+    return t.dim() == len(shape) and all(a == b for a, b in zip(t.shape, shape))
+
+
 def check_like(name: str, t, shape, xp) -> None:
     """t must be a tensor of `shape` with xp's dtype and device."""
-    if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):
+    if not isinstance(t, torch.Tensor) or not shape_is(t, shape):
         raise InputError(f"{name}: expected shape {tuple(shape)}, got {_describe(t)}")
     if t.dtype != xp.dtype:
         raise InputError(f"{name}: expected dtype {xp.dtype} (the dtype of xp), got {t.dtype}")
@@ -57,7 +64,8 @@ def check_like(name: str, t, shape, xp) -> None:
 def check_image_term(image_term, T: int, B: int, width: int, xp) -> None:
     if image_term is None:
         return
-    if not isinstance(image_term, torch.Tensor) or tuple(image_term.shape) not in ((B, width), (T, B, width)):
+    if not isinstance(image_term, torch.Tensor) or not (shape_is(image_term, (B, width))
+                                                         or shape_is(image_term, (T, B, width))):
         raise InputError(f"image_term: expected shape {(B, width)} (static) or {(T, B, width)} (per step), "
                          f"got {_describe(image_term)}")
     check_like("image_term", image_term, image_term.shape, xp)
