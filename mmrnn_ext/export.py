@@ -51,6 +51,9 @@ def _refuse(module, what: str, why: str):
 
 def check_onnx_exportable(module, *, packed: bool = False, amp=None) -> None:
     """The cases ONNX cannot express, refused by name before any exporter message."""
+    if not hasattr(torch.onnx, "ops"):
+        _refuse(module, "torch.onnx.export", f"with torch {torch.__version__}: its ONNX nodes need torch.onnx.ops "
+                "(torch >= 2.8)")
     if not _dynamo_exporter_flag():
         _refuse(module, "torch.onnx.export", "by the TorchScript-based exporter (dynamo=False); pass dynamo=True "
                 "(the default)")

@@ -6,6 +6,7 @@
     mmrnn-train --quick --sweep-gaps 0,25,50,100,200 --cells rnn,lstm,gru --json s.json --plot s.png
     mmrnn-train --data my.jsonl --features feats.npy   your own data (see mmrnn_ext.data)
     mmrnn-train --eval runs/mmrnn-train/model.pt       evaluate a checkpoint on its own test split
+    mmrnn-train --eval runs/mmrnn-train/model.pt --export runs/export   + model.onnx and model.pt2, verified
     mmrnn-train --quick --explain 4          Integrated Gradients: a PNG per test example
 
 Writes under --out (default runs/mmrnn-train): model.pt (weights, vocabulary, labels, config and
@@ -107,6 +108,8 @@ def parse_args(argv=None):
     p.add_argument("--eval", metavar="CHECKPOINT", help="evaluate a saved checkpoint on the test split it was tested on")
     p.add_argument("--out", default="runs/mmrnn-train", help="folder for the checkpoint and plots")
     p.add_argument("--json", metavar="PATH", help="write all metrics, keyed by variant")
+    p.add_argument("--export", metavar="DIR", help="with --eval: write DIR/model.onnx (ONNX Runtime) and DIR/model.pt2 "
+                   "(torch.export + AOTInductor) of the whole classifier, each checked against eager on the test split")
     args = p.parse_args(argv)
     args.sweep_gaps = _int_list(p, "--sweep-gaps", args.sweep_gaps, minimum=0)
     if args.sweep_gaps is not None and max(args.sweep_gaps) > MAX_GAP:
@@ -135,6 +138,8 @@ def parse_args(argv=None):
             p.error("argument --seeds: not with --seed")
     if (args.data is None) != (args.features is None):
         p.error("--data and --features go together: records (.jsonl/.csv) and their image features (.npy)")
+    if args.export and not args.eval:
+        p.error("argument --export: only with --eval CHECKPOINT (train first, then export the checkpoint)")
     if args.eval:
         given = _given_options(p, argv)
         for flag in ("seeds", "explain", "ablate"):
@@ -144,7 +149,8 @@ def parse_args(argv=None):
             if dest in given:
                 flag = "--" + dest.replace("_", "-")
                 p.error(f"--eval: not with {flag} (the checkpoint fixes the model and how it was trained; "
-                        "--eval takes --gap, --backend, --device, --json and, for your data, --data/--features)")
+                        "--eval takes --gap, --backend, --device, --json, --export and, for your data, "
+                        "--data/--features)")
         args.eval_gap = args.gap if "gap" in given else None
     return args
 
@@ -185,6 +191,8 @@ def _check_environment(args):
         needs["matplotlib"] = "the loss curves and confusion plots"
     if args.explain:
         needs["captum"] = "--explain"
+    if args.export:
+        _cli.require(PROG, {name: "--export" for name in ("onnx", "onnxscript", "onnxruntime")}, "export")
     _cli.require(PROG, needs, "train")
     device = _cli.device(PROG, args.device)
     _check_backend(args.backend, device)
@@ -195,6 +203,8 @@ def _check_environment(args):
         if path and not os.path.isfile(path):
             raise SystemExit(f"{PROG}: --{flag} {path}: no such file")
     _cli.writable_file(PROG, "--json", args.json)
+    if args.export:
+        _cli.writable_folder(PROG, "--export", args.export)
     _cli.writable_file(PROG, "--plot", args.plot)
     if not args.eval:
         _cli.writable_folder(PROG, "--out", args.out)

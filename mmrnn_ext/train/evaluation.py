@@ -58,7 +58,11 @@ def evaluate_checkpoint(args, device, rank):
                    "statements, images and labels)")
     metrics = evaluate(model, ds.test, device)
     log(rank, report(f"{config['fusion']}, {config['cell']}" + (f", gap {gap}" if gap else ""), metrics, labels))
-    return {config["fusion"]: {"test_accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
-                               "confusion_matrix": metrics["confusion_matrix"], "seed": source["seed"],
-                               "cell": config["cell"], "gap": gap, "trained_gap": trained_gap,
-                               "backend": args.backend}}
+    result = {"test_accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+              "confusion_matrix": metrics["confusion_matrix"], "seed": source["seed"], "cell": config["cell"],
+              "gap": gap, "trained_gap": trained_gap, "backend": args.backend}
+    if args.export:
+        from .deploy import export_classifier
+
+        result["export"] = export_classifier(model, config, vocab, labels, source, ds, args.export, rank)
+    return {config["fusion"]: result}
