@@ -49,7 +49,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["mmrnn_ext", "mmrnn_ext.modules", "mmrnn_ext.ops", "mmrnn_ext.kernels"],
+    packages=["mmrnn_ext", "mmrnn_ext.modules", "mmrnn_ext.ops", "mmrnn_ext.train", "mmrnn_ext.kernels"],
     package_dir={"mmrnn_ext": "mmrnn_ext", "mmrnn_ext.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -8,8 +8,8 @@ cpu_gru.json: the machine, the table (mmrnn-bench --markdown), the GEMM rates, t
 figures and the plot. The serving table (between <!-- cpu-serving-table:start/end -->) from
 bench/results/cpu_serving_{rnn,lstm,gru}_run*.json (mmrnn-bench --grid serving --stock-only), the
 bf16 one (<!-- cpu-bf16-table -->) from cpu_serving_bf16_*_run*.json (the same with --autocast
-bfloat16) and the decoding one (<!-- cpu-decode-table -->) from cpu_decode_*_run*.json
-(mmrnn-bench --decode).
+bfloat16), the decoding one (<!-- cpu-decode-table -->) from cpu_decode_*_run*.json (mmrnn-bench
+--decode) and the ONNX Runtime one (<!-- onnx-table -->) from cpu_onnx_*_run*.json (mmrnn-bench --onnx).
 The training results (between <!-- train-table:start/end -->) from
 bench/results/train_quick_ablate.json and its log (bash bench/train_ablation.sh), and the gap sweep
 (between <!-- gap-table:start/end -->) from bench/results/gap_sweep_quick.json and its log
@@ -35,6 +35,7 @@ GPU_PREFIX = "gpu_h100_"
 SERVING_START, SERVING_END = "<!-- cpu-serving-table:start -->", "<!-- cpu-serving-table:end -->"
 BF16_START, BF16_END = "<!-- cpu-bf16-table:start -->", "<!-- cpu-bf16-table:end -->"
 DECODE_START, DECODE_END = "<!-- cpu-decode-table:start -->", "<!-- cpu-decode-table:end -->"
+ONNX_START, ONNX_END = "<!-- onnx-table:start -->", "<!-- onnx-table:end -->"
 
 GPU_NOTES = """Where the time goes, per step of the recurrence (the kernels-alone table; FLOPs = 2·B·H²):
 
@@ -189,6 +190,43 @@ def decode_section(cells: dict) -> str:
             lines.append(f"| {cell} | {','.join(map(str, shape))} | {mean(us['oc']):.1f} | {mean(us['tc']):.1f} | "
                          f"{mean(xc):.2f}x ({min(xc):.2f}x) | {mean(us['om']):.1f} | {mean(us['tm']):.1f} | "
                          f"{mean(xm):.2f}x ({min(xm):.2f}x) |")
+    files = ", ".join(f"`{os.path.relpath(p, ROOT)}`" for runs in cells.values() for p in runs)
+    lines += ["", f"Sources: {files}."]
+    return "\n".join(lines)
+
+
+def onnx_section(cells: dict) -> str:
+    """Serving in ONNX Runtime: inference ms of mmrnn_ext and nn.X(concat), eager and exported
+    (mmrnn-bench --onnx), mean (minimum) over separate runs."""
+    first = next(iter(next(iter(cells.values())).values()))
+    runs_n = len(next(iter(cells.values())))
+    lines = [f"Measured on {cpu_line(first['machine'])}; float32, inference (no_grad), one layer, unidirectional, "
+             f"V = 64; each figure the median of 5 timed calls (providers taking turns), then mean (minimum) over "
+             f"{runs_n} separate runs (`mmrnn-bench --cell CELL --grid serving --stock-only --onnx --json "
+             "bench/results/cpu_onnx_CELL_runN.json`). ONNX Runtime: the model exported with `torch.onnx.export(..., "
+             "dynamo=True)` and run on CPUExecutionProvider with as many threads as torch; every output checked "
+             "against mmrnn_ext's eager one before timing. x = that time / mmrnn_ext eager's.", "",
+             "| cell | shape (B,T,I,V,H) | mmrnn_ext eager ms | nn.X(concat) eager ms | ONNX Runtime: mmrnn_ext ms (x) "
+             "| ONNX Runtime: nn.X(concat) ms (x) |", "| --- | --- | --- | --- | --- | --- |"]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    for cell, runs in cells.items():
+        results = list(runs.values())
+        stock = f"nn.{cell.upper()}(concat)"
+        names = ["mmrnn_ext", stock, "ONNX Runtime: mmrnn_ext", f"ONNX Runtime: {stock}"]
+        for shape in dict.fromkeys(tuple(r["shape"]) for r in results[0]["rows"]):
+            ms = {n: [next((r["ms"] for r in res["rows"] if tuple(r["shape"]) == shape and r["provider"] == n
+                            and r["pass"] == "forward"), None) for res in results] for n in names}
+            cells_ = []
+            for n in names:
+                if None in ms[n]:
+                    cells_.append("skipped")
+                    continue
+                text = f"{mean(ms[n]):.2f} ({min(ms[n]):.2f})"
+                if n.startswith("ONNX"):
+                    x = [a / b for a, b in zip(ms[n], ms["mmrnn_ext"])]
+                    text += f", {mean(x):.2f}x"
+                cells_.append(text)
+            lines.append(f"| {cell} | {','.join(map(str, shape))} | " + " | ".join(cells_) + " |")
     files = ", ".join(f"`{os.path.relpath(p, ROOT)}`" for runs in cells.values() for p in runs)
     lines += ["", f"Sources: {files}."]
     return "\n".join(lines)
@@ -370,6 +408,9 @@ def main():
     decode = _runs("cpu_decode_{cell}_run*.json")
     if decode:
         text = _replace(text, DECODE_START, DECODE_END, decode_section(decode))
+    onnx_runs = _runs("cpu_onnx_{cell}_run*.json")
+    if onnx_runs:
+        text = _replace(text, ONNX_START, ONNX_END, onnx_section(onnx_runs))
     train_path = os.path.join(ROOT, "bench", "results", "train_quick_ablate.json")
     if os.path.exists(train_path):
         with open(train_path) as f:

@@ -13,6 +13,8 @@ Providers, all with the same weights on the same inputs (X = RNN, LSTM or GRU, p
                          the table and JSON ("path") name it, read from the aten ops one call ran)
     eager loop           a Python loop of torch ops, input and image projections precomputed
     torch.compile(loop)  that loop compiled (skipped, with the reason, when it would take too long)
+    ONNX Runtime: ...    with --onnx: mmrnn_ext.X and nn.X(concat) exported (torch.onnx.export,
+                         dynamo) and run in ONNX Runtime on CPU; inference only
 
 Two passes per provider: "inference" (the forward under torch.no_grad, what a served model runs;
 "forward" in the JSON) and "forward+backward" (a training step). On CPU the machine's own ceiling is
@@ -230,6 +232,8 @@ def _make_providers(case: Case, args) -> tuple[dict, dict]:
             providers[f"{OURS}[{name}]"] = (lambda m: lambda: m(case.x, image=case.image)[0])(model)
     stock = build_stock(case, ours)
     providers[stock_name(case.cell)] = lambda: stock(torch.cat([case.x, case.image.expand(case.T, -1, -1)], dim=-1))[0]
+    if getattr(args, "onnx", False):
+        onnx_providers(case, ours, stock, providers, skipped)
     if args.stock_only:
         return providers, skipped
     providers["eager loop"] = lambda: eager_loop(case.x, case.image, ours)
@@ -255,6 +259,73 @@ def _make_providers(case: Case, args) -> tuple[dict, dict]:
             else:
                 skipped["torch.compile(loop)"] = f"compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     return providers, skipped
+
+
+ONNX_RUNTIME = "ONNX Runtime: "  # the prefix of the inference-only providers --onnx adds
+
+
+class _ConcatStock(torch.nn.Module):
+    """torch's module on the input with the image concatenated onto every step (what users export today)."""
+
+    def __init__(self, stock):
+        super().__init__()
+        self.stock = stock
+
+    def forward(self, x, image):
+        return self.stock(torch.cat([x, image.expand(x.shape[0], -1, -1)], dim=-1))[0]
+
+
+class _Ours(torch.nn.Module):
+    def __init__(self, ours):
+        super().__init__()
+        self.ours = ours
+
+    def forward(self, x, image):
+        return self.ours(x, image=image)[0]
+
+
+def onnx_providers(case: Case, ours, stock, providers: dict, skipped: dict) -> None:
+    """--onnx: both models exported with torch.onnx.export(dynamo=True) and run in ONNX Runtime's
+    CPUExecutionProvider on as many threads as torch uses — inference only (no training pass),
+    float32 on CPU. Added to `providers` (each marked inference_only) or to `skipped` with the reason."""
+    names = [ONNX_RUNTIME + OURS, ONNX_RUNTIME + stock_name(case.cell)]
+    reason = None
+    if case.device.type != "cpu" or case.dtype != torch.float32:
+        reason = "ONNX Runtime is timed on CPU in float32"
+    else:
+        import importlib.util
+
+        missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            reason = f"missing {', '.join(missing)} (pip install \"mmrnn_ext[export]\")"
+    if reason:
+        skipped.update({n: reason for n in names})
+        return
+    import io
+    import warnings
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+    feeds = {"x": case.x.detach().numpy(), "image": case.image.detach().numpy()}
+    for name, model in zip(names, (_Ours(ours), _ConcatStock(stock))):
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(model, (case.x.detach(), case.image.detach()), dynamo=True,
+                                            input_names=["x", "image"], verbose=False)
+            session = ort.InferenceSession(program.model_proto.SerializeToString(), options,
+                                           providers=["CPUExecutionProvider"])
+        except Exception as exc:  # reported, not fatal: the other providers still run
+            skipped[name] = f"export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            continue
+
+        def run(session=session):
+            return torch.from_numpy(session.run(None, feeds)[0])
+
+        run.inference_only = True
+        providers[name] = run
 
 
 # --- measuring ------------------------------------------------------------------------------------
@@ -457,16 +528,18 @@ def run_case(case: Case, args, progress) -> tuple[list, dict]:
         return train_step
 
     forwards = {name: forward_of(fn) for name, fn in providers.items()}
-    train_steps = {name: train_step_of(fn) for name, fn in providers.items()}
+    train_steps = {name: train_step_of(fn) for name, fn in providers.items() if not getattr(fn, "inference_only", False)}
     fwd_times = time_side_by_side(forwards, case.device, args.repeats)
     progress.update(len(providers))
     train_times = time_side_by_side(train_steps, case.device, args.repeats)
     progress.update(len(providers))
     for name, fn in providers.items():
-        fwd_ms, train_ms, train_step = fwd_times[name], train_times[name], train_steps[name]
-        saved = saved_activation_mb(fn)
-        peak = peak_memory_mb(train_step, case.device)
-        for pass_name, ms in zip(PASSES, (fwd_ms, train_ms)):
+        trains = name in train_steps  # inference-only providers (ONNX Runtime) have no training pass
+        saved = saved_activation_mb(fn) if trains else None
+        peak = peak_memory_mb(train_steps[name], case.device) if trains else None
+        for pass_name, ms in zip(PASSES, (fwd_times[name], train_times.get(name))):
+            if ms is None:
+                continue
             gflop = gemm_gflop(case, name, pass_name)
             rows.append({"shape": list(case.shape), "B": case.B, "T": case.T, "I": case.I, "V": case.V, "H": case.H,
                          "layers": case.layers, "bidirectional": case.bidirectional, "cell": case.cell,
@@ -664,7 +737,8 @@ def format_table(rows: list) -> str:
         amp = group[0].get("autocast")
         dtype = f"{dtype} under autocast {amp}" if amp else dtype
         lines.append(f"\nshape (B, T, I, V, H) = {shape}, {dtype}" + (f"; torch ran {path}" if path else ""))
-        lines.append(f"  {'provider':<26}{'inference ms':>13}{'x':>8}{'GF/s':>7}{'%ceil':>6}{'fwd+bwd ms':>12}{'x':>8}"
+        width = max(26, 2 + max(len(r["provider"]) for r in group))
+        lines.append(f"  {'provider':<{width}}{'inference ms':>13}{'x':>8}{'GF/s':>7}{'%ceil':>6}{'fwd+bwd ms':>12}{'x':>8}"
                      f"{'GF/s':>7}{'%ceil':>6}{'saved MB':>10}{'rel diff':>10}")
 
         def rate(r):
@@ -675,9 +749,11 @@ def format_table(rows: list) -> str:
 
         for name in dict.fromkeys(r["provider"] for r in group):
             f = next(r for r in group if r["provider"] == name and r["pass"] == "forward")
-            b = next(r for r in group if r["provider"] == name and r["pass"] == "forward+backward")
-            lines.append(f"  {name:<26}{f['ms']:>13.3f}{f['speedup_of_mmrnn_ext']:>7.2f}x{rate(f)}{b['ms']:>12.3f}"
-                         f"{b['speedup_of_mmrnn_ext']:>7.2f}x{rate(b)}{f['saved_activations_mb']:>10.1f}"
+            b = next((r for r in group if r["provider"] == name and r["pass"] == "forward+backward"), None)
+            train = (f"{b['ms']:>12.3f}{b['speedup_of_mmrnn_ext']:>7.2f}x{rate(b)}" if b is not None else
+                     f"{'inference only':>33}")
+            saved = f"{f['saved_activations_mb']:>10.1f}" if f["saved_activations_mb"] is not None else f"{'-':>10}"
+            lines.append(f"  {name:<{width}}{f['ms']:>13.3f}{f['speedup_of_mmrnn_ext']:>7.2f}x{rate(f)}{train}{saved}"
                          f"{f['relative_difference']:>10.1e}")
     lines.append("\n  inference = the forward under torch.no_grad; x = that provider's time / mmrnn_ext's time (above 1:\n"
                  "  mmrnn_ext is faster); GF/s = the pass's GEMM FLOPs (its own algorithm's) over its time; %ceil = that\n"
@@ -698,8 +774,12 @@ def markdown_table(result: dict) -> str:
         cells = []
         for p in providers:
             r = group.get(p)
-            cells.append("skipped" if r is None else
-                         f"{r['ms']:.2f} ({r['speedup_of_mmrnn_ext']:.2f}x, {r['saved_activations_mb']:.1f})")
+            if r is None:
+                cells.append("inference only" if p.startswith(ONNX_RUNTIME) else "skipped")
+            elif r["saved_activations_mb"] is None:
+                cells.append(f"{r['ms']:.2f} ({r['speedup_of_mmrnn_ext']:.2f}x)")
+            else:
+                cells.append(f"{r['ms']:.2f} ({r['speedup_of_mmrnn_ext']:.2f}x, {r['saved_activations_mb']:.1f})")
         ours = group[OURS]
         lines.append(f"| {','.join(map(str, k[0]))} | {k[1]} | {k[2]} | {ours['ms']:.2f} ({ours['saved_activations_mb']:.1f}) | "
                      + " | ".join(cells) + " |")
@@ -800,6 +880,8 @@ def parse_args(argv=None):
                    help="run every provider under torch.autocast('cpu', <dtype>) (float32 models; CPU only)")
     p.add_argument("--decode", action="store_true",
                    help="time decoding instead of the grid: us per cell step at B=1 and B=16 (CPU, float32, no_grad)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also time both models exported to ONNX and run in ONNX Runtime (inference only; CPU, float32)")
     p.add_argument("--stock-only", action="store_true",
                    help="time mmrnn_ext against torch's own module only (no eager loop, no torch.compile)")
     p.add_argument("--repeats", type=_cli.positive_int, default=None, help="CPU timing repeats (median; default 5, quick 3)")
@@ -828,6 +910,8 @@ def main(argv=None) -> int:
     device = _cli.device("mmrnn-bench", args.device)
     if (args.autocast or args.decode) and device.type != "cpu":
         raise SystemExit(f"{'--autocast' if args.autocast else '--decode'}: a CPU measurement; use --device cpu")
+    if args.onnx and (args.autocast or args.decode or device.type != "cpu"):
+        raise SystemExit("--onnx: ONNX Runtime is timed on the grid, on CPU, without autocast")
     if args.autocast and args.dtype not in (None, "float32"):
         raise SystemExit(f"--autocast: autocast runs float32 models; got --dtype {args.dtype}")
     if args.decode:
