@@ -124,3 +124,26 @@ def test_autocast_section(tmp_path):
 def test_serving_modes_bad_arguments(bad):
     with pytest.raises(SystemExit):
         bench.main(bad + ["--device", "cpu"])
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_onnx_runtime_providers(tmp_path, cell, capsys):
+    """--onnx: both exported models timed in ONNX Runtime, inference only, checked against ours first."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out = tmp_path / "o.json"
+    assert bench.main(["--shape", "2,3,4,5,6", "--device", "cpu", "--repeats", "1", "--stock-only", "--cell", cell,
+                       "--onnx", "--no-recurrence", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    ort_rows = [r for r in result["rows"] if r["provider"].startswith(bench.ONNX_RUNTIME)]
+    assert {r["provider"] for r in ort_rows} == {bench.ONNX_RUNTIME + "mmrnn_ext",
+                                                  bench.ONNX_RUNTIME + bench.stock_name(cell)}
+    assert all(r["pass"] == "forward" and r["relative_difference"] <= 1e-5 for r in ort_rows)
+    assert "inference only" in capsys.readouterr().out
+    assert "inference only" in bench.markdown_table(result)
+
+
+@pytest.mark.parametrize("bad", [["--onnx", "--autocast", "bfloat16"], ["--onnx", "--decode"]])
+def test_onnx_bad_arguments(bad):
+    with pytest.raises(SystemExit):
+        bench.main(bad + ["--device", "cpu"])
