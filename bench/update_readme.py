@@ -29,6 +29,7 @@ from mmrnn_ext.bench import markdown_table  # noqa: E402
 START, END = "<!-- cpu-table:start -->", "<!-- cpu-table:end -->"
 TRAIN_START, TRAIN_END = "<!-- train-table:start -->", "<!-- train-table:end -->"
 GAP_START, GAP_END = "<!-- gap-table:start -->", "<!-- gap-table:end -->"
+SEEDS_START, SEEDS_END = "<!-- seeds-table:start -->", "<!-- seeds-table:end -->"
 GPU_START, GPU_END = "<!-- gpu-table:start -->", "<!-- gpu-table:end -->"
 GATED = {cell: (f"<!-- cpu-{cell}-table:start -->", f"<!-- cpu-{cell}-table:end -->") for cell in ("lstm", "gru")}
 GPU_PREFIX = "gpu_h100_"
@@ -306,6 +307,40 @@ def train_section(result: dict, json_rel: str, machine: str) -> str:
     return "\n".join(lines)
 
 
+def seeds_section(now: dict, before: dict, machine: str) -> str:
+    """Every cell x fusion over seeds: accuracy now (the ablation JSONs) beside before the fix (the
+    diagnosis JSON's "before" runs: same seeds, budget and machine), with the epochs and seconds each
+    run took."""
+    runs = before["variants"]["before"]["runs"]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    seeds = sorted(next(iter(next(iter(now.values())).values()))["seeds"], key=int)
+    lines = [f"Measured on {machine}, `mmrnn-train --quick` at gap 0, seeds {seeds[0]}-{seeds[-1]} (one run per cell, "
+             "fusion and seed; `bash bench/train_ablation.sh`, `bench/results/train_quick_ablate{,_lstm,_gru}.json`). "
+             "Before: the same runs with the code before the fix (`bench/results/train_seeds_diagnosis.json`, "
+             "\"before\"). Epochs are the cost unit the fix changes (an epoch's cost is unchanged); seconds are "
+             "each run's wall time for training and evaluation.", "",
+             "| cell | fusion | before: accuracy mean (min), runs < 0.95 | before: epochs mean | now: accuracy mean (min) "
+             "| now: runs < 0.95 | now: epochs mean (max) | now: seconds mean (max) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for cell, result in now.items():
+        for fusion, r in result.items():
+            per = list(r["seeds"].values())
+            acc = [x["test_accuracy"] for x in per]
+            ep = [x["epochs"] for x in per]
+            sec = [x["seconds"] for x in per]
+            old = [x for x in runs if x["cell"] == cell and x["fusion"] == fusion]
+            if old:
+                oacc = [x["acc"] for x in old]
+                b1 = f"{mean(oacc):.4f} ({min(oacc):.4f}), {sum(a < 0.95 for a in oacc)} of {len(oacc)}"
+                b2 = f"{mean([x['epochs'] for x in old]):.1f}"
+            else:
+                b1 = b2 = "-"
+            fails = sum(a < 0.95 for a in acc) if fusion in ("add", "concat", "init") else "-"
+            lines.append(f"| {cell} | {fusion} | {b1} | {b2} | {mean(acc):.4f} ({min(acc):.4f}) | {fails} | "
+                         f"{mean(ep):.1f} ({max(ep)}) | {mean(sec):.1f} ({max(sec):.1f}) |")
+    return "\n".join(lines)
+
+
 def gap_section(result: dict, json_rel: str, log_rel: str) -> str:
     with open(os.path.join(ROOT, log_rel)) as f:
         log = f.read().splitlines()
@@ -327,18 +362,25 @@ def gap_section(result: dict, json_rel: str, log_rel: str) -> str:
             f"{per_gap[g]['curriculum_reached']} / {per_gap[g]['epochs']} / {per_gap[g]['seconds']:.0f}" for g in gaps) + " |")
     lines += ["", f"![test accuracy against gap]({os.path.splitext(json_rel)[0]}.png)"]
     stem = os.path.splitext(json_rel)[0]
-    seeds_path = os.path.join(ROOT, stem + "_seeds.json")
-    if os.path.exists(seeds_path):
+    for suffix in ("_seeds", "_gap100_seeds"):  # the tanh RNN at every gap; the gated cells at gap 100
+        seeds_path = os.path.join(ROOT, stem + suffix + ".json")
+        if not os.path.exists(seeds_path):
+            continue
         with open(seeds_path) as f:
             seeded = json.load(f)
         names = sorted(next(iter(next(iter(seeded.values())).values()))["seeds"], key=int)
         gaps_s = sorted(next(iter(seeded.values())), key=int)
-        lines += ["", f"Across seeds ({', '.join(names)}; `{stem}_seeds.json`, [plot]({stem}_seeds.png)): test "
-                  "accuracy, mean (minimum):", "",
-                  "| | " + " | ".join(f"gap {g}" for g in gaps_s) + " |", "| --- |" + " --- |" * len(gaps_s)]
+        plot_link = f", [plot]({stem}{suffix}.png)" if os.path.exists(os.path.join(ROOT, stem + suffix + ".png")) else ""
+        lines += ["", f"Across seeds ({', '.join(names)}; `{stem}{suffix}.json`{plot_link}): test accuracy, mean "
+                  "(minimum); epochs and seconds per run, mean (maximum):", "",
+                  "| | " + " | ".join(f"gap {g}" for g in gaps_s) + " | epochs | seconds |",
+                  "| --- |" + " --- |" * (len(gaps_s) + 2)]
         for key, per_gap in seeded.items():
+            runs = [r for g in gaps_s for r in per_gap[g]["seeds"].values()]
+            ep, sec = [r["epochs"] for r in runs], [r["seconds"] for r in runs]
             lines.append(f"| {key} | " + " | ".join(
-                f"{per_gap[g]['test_accuracy']:.4f} ({per_gap[g]['test_accuracy_min']:.4f})" for g in gaps_s) + " |")
+                f"{per_gap[g]['test_accuracy']:.4f} ({per_gap[g]['test_accuracy_min']:.4f})" for g in gaps_s)
+                + f" | {sum(ep) / len(ep):.1f} ({max(ep)}) | {sum(sec) / len(sec):.0f} ({max(sec):.0f}) |")
     plain_path = os.path.join(ROOT, stem + "_nocurriculum.json")
     if os.path.exists(plain_path):
         with open(plain_path) as f:
@@ -418,6 +460,16 @@ def main():
         with open(os.path.splitext(train_path)[0] + ".txt") as f:
             machine = f.readline().removeprefix("machine: ").strip()  # bench/train_ablation.sh writes it first
         text = _replace(text, TRAIN_START, TRAIN_END, train_section(trained, os.path.relpath(train_path, ROOT), machine))
+        now = {"rnn": trained}
+        for cell in ("lstm", "gru"):
+            path = os.path.join(ROOT, "bench", "results", f"train_quick_ablate_{cell}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    now[cell] = json.load(f)
+        diagnosis = os.path.join(ROOT, "bench", "results", "train_seeds_diagnosis.json")
+        if os.path.exists(diagnosis) and SEEDS_START in text:
+            with open(diagnosis) as f:
+                text = _replace(text, SEEDS_START, SEEDS_END, seeds_section(now, json.load(f), machine))
     gap_path = os.path.join(ROOT, "bench", "results", "gap_sweep_quick.json")
     if os.path.exists(gap_path):
         with open(gap_path) as f:

@@ -357,3 +357,42 @@ def test_example_script_names_the_expected_inputs_for_another_model(tmp_path):
     assert proc.returncode != 0
     err = proc.stderr.strip()
     assert "\n" not in err and "['tokens', 'lengths', 'image']" in err
+
+
+def test_onnx_unbatched_input(tmp_path):
+    """An unbatched sequence ([T, I], image [V]) exports with a dynamic length."""
+    torch.manual_seed(8)
+    m = Wrapped(mmrnn_ext.LSTM(7, 11, num_layers=2, image_size=6), hx=False, image=True, lengths=False).eval()
+    gen = torch.Generator().manual_seed(9)
+    make = lambda T: (torch.randn(T, 7, generator=gen), None, None, torch.randn(6, generator=gen), None)
+    session = _onnx_session(m, make(9), ({0: Dim("T", min=1)}, None, None, None, None), tmp_path / "u.onnx")
+    for T in (4, 13):
+        a = make(T)
+        with torch.no_grad():
+            want = _flat(m(*a))
+        _check(_run_ort(session, a), want, ("unbatched", T))
+
+
+@pytest.mark.parametrize("cell", ["RNNCell", "LSTMCell", "GRUCell"])
+def test_torch_export_cells_dynamic_batch(cell):
+    torch.manual_seed(10)
+    c = getattr(mmrnn_ext, cell)(5, 8, image_size=3).eval()
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = c
+
+        def forward(self, x, h, img):
+            out = self.c(x, (h, 0.5 * h) if cell == "LSTMCell" else h, image=img)
+            return tuple(out) if isinstance(out, tuple) else (out,)
+
+    m = Step()
+    gen = torch.Generator().manual_seed(11)
+    make = lambda B: (torch.randn(B, 5, generator=gen), torch.randn(B, 8, generator=gen), torch.randn(B, 3, generator=gen))
+    B = Dim("B", min=1)
+    ep = torch.export.export(m, make(3), dynamic_shapes=({0: B}, {0: B}, {0: B}))
+    for b in (1, 6):
+        a = make(b)
+        with torch.no_grad():
+            _check(list(ep.module()(*a)), list(m(*a)), (cell, b))
