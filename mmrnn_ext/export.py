@@ -41,8 +41,15 @@ def _dynamo_exporter_flag() -> bool:
 
 
 def onnx_exporting() -> bool:
-    """Whether a module is being traced by torch.onnx.export (either exporter)."""
-    return torch.onnx.is_in_onnx_export() or _dynamo_exporter_flag()
+    """Whether a module is being traced by torch.onnx.export (either exporter). Every forward asks,
+    so the exporters' flags are read where they live (two dict lookups; torch.onnx.is_in_onnx_export
+    imports its modules on each call, ~2 us) — the public function where a torch keeps them elsewhere."""
+    if _dynamo_exporter_flag():
+        return True
+    legacy = sys.modules.get("torch.onnx._internal.torchscript_exporter._globals")
+    if legacy is not None and hasattr(legacy, "GLOBALS"):
+        return bool(legacy.GLOBALS.in_onnx_export)
+    return torch.onnx.is_in_onnx_export()
 
 
 def _refuse(module, what: str, why: str):

@@ -396,3 +396,11 @@ def test_torch_export_cells_dynamic_batch(cell):
         a = make(b)
         with torch.no_grad():
             _check(list(ep.module()(*a)), list(m(*a)), (cell, b))
+
+
+def test_torchscript_based_onnx_exporter_refused(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(InputError, match="dynamo=True"):
+            torch.onnx.export(_Plain(mmrnn_ext.GRU(3, 4)), (torch.randn(2, 3, 3),), str(tmp_path / "x.onnx"),
+                              dynamo=False)
