@@ -308,6 +308,11 @@ def onnx_providers(case: Case, ours, stock, providers: dict, skipped: dict) -> N
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+    # ONNX Runtime's pool threads spin after each run by default, taking the cores from whichever
+    # provider runs next (measured: mmrnn_ext's eager LSTM 0.56x torch's when timed right after an
+    # ONNX Runtime call, above 1x without): they sleep instead, as torch's own pool does
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     feeds = {"x": case.x.detach().numpy(), "image": case.image.detach().numpy()}
     for name, model in zip(names, (_Ours(ours), _ConcatStock(stock))):
         try:
