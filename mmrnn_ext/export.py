@@ -46,6 +46,8 @@ def onnx_exporting() -> bool:
     imports its modules on each call, ~2 us) — the public function where a torch keeps them elsewhere."""
     if _dynamo_exporter_flag():
         return True
+    if torch.compiler.is_compiling():  # the TorchScript-based exporter never runs under TorchDynamo
+        return False
     legacy = sys.modules.get("torch.onnx._internal.torchscript_exporter._globals")
     if legacy is not None and hasattr(legacy, "GLOBALS"):
         return bool(legacy.GLOBALS.in_onnx_export)
