@@ -145,21 +145,24 @@ def test_onnx_gru_keeps_reset_after(tmp_path):
     assert {a.name: a.i for a in node.attribute}["linear_before_reset"] == 1
 
 
+class CellStep(torch.nn.Module):
+    """One cell step as a model: (x, h, image) -> the new states (an LSTMCell gets c = h / 2)."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.c = cell
+
+    def forward(self, x, h, img):
+        out = self.c(x, (h, 0.5 * h) if isinstance(self.c, mmrnn_ext.LSTMCell) else h, image=img)
+        return tuple(out) if isinstance(out, tuple) else (out,)
+
+
 @pytest.mark.parametrize("cell", ["RNNCell", "LSTMCell", "GRUCell"])
 def test_onnx_cells(tmp_path, cell):
     torch.manual_seed(3)
     c = getattr(mmrnn_ext, cell)(5, 8, image_size=3).eval()
 
-    class Step(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c = c
-
-        def forward(self, x, h, img):
-            out = self.c(x, (h, 0.5 * h) if cell == "LSTMCell" else h, image=img)
-            return tuple(out) if isinstance(out, tuple) else (out,)
-
-    m = Step()
+    m = CellStep(c)
     gen = torch.Generator().manual_seed(4)
     make = lambda B: (torch.randn(B, 5, generator=gen), torch.randn(B, 8, generator=gen), torch.randn(B, 3, generator=gen))
     B = Dim("B", min=1)
@@ -378,16 +381,7 @@ def test_torch_export_cells_dynamic_batch(cell):
     torch.manual_seed(10)
     c = getattr(mmrnn_ext, cell)(5, 8, image_size=3).eval()
 
-    class Step(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c = c
-
-        def forward(self, x, h, img):
-            out = self.c(x, (h, 0.5 * h) if cell == "LSTMCell" else h, image=img)
-            return tuple(out) if isinstance(out, tuple) else (out,)
-
-    m = Step()
+    m = CellStep(c)
     gen = torch.Generator().manual_seed(11)
     make = lambda B: (torch.randn(B, 5, generator=gen), torch.randn(B, 8, generator=gen), torch.randn(B, 3, generator=gen))
     B = Dim("B", min=1)
