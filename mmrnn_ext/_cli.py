@@ -26,6 +26,7 @@ def _number_type(convert, accept, expected: str):
 positive_int = _number_type(int, lambda v: v >= 1, "a positive integer")
 non_negative_int = _number_type(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number_type(float, lambda v: 0 < v < float("inf"), "a positive finite number")
+non_negative_float = _number_type(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 probability = _number_type(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 

@@ -35,10 +35,15 @@ class DigitEncoder(nn.Module):
     through a ReLU MLP give image features that are nearly the same vector for every digit at
     initialisation (their per-example spread is ~0.02 against the text's pre-activations), the
     image x statement interaction that decides the label has almost no gradient, and training sits
-    at chance on some seeds (1, 2, 5 of 0-5 before this change)."""
+    at chance on some seeds (1, 2, 5 of 0-5 before this change).
 
-    def __init__(self, in_dim: int = 64, out_dim: int = 64):
+    pixel_noise: the spread of Gaussian noise added to the standardised pixels in training mode
+    (0: none; evaluation never adds any). mmrnn-train switches it on once the model has found the
+    task (train.loop.PIXEL_NOISE): the encoder otherwise memorises the training digits."""
+
+    def __init__(self, in_dim: int = 64, out_dim: int = 64, pixel_noise: float = 0.0):
         super().__init__()
+        self.pixel_noise = pixel_noise
         self.register_buffer("pixel_mean", torch.zeros(in_dim))
         self.register_buffer("pixel_scale", torch.ones(in_dim))
         self.net = nn.Sequential(nn.Linear(in_dim, 128), nn.ReLU(), nn.Linear(128, out_dim), nn.LayerNorm(out_dim))
@@ -51,7 +56,10 @@ class DigitEncoder(nn.Module):
         self.pixel_scale.copy_(1 / pixels.std(0).clamp(min=0.05))
 
     def forward(self, pixels):
-        return self.net((pixels - self.pixel_mean) * self.pixel_scale)
+        z = (pixels - self.pixel_mean) * self.pixel_scale
+        if self.training and self.pixel_noise:
+            z = z + self.pixel_noise * torch.randn_like(z)
+        return self.net(z)
 
 
 class MultimodalClassifier(nn.Module):

@@ -88,7 +88,8 @@ def test_sweep_gaps_beyond_the_bound_is_refused(capsys):
 
 
 @pytest.mark.parametrize("option", [["--cell", "lstm"], ["--hidden", "32"], ["--fusion", "concat"], ["--epochs", "3"],
-                                    ["--quick"], ["--lr", "0.01"], ["--embed", "16"], ["--cell", "rnn"]])
+                                    ["--quick"], ["--lr", "0.01"], ["--embed", "16"], ["--cell", "rnn"],
+                                    ["--pixel-noise", "0"]])
 def test_training_options_with_eval_are_refused_by_name(tmp_path, option, capsys):
     with pytest.raises(SystemExit) as exc:
         train.parse_args(["--eval", str(tmp_path / "model.pt"), *option])

@@ -164,6 +164,7 @@ def test_sweep_json_is_keyed_by_cell_and_gap_and_plots(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--data", "d.jsonl", "--features", "f.npy", "--gap", "3"], "--gap: the built-in task's knob"),
+    (["--data", "d.jsonl", "--features", "f.npy", "--pixel-noise", "0.5"], "--pixel-noise: the built-in task's digit encoder"),
     (["--cells", "rnn"], "--cells: only with --sweep-gaps"),
     (["--plot", "p.png"], "--plot: only with --sweep-gaps"),
     (["--sweep-gaps", "0,x"], "--sweep-gaps: expected comma-separated integers"),

@@ -71,6 +71,39 @@ def test_backend_parity_of_the_loss_curve(task):
     np.testing.assert_allclose(curves[1], curves[0], rtol=1e-4, atol=1e-5)
 
 
+def test_digit_encoder_noise_is_for_training_only():
+    from mmrnn_ext.models import DigitEncoder
+
+    torch.manual_seed(0)
+    enc = DigitEncoder(pixel_noise=0.5)
+    pixels = torch.rand(7, 64)
+    enc.eval()
+    clean = enc(pixels)
+    enc.pixel_noise = 0.0
+    assert torch.equal(enc(pixels), clean)  # evaluation never adds noise
+    enc.train()
+    assert torch.equal(enc(pixels), clean)  # no noise asked: training sees the clean pixels
+    enc.pixel_noise = 0.5
+    noisy = enc(pixels)
+    assert (noisy - clean).abs().max() > 1e-2
+
+
+def test_pixel_noise_starts_after_the_chance_plateau(task):
+    """The digit encoder trains without noise until validation has left the chance plateau, with
+    config["pixel_noise"] from the next epoch on, and the model returned has it off."""
+    config = {"vocab_size": len(task.vocab), "num_classes": 2, "image_dim": 64, "embed_dim": 32, "hidden_size": 64,
+              "num_layers": 1, "bidirectional": False, "dropout": 0.0, "fusion": "add", "image_encoder": "digits",
+              "backend": "auto", "seed": 0, "lr": 3e-3, "batch_size": 128, "epochs": 4, "patience": 5, "cell": "rnn",
+              "pixel_noise": 0.5}
+    model, history, _ = train.train(task, config, _args(), torch.device("cpu"), progress=False)
+    chance = train.loop.chance_accuracy(task.val.labels)
+    exit_at = chance + train.loop.PLATEAU_MARGIN * (1 - chance)
+    left = next(i for i, h in enumerate(history) if h["val_accuracy"] >= exit_at)  # StopIteration: never left
+    assert left < len(history) - 1, "the test needs an epoch after the plateau"
+    assert [h["pixel_noise"] for h in history] == [0.0] * (left + 1) + [0.5] * (len(history) - left - 1)
+    assert model.encoder.pixel_noise == 0.0
+
+
 def test_cli_trains_saves_reloads_and_explains(tmp_path, capsys):
     out = tmp_path / "run"
     metrics = tmp_path / "m.json"

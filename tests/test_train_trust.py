@@ -491,7 +491,8 @@ def test_out_that_is_a_file_fails_before_the_run(tmp_path):
 @pytest.mark.parametrize("cli, flag, value", [
     (train.main, "--epochs", "0"), (train.main, "--patience", "0"), (train.main, "--batch-size", "0"),
     (train.main, "--hidden", "-3"), (train.main, "--lr", "0"), (train.main, "--dropout", "1.5"),
-    (train.main, "--max-steps", "-1"), (train.main, "--seeds", "1,x"), (bench.main, "--repeats", "0"),
+    (train.main, "--max-steps", "-1"), (train.main, "--seeds", "1,x"), (train.main, "--pixel-noise", "-0.5"),
+    (train.main, "--pixel-noise", "nan"), (bench.main, "--repeats", "0"),
     (bench.main, "--layers", "0"),
 ])
 def test_bad_argument_values_are_refused_by_name(cli, flag, value, capsys):

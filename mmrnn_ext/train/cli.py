@@ -27,7 +27,7 @@ from .. import _cli
 from ..models import CELLS, FUSION_HELP, FUSIONS
 from .attributions import explain
 from .evaluation import evaluate_checkpoint
-from .loop import CURRICULUM_ADVANCE, PROG, dist_setup, log
+from .loop import CURRICULUM_ADVANCE, PIXEL_NOISE, PROG, dist_setup, log
 from .plots import plot_sweep
 from .sweeps import over_seeds, train_variants, sweep
 
@@ -91,6 +91,9 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=_cli.positive_int, default=None, help="at most this many epochs (default 60, --quick 30)")
     p.add_argument("--patience", type=_cli.positive_int, default=None,
                    help="early stopping: epochs without validation gain (default 8, --quick 5)")
+    p.add_argument("--pixel-noise", type=_cli.non_negative_float, default=PIXEL_NOISE,
+                   help="the built-in task's digit encoder: spread of the Gaussian noise on its standardised pixels "
+                   "in training, from the epoch after validation leaves the chance plateau (0: none)")
     p.add_argument("--batch-size", type=_cli.positive_int, default=128, help="examples per optimisation step")
     p.add_argument("--lr", type=_cli.positive_float, default=3e-3, help="Adam learning rate")
     p.add_argument("--max-steps", type=_cli.non_negative_int, default=0,
@@ -132,6 +135,9 @@ def parse_args(argv=None):
             p.error("argument --sweep-gaps: not with --gap")
     if args.data and args.gap:
         p.error("argument --gap: the built-in task's knob; not with --data")
+    if args.data and "pixel_noise" in _given_options(p, argv):
+        p.error("argument --pixel-noise: the built-in task's digit encoder; not with --data (your image features "
+                "are used as given)")
     args.seeds = _int_list(p, "--seeds", args.seeds, minimum=0)
     if args.seeds is not None:
         if args.seed is not None:
@@ -157,7 +163,7 @@ def parse_args(argv=None):
 
 # What a checkpoint fixes: given with --eval, each is refused by name rather than silently ignored.
 EVAL_FIXED = ("fusion", "cell", "embed", "hidden", "layers", "bidirectional", "dropout", "epochs", "patience",
-              "batch_size", "lr", "max_steps", "no_curriculum", "quick", "out", "sweep_gaps", "cells", "plot")
+              "batch_size", "lr", "pixel_noise", "max_steps", "no_curriculum", "quick", "out", "sweep_gaps", "cells", "plot")
 
 
 def _given_options(parser, argv) -> set:

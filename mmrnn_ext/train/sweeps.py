@@ -50,7 +50,8 @@ def train_variants(args, device, rank, world, seed, suffix_seed, cell=None, gap=
                   "embed_dim": args.embed, "hidden_size": args.hidden, "num_layers": args.layers,
                   "bidirectional": args.bidirectional, "dropout": args.dropout, "fusion": fusion, "cell": cell,
                   "gap": gap, "image_encoder": encoder, "backend": args.backend,
-                  "seed": seed, "lr": args.lr, "batch_size": args.batch_size, "epochs": epochs, "patience": patience}
+                  "seed": seed, "lr": args.lr, "batch_size": args.batch_size, "epochs": epochs, "patience": patience,
+                  "pixel_noise": args.pixel_noise if encoder == "digits" else 0.0}
         # the baselines cannot learn the interaction a curriculum stage waits for: no curriculum
         config["curriculum"] = [] if fusion in ("text_only", "image_only") else [g for g, _ in stages]
         start = time.time()
