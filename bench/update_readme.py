@@ -343,7 +343,7 @@ def seeds_section(now: dict, before: dict, machine: str) -> str:
             b2 = f"{mean([x['epochs'] for x in old]):.1f}" if old else "-"
             ratio = f"{max(ep) / mean([x['epochs'] for x in old]):.2f}" if old else "-"
             fails = sum(a < 0.95 for a in acc) if fusion in ("add", "concat", "init") else "-"
-            lines.append(f"| {cell} | {fusion} | {b1} | {b2} | {summary(mid) if old and mid else '-'} | "
+            lines.append(f"| {cell} | {fusion} | {b1} | {b2} | {summary(mid) if mid else '-'} | "
                          f"{mean(acc):.4f} ({min(acc):.4f}) | {fails} | {mean(ep):.1f} ({max(ep)}) | "
                          f"{mean(sec):.1f} ({max(sec):.1f}) | {ratio} |")
     return "\n".join(lines)

@@ -135,7 +135,8 @@ def parse_args(argv=None):
             p.error("argument --sweep-gaps: not with --gap")
     if args.data and args.gap:
         p.error("argument --gap: the built-in task's knob; not with --data")
-    if args.data and "pixel_noise" in _given_options(p, argv):
+    given = _given_options(p, argv)
+    if args.data and "pixel_noise" in given:
         p.error("argument --pixel-noise: the built-in task's digit encoder; not with --data (your image features "
                 "are used as given)")
     args.seeds = _int_list(p, "--seeds", args.seeds, minimum=0)
@@ -147,7 +148,6 @@ def parse_args(argv=None):
     if args.export and not args.eval:
         p.error("argument --export: only with --eval CHECKPOINT (train first, then export the checkpoint)")
     if args.eval:
-        given = _given_options(p, argv)
         for flag in ("seeds", "explain", "ablate"):
             if getattr(args, flag):
                 p.error(f"--eval: not with --{flag} (evaluation reuses the checkpoint's model, seed and split)")

@@ -107,8 +107,8 @@ def curriculum_gaps(gap: int) -> list:
 
 def train(dataset, config: dict, args, device, rank=0, world=1, progress=True, log_every=None, stages=()):
     """-> (model, history, steps) with the best validation weights restored. history: per epoch
-    train loss/accuracy, the gap trained on, the pixel noise trained with and validation accuracy; steps: every optimisation
-    step's training loss.
+    train loss/accuracy, the gap and the pixel noise trained with and validation accuracy; steps:
+    every optimisation step's training loss.
 
     stages: a curriculum, [(gap, Dataset)] before `dataset` (the same examples with shorter gaps):
     training starts on the first and moves to the next once its validation accuracy reaches
