@@ -14,7 +14,6 @@ import json
 import sys
 
 import numpy as np
-import onnxruntime as ort
 
 INPUTS = ["tokens", "lengths", "image"]
 
@@ -22,6 +21,8 @@ INPUTS = ["tokens", "lengths", "image"]
 def load(path):
     """-> (session, vocab, labels, image width); exits with one line for a file that is not an
     mmrnn-train export (another model's inputs, or no vocabulary in its metadata)."""
+    import onnxruntime as ort
+
     try:
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ONNX Runtime's own message, on one line
@@ -49,6 +50,19 @@ def classify(session, vocab, labels, text, image):
     return labels[int(p.argmax())], dict(zip(labels, p.round(4).tolist()))
 
 
+def read_features(path):
+    """--features: a 2-D numeric .npy [num_images, F]; anything else exits with one line."""
+    try:
+        feats = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:  # missing, unreadable, truncated, not a .npy, pickled objects
+        sys.exit(f"classify_onnx: --features {path}: cannot read it as a .npy array ({type(exc).__name__}: "
+                 f"{str(exc).splitlines()[0] if str(exc) else 'empty or truncated file'})")
+    if not isinstance(feats, np.ndarray) or feats.ndim != 2 or feats.dtype.kind not in "fiu":
+        what = f"a {feats.ndim}-D {feats.dtype} array" if isinstance(feats, np.ndarray) else type(feats).__name__
+        sys.exit(f"classify_onnx: --features {path}: expected a 2-D numeric array [num_images, F], got {what}")
+    return feats
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="model.onnx from mmrnn-train --export")
@@ -67,7 +81,7 @@ def main(argv=None):
             sys.exit(f"classify_onnx: --digit: expected an index in [0, {len(images) - 1}], got {args.digit}")
         image = images[args.digit].reshape(-1) / 16.0
     else:
-        feats = np.load(args.features)
+        feats = read_features(args.features)
         if not 0 <= args.row < len(feats):
             sys.exit(f"classify_onnx: --row: expected an index in [0, {len(feats) - 1}], got {args.row}")
         image = feats[args.row]

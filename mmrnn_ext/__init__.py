@@ -3,13 +3,15 @@
     mmrnn_ext.RNN / LSTM / GRU          drop-ins for torch.nn.RNN / LSTM / GRU, plus image features
     mmrnn_ext.RNNCell / LSTMCell / GRUCell   drop-ins for torch's cells, plus image features
     mmrnn_ext.rnn_recurrence / lstm_recurrence / gru_recurrence   the fused recurrences as differentiable ops
+    mmrnn_ext.load_exported(path)       a shipped model.pt2 / model.onnx whose calls check their inputs
     mmrnn_ext.backends()                which backends (cpp, triton, reference) run here, for which cells, and why not
 """
 from . import ops, reference
 from ._backends import backend_for, backends
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 from .ops import InputError, gru_recurrence, lstm_recurrence, rnn_recurrence
+from .shipped import ExportedModel, load_exported
 
 __version__ = "0.1.0"
-__all__ = ["GRU", "GRUCell", "InputError", "LSTM", "LSTMCell", "RNN", "RNNCell", "backend_for", "backends",
-           "gru_recurrence", "lstm_recurrence", "ops", "reference", "rnn_recurrence"]
+__all__ = ["ExportedModel", "GRU", "GRUCell", "InputError", "LSTM", "LSTMCell", "RNN", "RNNCell", "backend_for", "backends",
+           "gru_recurrence", "load_exported", "lstm_recurrence", "ops", "reference", "rnn_recurrence"]

@@ -46,3 +46,19 @@ def assert_close(actual, expected, dtype, what=""):
 def cpu_backend(request):
     require(request.param)
     return request.param
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """A small mmrnn-train GRU trained for 30 steps and shipped with --export (model.onnx + model.pt2)
+    -> (root folder, its metrics); shared by the export and load_exported tests."""
+    import json
+
+    from mmrnn_ext import train
+
+    root = tmp_path_factory.mktemp("export")
+    assert train.main(["--cell", "gru", "--fusion", "add", "--max-steps", "30", "--epochs", "1", "--hidden", "16",
+                       "--out", str(root / "run")]) == 0
+    out = root / "metrics.json"
+    assert train.main(["--eval", str(root / "run" / "model.pt"), "--export", str(root / "ship"), "--json", str(out)]) == 0
+    return root, json.load(open(out))["add"]

@@ -278,18 +278,6 @@ def test_aot_inductor_package_matches_eager(tmp_path, cell):
 
 # --- mmrnn-train --export and the example ----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    from mmrnn_ext import train
-
-    root = tmp_path_factory.mktemp("export")
-    assert train.main(["--cell", "gru", "--fusion", "add", "--max-steps", "30", "--epochs", "1", "--hidden", "16",
-                       "--out", str(root / "run")]) == 0
-    out = root / "metrics.json"
-    assert train.main(["--eval", str(root / "run" / "model.pt"), "--export", str(root / "ship"), "--json", str(out)]) == 0
-    return root, json.load(open(out))["add"]
-
-
 def test_train_export_writes_verified_onnx_and_pt2(exported):
     root, metrics = exported
     ex = metrics["export"]

@@ -17,11 +17,12 @@ import os
 
 import torch
 
+from ..shipped import load_exported
 from .loop import PROG, log
 
 INPUTS = ("tokens", "lengths", "image")  # the exported graph's inputs, in order
 TOLERANCE = 1e-4  # largest |score difference| (float32) accepted between an export and eager
-METADATA_KEYS = ("mmrnn.inputs", "mmrnn.vocab", "mmrnn.labels", "mmrnn.tokenizer", "mmrnn.image")
+METADATA_KEYS = ("mmrnn.inputs", "mmrnn.vocab", "mmrnn.labels", "mmrnn.tokenizer", "mmrnn.image", "mmrnn.spec")
 
 
 class _Classifier(torch.nn.Module):
@@ -48,6 +49,15 @@ def _dynamic_shapes():
     return {"tokens": {0: batch, 1: steps}, "lengths": {0: batch}, "image": {0: batch}}
 
 
+def _spec(config, vocab) -> str:
+    """The input contract mmrnn_ext.load_exported checks every call against."""
+    from ..shipped import input_spec
+
+    return input_spec([{"name": "tokens", "dtype": "int64", "shape": ["batch", "steps"], "min": 0, "max": len(vocab) - 1},
+                       {"name": "lengths", "dtype": "int64", "shape": ["batch"], "min": 0, "max": "steps"},
+                       {"name": "image", "dtype": "float32", "shape": ["batch", int(config["image_dim"])]}])
+
+
 def _metadata(config, vocab, labels, source) -> dict:
     image = ("64 pixel intensities of an 8x8 digit, row by row, in [0, 1] (scikit-learn's load_digits() "
              "images / 16)" if source.get("kind") == "digits" else
@@ -57,16 +67,15 @@ def _metadata(config, vocab, labels, source) -> dict:
                                         "image": f"float32 [batch, {config['image_dim']}]"}),
             "mmrnn.vocab": json.dumps(list(vocab)), "mmrnn.labels": json.dumps(list(labels)),
             "mmrnn.tokenizer": "text.lower().split(); a word not in mmrnn.vocab is <unk> (id 1), padding is id 0",
-            "mmrnn.image": image}
+            "mmrnn.image": image, "mmrnn.spec": _spec(config, vocab)}
 
 
 def _batches(split, size=512):
-    """The split in batches cut to their longest row, contiguous: an AOTInductor package reads its
-    inputs in the layout it was compiled for (a column slice would be read as garbage, unchecked)."""
+    """The split in batches cut to their longest row (column slices: load_exported makes them
+    contiguous, as an AOTInductor package needs)."""
     for i in range(0, len(split), size):
         n = int(split.lengths[i:i + size].max())
-        yield (split.tokens[i:i + size, :n].contiguous(), split.lengths[i:i + size].contiguous(),
-               split.images[i:i + size].contiguous())
+        yield split.tokens[i:i + size, :n], split.lengths[i:i + size], split.images[i:i + size]
 
 
 def _scores(run, split) -> torch.Tensor:
@@ -78,7 +87,6 @@ def export_classifier(model, config, vocab, labels, source, ds, out_dir, rank=0)
     eager on ds.test -> {"onnx": {...}, "pt2": {...}, "eager_accuracy": ...}; SystemExit when an
     export disagrees with eager."""
     import onnx
-    import onnxruntime as ort
 
     os.makedirs(out_dir, exist_ok=True)
     net = _Classifier(model.to("cpu").eval()).eval()
@@ -90,22 +98,25 @@ def export_classifier(model, config, vocab, labels, source, ds, out_dir, rank=0)
                                 output_names=["scores"], verbose=False)
     program.save(onnx_path)
     proto = onnx.load(onnx_path)
-    for key, value in _metadata(config, vocab, labels, source).items():
+    metadata = _metadata(config, vocab, labels, source)
+    for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(proto, onnx_path)
 
     log(rank, f"exporting to {pt2_path} (torch.export + AOTInductor) ...")
     exported = torch.export.export(net, example, dynamic_shapes=tuple(_dynamic_shapes().values()))
-    torch._inductor.aoti_compile_and_package(exported, package_path=pt2_path)
+    # the same metadata in the package (load_exported checks calls against its mmrnn.spec); no
+    # lower bound of 2 on the dynamic sizes in AOTInductor's own input checks: batch 1 and one
+    # token are valid inputs (the graph is traced for any size >= 1)
+    torch._inductor.aoti_compile_and_package(exported, package_path=pt2_path, inductor_configs={
+        "aot_inductor.metadata": metadata, "aot_inductor.check_lowerbound": False})
 
     with torch.no_grad():
         eager = _scores(net, ds.test)
-        session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-        in_onnx = _scores(lambda t, n, v: torch.from_numpy(session.run(None, {"tokens": t.numpy(), "lengths": n.numpy(),
-                                                                                "image": v.numpy()})[0]), ds.test)
-        package = torch._inductor.aoti_load_package(pt2_path)
-        in_pt2 = _scores(lambda t, n, v: package(t, n, v), ds.test)
+        # both through load_exported, as users load them: every batch checked against the contract
+        in_onnx = _scores(load_exported(onnx_path), ds.test)
+        in_pt2 = _scores(load_exported(pt2_path), ds.test)
     y = ds.test.labels
     result = {"eager_accuracy": float((eager.argmax(-1) == y).float().mean()), "test_examples": len(y)}
     for name, scores, path in (("onnx", in_onnx, onnx_path), ("pt2", in_pt2, pt2_path)):
