@@ -3,9 +3,10 @@
 
     pytest bench/ --benchmark-only                     the CPU grid (CUDA grid on a GPU machine)
     MMRNN_BENCH_QUICK=1 pytest bench/ --benchmark-only the quick grid
+    MMRNN_BENCH_QUICK=1 pytest bench/ --benchmark-disable   every case once, untimed (the test suite
+                                                      runs this: tests/test_bench_cli.py)
 """
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ QUICK = os.environ.get("MMRNN_BENCH_QUICK", "0") not in ("", "0")
 SHAPES = {("cpu", False): bench.CPU_GRID, ("cpu", True): bench.QUICK_CPU_GRID,
           ("cuda", False): bench.GPU_GRID, ("cuda", True): bench.QUICK_GPU_GRID}[(DEVICE.type, QUICK)]
 PROVIDERS = [bench.OURS, "nn.RNN(concat)", "eager loop"]
-OPTIONS = SimpleNamespace(all_backends=False, no_compile=True, compile_max_steps=0, compile_timeout=0)
+# the CLI's own parser, so that an option added to mmrnn-bench cannot be missing here
+OPTIONS = bench.parse_args(["--no-compile", "--device", DEVICE.type])
 
 _cache = {}
 

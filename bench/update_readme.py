@@ -273,7 +273,8 @@ def section(result: dict, json_rel: str, png_rel: str) -> str:
         lines.append("| --- | --- | --- | --- | --- |")
         for r in result["recurrence"]:
             lines.append(f"| {','.join(map(str, r['shape']))} | {r['backend']} | {r['recurrence_gflops']:.1f} | "
-                         f"{r['mm_gflops']:.1f} | {100 * r['fraction_of_mm']:.0f}% |")
+                         f"{r['mm_gflops']:.1f} | " + ("n/a (timing disturbed)" if r.get("fraction_of_mm") is None
+                                                           else f"{100 * r['fraction_of_mm']:.0f}%") + " |")
         lines.append("")
     lines.append(f"![CPU speedups]({png_rel})")
     return "\n".join(lines)

@@ -375,6 +375,33 @@ def cpu_times_ms(fn, repeats: int) -> list:
     return times
 
 
+# Repeats of one measurement whose (max - min) / median exceeds this are reported as disagreeing
+# (a busy machine); a rate above the machine's measured ceiling by more than the margin is impossible.
+NOISY_SPREAD = 0.30
+CEILING_MARGIN = 1.10
+
+
+def spread(times) -> float:
+    """(max - min) / median of repeated timings: 0 when they agree."""
+    return (max(times) - min(times)) / statistics.median(times) if times and statistics.median(times) > 0 else 0.0
+
+
+def side_by_side_stats(fns: dict, device, repeats: int) -> dict:
+    """{name: {"ms": median, "min_ms", "spread"}} with time_side_by_side's method; on GPU
+    (triton.testing.do_bench's median) min_ms and spread are None."""
+    if device.type == "cuda":
+        return {name: {"ms": time_ms(fn, device, repeats), "min_ms": None, "spread": None} for name, fn in fns.items()}
+    return {name: {"ms": statistics.median(t) * 1e3, "min_ms": min(t) * 1e3, "spread": spread(t)}
+            for name, t in cpu_turns(fns, repeats).items()}
+
+
+def impossible_rate(gflops, ceiling, dtype_name: str) -> bool:
+    """A float32/float64 GEMM rate the machine cannot reach (above its big-GEMM ceiling by more
+    than CEILING_MARGIN): a timing the machine disturbed, never a speed."""
+    return (gflops is not None and ceiling is not None and dtype_name in ("float32", "float64")
+            and gflops > CEILING_MARGIN * ceiling)
+
+
 def time_side_by_side(fns: dict, device, repeats: int) -> dict:
     """{name: median ms}. On CPU the providers take turns: each round runs every provider twice, an
     untimed call then a timed one, so that a slow spell of a shared machine falls on every provider
@@ -440,7 +467,7 @@ def gemm_gflop(case: Case, provider: str, pass_name: str) -> float | None:
     return (forward if pass_name == "forward" else forward + backward) / 1e9
 
 
-def recurrence_vs_mm(case: Case, repeats: int) -> dict:
+def recurrence_vs_mm(case: Case, repeats: int, ceiling: float | None = None) -> dict:
     """The fused recurrence alone (auto backend, forward) against T plain GEMMs of its shape
     ([B, H] x [H, G*H], G the cell's gate count)."""
     B, T, H = case.B, case.T, case.H
@@ -464,11 +491,17 @@ def recurrence_vs_mm(case: Case, repeats: int) -> dict:
             torch.mm(a, wt, out=out)
 
     flop = 2.0 * B * H * G * T
-    op_ms, mm_ms = time_ms(op, case.device, repeats), time_ms(mm, case.device, repeats)
-    return {"shape": list(case.shape), "cell": case.cell, "dtype": str(case.dtype).replace("torch.", ""),
+    stats = side_by_side_stats({"op": op, "mm": mm}, case.device, repeats)
+    op_ms, mm_ms = stats["op"]["ms"], stats["mm"]["ms"]
+    dtype_name = str(case.dtype).replace("torch.", "")
+    rates = (flop / op_ms / 1e6, flop / mm_ms / 1e6)
+    spreads = [stats[k]["spread"] for k in ("op", "mm") if stats[k]["spread"] is not None]
+    impossible = any(impossible_rate(r, ceiling, dtype_name) for r in rates)
+    return {"shape": list(case.shape), "cell": case.cell, "dtype": dtype_name,
             "backend": _backends.backend_for(xp, cell=case.cell), "recurrence_ms": op_ms,
-            "recurrence_gflops": flop / op_ms / 1e6, "mm_ms": mm_ms, "mm_gflops": flop / mm_ms / 1e6,
-            "fraction_of_mm": mm_ms / op_ms}
+            "recurrence_gflops": rates[0], "mm_ms": mm_ms, "mm_gflops": rates[1],
+            "fraction_of_mm": None if impossible else mm_ms / op_ms, "spread": max(spreads, default=None),
+            "impossible_rate": impossible, "noisy": impossible or max(spreads, default=0.0) > NOISY_SPREAD}
 
 
 def stock_path(fn) -> str:
@@ -534,22 +567,24 @@ def run_case(case: Case, args, progress) -> tuple[list, dict]:
 
     forwards = {name: forward_of(fn) for name, fn in providers.items()}
     train_steps = {name: train_step_of(fn) for name, fn in providers.items() if not getattr(fn, "inference_only", False)}
-    fwd_times = time_side_by_side(forwards, case.device, args.repeats)
+    fwd_times = side_by_side_stats(forwards, case.device, args.repeats)
     progress.update(len(providers))
-    train_times = time_side_by_side(train_steps, case.device, args.repeats)
+    train_times = side_by_side_stats(train_steps, case.device, args.repeats)
     progress.update(len(providers))
     for name, fn in providers.items():
         trains = name in train_steps  # inference-only providers (ONNX Runtime) have no training pass
         saved = saved_activation_mb(fn) if trains else None
         peak = peak_memory_mb(train_steps[name], case.device) if trains else None
-        for pass_name, ms in zip(PASSES, (fwd_times[name], train_times.get(name))):
-            if ms is None:
+        for pass_name, stats in zip(PASSES, (fwd_times[name], train_times.get(name))):
+            if stats is None:
                 continue
+            ms = stats["ms"]
             gflop = gemm_gflop(case, name, pass_name)
             rows.append({"shape": list(case.shape), "B": case.B, "T": case.T, "I": case.I, "V": case.V, "H": case.H,
                          "layers": case.layers, "bidirectional": case.bidirectional, "cell": case.cell,
                          "dtype": dtype_name, "autocast": getattr(args, "autocast", None), "provider": name,
-                         "pass": pass_name, "ms": ms,
+                         "pass": pass_name, "ms": ms, "min_ms": stats["min_ms"], "spread": stats["spread"],
+                         "noisy": stats["spread"] is not None and stats["spread"] > NOISY_SPREAD,
                          "gemm_gflop": gflop, "gemm_gflops": None if gflop is None else gflop / ms * 1e3,
                          "saved_activations_mb": saved,
                          "peak_memory_mb": peak if pass_name == "forward+backward" else None,
@@ -559,6 +594,9 @@ def run_case(case: Case, args, progress) -> tuple[list, dict]:
     for r in rows:
         r["speedup_of_mmrnn_ext"] = r["ms"] / ours[r["pass"]]
         r["fraction_of_ceiling"] = None if ceiling is None or r["gemm_gflops"] is None else r["gemm_gflops"] / ceiling
+        r["impossible_rate"] = (impossible_rate(r["gemm_gflops"], ceiling, r["dtype"]) and not r["autocast"])
+        if r["impossible_rate"]:
+            r["noisy"] = True
     return rows, skipped
 
 
@@ -747,6 +785,8 @@ def format_table(rows: list) -> str:
                      f"{'GF/s':>7}{'%ceil':>6}{'saved MB':>10}{'rel diff':>10}")
 
         def rate(r):
+            if r.get("impossible_rate"):
+                return f"{'n/a':>7}{'':>6}"
             if r.get("gemm_gflops") is None:
                 return f"{'':>7}{'':>6}"
             frac = r.get("fraction_of_ceiling")
@@ -755,15 +795,41 @@ def format_table(rows: list) -> str:
         for name in dict.fromkeys(r["provider"] for r in group):
             f = next(r for r in group if r["provider"] == name and r["pass"] == "forward")
             b = next((r for r in group if r["provider"] == name and r["pass"] == "forward+backward"), None)
-            train = (f"{b['ms']:>12.3f}{b['speedup_of_mmrnn_ext']:>7.2f}x{rate(b)}" if b is not None else
+            mark = lambda r: "!" if r.get("noisy") else " "  # noqa: E731
+            train = (f"{b['ms']:>11.3f}{mark(b)}{b['speedup_of_mmrnn_ext']:>7.2f}x{rate(b)}" if b is not None else
                      f"{'inference only':>33}")
             saved = f"{f['saved_activations_mb']:>10.1f}" if f["saved_activations_mb"] is not None else f"{'-':>10}"
-            lines.append(f"  {name:<{width}}{f['ms']:>13.3f}{f['speedup_of_mmrnn_ext']:>7.2f}x{rate(f)}{train}{saved}"
-                         f"{f['relative_difference']:>10.1e}")
+            lines.append(f"  {name:<{width}}{f['ms']:>12.3f}{mark(f)}{f['speedup_of_mmrnn_ext']:>7.2f}x{rate(f)}{train}"
+                         f"{saved}{f['relative_difference']:>10.1e}")
     lines.append("\n  inference = the forward under torch.no_grad; x = that provider's time / mmrnn_ext's time (above 1:\n"
                  "  mmrnn_ext is faster); GF/s = the pass's GEMM FLOPs (its own algorithm's) over its time; %ceil = that\n"
-                 "  rate over the machine's big-GEMM rate")
+                 "  rate over the machine's big-GEMM rate; ! = that measurement's repeats disagree (see below)")
+    note = noise_note(rows)
+    if note:
+        lines.append(note)
     return "\n".join(lines)
+
+
+def format_recurrence(r: dict) -> str:
+    if r.get("impossible_rate"):
+        return (f"{r['recurrence_ms']:.2f} ms vs torch.mm {r['mm_ms']:.2f} ms: no rate reported (one exceeds the "
+                f"machine's big-GEMM ceiling: the machine disturbed the timing; rerun on a quiet machine)")
+    note = (f"  ! repeats disagree by {100 * r['spread']:.0f}% (busy machine?)" if r.get("noisy") else "")
+    return (f"{r['recurrence_ms']:.2f} ms, {r['recurrence_gflops']:.1f} GF/s vs torch.mm {r['mm_gflops']:.1f} GF/s "
+            f"({100 * r['fraction_of_mm']:.0f}%)" + note)
+
+
+def noise_note(rows: list) -> str:
+    """The table's warning when repeats disagreed or a rate was impossible ('' when none did)."""
+    noisy = [r for r in rows if r.get("noisy")]
+    if not noisy:
+        return ""
+    worst = max((r["spread"] or 0.0) for r in noisy)
+    impossible = sum(1 for r in noisy if r.get("impossible_rate"))
+    return (f"\n  ! {len(noisy)} of {len(rows)} measurements are unreliable: their repeats disagree by more than "
+            f"{100 * NOISY_SPREAD:.0f}% (worst {100 * worst:.0f}%)" + (f", {impossible} gave a GEMM rate above the "
+            f"machine's ceiling (shown as 'n/a')" if impossible else "") +
+            ": the machine was busy; their ratios may be wrong — rerun on a quiet machine")
 
 
 def markdown_table(result: dict) -> str:
@@ -835,14 +901,16 @@ def plot(result: dict, path: str) -> None:
 
 
 class _Progress:
-    """A progress bar on stderr (tqdm when installed)."""
+    """A progress bar on stderr (tqdm when installed) when stderr is a terminal; nothing otherwise."""
 
     def __init__(self):
         self._n = self._total = 0
+        self._quiet = not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
         try:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=0, file=sys.stderr, desc="mmrnn-bench", leave=False)
+            # disable=None: no bar when stderr is not a terminal (a log file, CI)
+            self._bar = tqdm(total=0, file=sys.stderr, desc="mmrnn-bench", leave=False, disable=None)
         except ImportError:
             self._bar = None
 
@@ -855,14 +923,14 @@ class _Progress:
     def update(self, n):
         if self._bar is not None:
             self._bar.update(n)
-        else:
+        elif not self._quiet:
             self._n += n
             print(f"\rmmrnn-bench {self._n}/{self._total}", end="", file=sys.stderr, flush=True)
 
     def close(self):
         if self._bar is not None:
             self._bar.close()
-        else:
+        elif not self._quiet:
             print(file=sys.stderr)
 
 
@@ -917,6 +985,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"{'--autocast' if args.autocast else '--decode'}: a CPU measurement; use --device cpu")
     if args.onnx and (args.autocast or args.decode or device.type != "cpu"):
         raise SystemExit("--onnx: ONNX Runtime is timed on the grid, on CPU, without autocast")
+    if args.onnx:
+        _cli.require("mmrnn-bench", {m: "--onnx" for m in ("onnx", "onnxscript", "onnxruntime")}, "export")
     if args.autocast and args.dtype not in (None, "float32"):
         raise SystemExit(f"--autocast: autocast runs float32 models; got --dtype {args.dtype}")
     if args.decode:
@@ -966,10 +1036,11 @@ def main(argv=None) -> int:
         skipped += [{"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "provider": k, "reason": v}
                     for k, v in case_skipped.items()]
         if not args.no_recurrence:
-            recurrence.append(recurrence_vs_mm(case, args.repeats))
+            recurrence.append(recurrence_vs_mm(case, args.repeats, getattr(args, "ceiling_gflops", None)))
     progress.close()
     result = {"machine": machine, "cell": args.cell, "layers": args.layers,
-              "bidirectional": args.bidirectional,
+              "bidirectional": args.bidirectional, "noisy_spread_threshold": NOISY_SPREAD,
+              "unreliable": sum(1 for r in rows + recurrence if r.get("noisy")),
               "rows": rows, "skipped": skipped, "recurrence": recurrence, "failures": failures}
     print(f"mmrnn-bench --cell {args.cell} on {result['machine']['device']} (torch {torch.__version__}, "
           f"{os.cpu_count()} cores)")
@@ -979,8 +1050,7 @@ def main(argv=None) -> int:
     if recurrence:
         print(f"\nrecurrence alone (forward) vs T x torch.mm of the same [B,H]x[H,{CELLS[args.cell][2]}H] GEMM:")
         for r in recurrence:
-            print(f"  {r['shape']} {r['dtype']} [{r['backend']}]: {r['recurrence_ms']:.2f} ms, "
-                  f"{r['recurrence_gflops']:.1f} GF/s vs torch.mm {r['mm_gflops']:.1f} GF/s ({100 * r['fraction_of_mm']:.0f}%)")
+            print(f"  {r['shape']} {r['dtype']} [{r['backend']}]: " + format_recurrence(r))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -27,8 +27,10 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
     assert result["machine"]["cpu_cores"] and result["machine"]["torch"] == torch.__version__
     assert result["recurrence"] and result["recurrence"][0]["recurrence_gflops"] > 0
     assert png.stat().st_size > 10_000
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
     assert "nn.RNN(concat)" in table and "fwd+bwd ms" in table
+    assert "\r" not in captured.err  # no progress bar when stderr is not a terminal
     md = bench.markdown_table(result)
     assert md.count("\n") == 1 + 2 * 2  # header, rule, one row per shape and pass
 
@@ -147,3 +149,74 @@ def test_onnx_runtime_providers(tmp_path, cell, capsys):
 def test_onnx_bad_arguments(bad):
     with pytest.raises(SystemExit):
         bench.main(bad + ["--device", "cpu"])
+
+
+def test_onnx_refused_before_any_work_when_onnxruntime_is_missing(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+
+    def no_work(*a, **k):
+        raise AssertionError("mmrnn-bench started measuring before checking --onnx's needs")
+
+    monkeypatch.setattr(bench, "gemm_ceiling", no_work)
+    monkeypatch.setattr(bench, "run_case", no_work)
+    with pytest.raises(SystemExit) as info:
+        bench.main(TINY + ["--onnx", "--no-compile"])
+    msg = str(info.value.code)
+    assert "onnxruntime (--onnx)" in msg and 'mmrnn_ext[export]' in msg and "\n" not in msg
+
+
+def _fake_turns(times_of):
+    """cpu_turns returning the given seconds per round for every provider (times_of(name) -> list)."""
+    return lambda fns, rounds: {name: list(times_of(name)) for name in fns}
+
+
+def test_disagreeing_repeats_are_flagged_in_table_and_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "cpu_turns", _fake_turns(
+        lambda name: [1e-3, 1e-3, 5e-3] if name.startswith("eager") else [2e-3, 2.1e-3, 2.05e-3]))
+    out = tmp_path / "r.json"
+    assert bench.main(TINY[:2] + TINY[4:] + ["--no-compile", "--no-recurrence", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    noisy = [r for r in result["rows"] if r["noisy"]]
+    assert noisy and all(r["provider"] == "eager loop" for r in noisy)
+    assert all(r["spread"] == pytest.approx(4.0) for r in noisy)
+    assert result["unreliable"] == len(noisy) and result["noisy_spread_threshold"] == bench.NOISY_SPREAD
+    table = capsys.readouterr().out
+    assert "measurements are unreliable" in table and "worst 400%" in table
+    eager_line = next(line for line in table.splitlines() if line.strip().startswith("eager loop"))
+    assert "!" in eager_line
+
+
+def test_impossible_rates_are_not_printed(tmp_path, monkeypatch, capsys):
+    """A timing far below what the machine's ceiling allows (a clock glitch on a busy machine) gives
+    no GF/s, no percentage: 'n/a' and the note."""
+    monkeypatch.setattr(bench, "cpu_turns", _fake_turns(lambda name: [1e-12] * 3))
+    monkeypatch.setattr(bench, "gemm_ceiling", lambda: {"gflops": 100.0, "by": "torch.mm", "rates": {}, "n": 2048})
+    out = tmp_path / "r.json"
+    assert bench.main(["--shape", "8,16,32,8,64", "--device", "cpu", "--repeats", "3", "--no-compile",
+                       "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert all(r["impossible_rate"] and r["noisy"] for r in result["rows"] if r["gemm_gflops"] is not None)
+    rec = result["recurrence"][0]
+    assert rec["impossible_rate"] and rec["fraction_of_mm"] is None
+    text = capsys.readouterr().out
+    assert "n/a" in text and "no rate reported" in text
+    assert not any(len(tok) > 6 and tok.endswith("%)") for tok in text.split())  # no '(1035832%)'
+
+
+def test_pytest_benchmark_suite_runs_every_case(tmp_path):
+    """bench/test_bench.py (`bash scripts/dev.sh bench`) on the quick grid, every case once without
+    timing: its options come from mmrnn-bench's parser, so a new CLI option cannot break it unseen."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, MMRNN_BENCH_QUICK="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", os.path.join(root, "bench"), "-q", "-p", "no:cacheprovider",
+                           "--benchmark-disable"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    n = len(bench.QUICK_CPU_GRID) * 3 * len(bench.PASSES)
+    assert f"{n} passed" in proc.stdout, proc.stdout[-2000:]

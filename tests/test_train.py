@@ -116,7 +116,8 @@ def test_cli_trains_saves_reloads_and_explains(tmp_path, capsys):
     assert any(p.name.startswith("explain_") for p in out.iterdir())
     share = result["add"]["explanations"][0]["modality_share"]
     assert abs(share["text"] + share["image"] - 1) < 1e-6
-    capsys.readouterr()
+    err = capsys.readouterr().err
+    assert "\r" not in err and "it/s" not in err  # no progress bar when stderr is not a terminal
     # the checkpoint round trip gives identical predictions
     model, config, vocab, labels, source = train.load_checkpoint(str(out / "model.pt"))
     assert source["kind"] == "digits" and source["seed"] == 0
@@ -171,3 +172,13 @@ def test_torchrun_launches_distributed_training(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("test accuracy") == 1  # rank 0 alone reports
     assert (tmp_path / "r" / "model.pt").exists() and json.loads((tmp_path / "m.json").read_text())["add"]
+
+
+def test_help_names_each_default_once():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "mmrnn_ext.train", "--help"], capture_output=True, text=True,
+                         timeout=120).stdout
+    cell = out[out.index("  --cell {"):out.index("  --gap")]
+    assert cell.count("default") == 1 and "(default lstm:" in " ".join(cell.split()), cell

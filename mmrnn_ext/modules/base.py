@@ -269,8 +269,8 @@ class RecurrentBase(nn.Module):
         raise NotImplementedError
 
     # Which of (output, *states) torch's own module returns in the parameters' dtype, not the
-    # autocast dtype, under CPU autocast (measured on torch 2.13: nn.GRU runs outside CPU autocast's
-    # lower-precision list, and nn.LSTM with proj_size keeps c_n in float32). Each cell says. Under
+    # autocast dtype, under CPU autocast (measured on torch 2.13: nn.GRU computes per step in bf16
+    # but returns float32, and nn.LSTM with proj_size keeps c_n in float32). Each cell says. Under
     # CUDA autocast every output stays in the autocast dtype (not checked against torch on a GPU).
     AUTOCAST_FULL = (False, False)
 

@@ -33,7 +33,7 @@ class GRU(RecurrentBase):
     and lengths as mmrnn_ext.RNN's."""
 
     CELL, GATES, STATES = "gru", 3, 1
-    AUTOCAST_FULL = (True, True)  # torch runs nn.GRU outside autocast: output and h_n float32
+    AUTOCAST_FULL = (True, True)  # torch's nn.GRU computes in bf16 but returns output and h_n in float32
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, device=None, dtype=None, *, image_size=None, backend="auto"):

@@ -127,10 +127,12 @@ def weight_grad(dG, h0, out):
     """dW_hh = sum_t dG_t^T h_{t-1}: one GEMM over steps 1..T-1 (h_{t-1} = out[t-1]) plus h0's.
     dG [T, B, R] may be a column slice of a wider tensor. Rows past their length have dG = 0, so the
     zeros stored there never contribute."""
-    T, R = dG.shape[0], dG.shape[2]
+    T, B, R = dG.shape
     d_w = dG[0].t().mm(h0) if T > 0 else h0.new_zeros(R, h0.shape[1])
     if T > 1:
-        d_w = d_w.addmm(dG[1:].reshape(-1, R).t(), out[:-1].reshape(-1, out.shape[2]))
+        # steps flattened into rows before slicing: a [T - 1, ...] slice would make torch.compile
+        # guard on T - 1 != 1 (its contiguity test) and recompile at T = 2
+        d_w = d_w.addmm(dG.flatten(0, 1)[B:].t(), out.flatten(0, 1)[:(T - 1) * B])
     return d_w
 
 

@@ -138,7 +138,9 @@ def train(dataset, config: dict, args, device, rank=0, world=1, progress=True, l
         try:
             from tqdm import tqdm
 
-            bar = tqdm(total=config["epochs"], desc=f"train {config['fusion']}", file=sys.stderr, leave=False)
+            # disable=None: no bar when stderr is not a terminal (a log file, CI)
+            bar = tqdm(total=config["epochs"], desc=f"train {config['fusion']}", file=sys.stderr, leave=False,
+                       disable=None)
         except ImportError:
             bar = None
     for epoch in range(config["epochs"]):
