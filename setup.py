@@ -36,7 +36,8 @@ def _extensions():
     ext = CppExtension(
         name="mmrnn_ext._C",
         sources=[os.path.relpath(os.path.join(ROOT, "csrc", name), ROOT)
-                 for name in ("module.cpp", "rnn_cpu.cpp", "lstm_cpu.cpp", "gru_cpu.cpp", "cell_step.cpp")],
+                 for name in ("module.cpp", "rnn_cpu.cpp", "lstm_cpu.cpp", "gru_cpu.cpp", "cell_step.cpp",
+                              "cell_train.cpp")],
         depends=[os.path.relpath(os.path.join(ROOT, "csrc", name), ROOT) for name in ("common.h", "engine.h")],
         # OpenMP: at::parallel_for (a header template) runs in parallel only when the extension itself
         # is compiled with it; the runtime is the libgomp torch already loaded (same soname)

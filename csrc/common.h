@@ -217,5 +217,6 @@ void register_rnn(pybind11::module& m);
 void register_lstm(pybind11::module& m);
 void register_gru(pybind11::module& m);
 void register_cell_step(pybind11::module& m);
+void register_cell_train(pybind11::module& m);
 
 }  // namespace mmrnn

@@ -1,5 +1,6 @@
 // The extension module mmrnn_ext._C: the CPU recurrences of every cell (rnn_cpu.cpp, lstm_cpu.cpp,
-// gru_cpu.cpp) and the cells' decoding step (cell_step.cpp), each file registering its own functions.
+// gru_cpu.cpp), the cells' decoding step (cell_step.cpp) and their step with gradients (cell_train.cpp),
+// each file registering its own functions.
 #include "engine.h"
 
 namespace {
@@ -41,5 +42,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   mmrnn::register_lstm(m);
   mmrnn::register_gru(m);
   mmrnn::register_cell_step(m);
+  mmrnn::register_cell_train(m);
   m.def("linear", &linear, "x @ w^T on the recurrences' kernels", pybind11::arg("x"), pybind11::arg("w"));
 }

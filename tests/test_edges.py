@@ -135,8 +135,13 @@ def test_autocast_dtypes_match_torch_modules(name, kw, hx):
         h0 = torch.zeros(2, 3, h_size)
         states = (h0, torch.zeros(2, 3, 6)) if name == "LSTM" else h0
     with torch.autocast("cpu", torch.bfloat16):
-        want = _dtypes(theirs(x, states))
         got = _dtypes(ours(x, states))
+        try:
+            want = _dtypes(theirs(x, states))
+        except RuntimeError as exc:  # oneDNN has no bf16 LSTM for CPUs without AVX-512 (e.g. AMD Zen 1/2)
+            if "primitive descriptor" not in str(exc) or name != "LSTM":
+                raise
+            want = [torch.bfloat16] * 3  # what torch's LSTM returns where oneDNN runs it (measured, AVX-512 CPUs)
     assert got == want
 
 

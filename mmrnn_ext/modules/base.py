@@ -298,7 +298,7 @@ class RecurrentBase(nn.Module):
     def _one_step(self, p, x, img, states):
         """One step (T = 1) of one layer and direction on the decoding kernel: x [1, B, I], img
         None | [B, V] | [1, B, V] -> (out [1, B, H], final states). No packing: the weights are
-        read once, where they are (see CellBase._decode)."""
+        read once, where they are (see CellBase._fast)."""
         v = None if img is None else (img[0] if img.dim() == 3 else img)
         h, c = _backends._cpp()[0].cell_step(self._step_kind(), x[0], states[0], states[1] if self.STATES == 2 else None,
                                              v, p["weight_ih"], p["weight_hh"], p.get("weight_img") if v is not None else None,
@@ -546,14 +546,21 @@ class CellBase(nn.Module):
     def _step_kind(self):
         return _STEP_KIND[self.CELL] if self.CELL != "rnn" else _STEP_KIND[self.nonlinearity]
 
-    def _decode(self, input, hx, image):
-        """The decoding path: a batched float32/float64 CPU call that no gradient can reach runs one
-        C++ call on the weights as they are (csrc/cell_step.cpp: nothing packed, nothing cached, so a
-        weight changed in place is always seen). None where it does not apply, or where the kernel
-        refuses an argument: the checked path below then gives the error (or runs the call)."""
-        if input.dim() != 2 or not _decode_possible(input, self.backend):
+    def _fast(self, input, hx, image):
+        """One C++ call for a float32/float64 CPU step outside autocast, torch.func, forward AD and
+        torch.compile (_decode_possible), batched or not. With gradients possible: csrc/cell_train.cpp,
+        the whole step (products, gates, state update) one autograd node whose backward is one C++
+        call (a double backward recomputes the step as aten ops: exact at every order). Otherwise the
+        decoding kernel (csrc/cell_step.cpp: the weights read where they are, nothing packed or
+        cached, so a weight changed in place is always seen). The arguments are checked in C++;
+        None where that refuses one (or the call is outside these cases): the checked path below then
+        gives the error, or runs the call."""
+        if not _decode_possible(input, self.backend):
             return None
-        if torch.is_grad_enabled() and (input.requires_grad or any(p.requires_grad for p in self.parameters())):
+        unbatched = input.dim() == 1
+        if unbatched:
+            input = input.unsqueeze(0)
+        elif input.dim() != 2:
             return None
         if hx is None:
             h = c = input.new_zeros(input.shape[0], self.hidden_size)
@@ -563,24 +570,32 @@ class CellBase(nn.Module):
             h, c = hx
         else:
             h, c = hx, None
-        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (h, c, image)):
-            return None
+        if unbatched and hx is not None:
+            if not (isinstance(h, torch.Tensor) and isinstance(c, (torch.Tensor, type(None)))):
+                return None
+            if h.dim() != 1 or (c is not None and c.dim() != 1):
+                return None
+            h, c = h.unsqueeze(0), None if c is None else c.unsqueeze(0)
         w_img = None
         if image is not None:
-            if self.weight_img is None:
+            if self.weight_img is None or not isinstance(image, torch.Tensor) or image.dim() != 2 - unbatched:
                 return None
             w_img = self.weight_img
+            if unbatched:
+                image = image.unsqueeze(0)
+        kernel = _backends._cpp()[0].cell_train if torch.is_grad_enabled() else _backends._cpp()[0].cell_step
         try:
-            h_new, c_new = _backends._cpp()[0].cell_step(self._step_kind(), input, h, c if self.STATES == 2 else None,
-                                                         image, self.weight_ih, self.weight_hh, w_img, self.bias_ih,
-                                                         self.bias_hh)
+            h_new, c_new = kernel(self._step_kind(), input, h, c if self.STATES == 2 else None, image, self.weight_ih,
+                                  self.weight_hh, w_img, self.bias_ih, self.bias_hh)
         except (RuntimeError, TypeError):  # a refused argument: the checked path says what is wrong
             return None
+        if unbatched:
+            h_new, c_new = h_new.squeeze(0), None if c_new is None else c_new.squeeze(0)
         return h_new if self.STATES == 1 else (h_new, c_new)
 
     def forward(self, input, hx=None, image=None):
         if type(input) is torch.Tensor:
-            out = self._decode(input, hx, image)
+            out = self._fast(input, hx, image)
             if out is not None:
                 return out
         name = type(self).__name__
