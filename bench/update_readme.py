@@ -9,7 +9,9 @@ figures and the plot. The serving table (between <!-- cpu-serving-table:start/en
 bench/results/cpu_serving_{rnn,lstm,gru}_run*.json (mmrnn-bench --grid serving --stock-only), the
 bf16 one (<!-- cpu-bf16-table -->) from cpu_serving_bf16_*_run*.json (the same with --autocast
 bfloat16), the decoding one (<!-- cpu-decode-table -->) from cpu_decode_*_run*.json (mmrnn-bench
---decode) and the ONNX Runtime one (<!-- onnx-table -->) from cpu_onnx_*_run*.json (mmrnn-bench --onnx).
+--decode), the ONNX Runtime one (<!-- onnx-table -->) from cpu_onnx_*_run*.json (mmrnn-bench --onnx) and
+the cells-with-gradients one (<!-- cpu-train-step-table -->) from cpu_train_step_run*.json
+(mmrnn-bench --train-step).
 The training results (between <!-- train-table:start/end -->) from
 bench/results/train_quick_ablate.json and its log (bash bench/train_ablation.sh), and the gap sweep
 (between <!-- gap-table:start/end -->) from bench/results/gap_sweep_quick.json and its log
@@ -37,6 +39,7 @@ SERVING_START, SERVING_END = "<!-- cpu-serving-table:start -->", "<!-- cpu-servi
 BF16_START, BF16_END = "<!-- cpu-bf16-table:start -->", "<!-- cpu-bf16-table:end -->"
 DECODE_START, DECODE_END = "<!-- cpu-decode-table:start -->", "<!-- cpu-decode-table:end -->"
 ONNX_START, ONNX_END = "<!-- onnx-table:start -->", "<!-- onnx-table:end -->"
+STEP_START, STEP_END = "<!-- cpu-train-step-table:start -->", "<!-- cpu-train-step-table:end -->"
 
 GPU_NOTES = """Where the time goes, per step of the recurrence (the kernels-alone table; FLOPs = 2·B·H²):
 
@@ -193,6 +196,39 @@ def decode_section(cells: dict) -> str:
                          f"{mean(xm):.2f}x ({min(xm):.2f}x) |")
     files = ", ".join(f"`{os.path.relpath(p, ROOT)}`" for runs in cells.values() for p in runs)
     lines += ["", f"Sources: {files}."]
+    return "\n".join(lines)
+
+
+def train_step_section(paths: list) -> str:
+    """The cells with gradients, the modules with a per-step image and the attention decoder
+    (mmrnn-bench --train-step): each row's medians averaged over runs, x mean (minimum) over runs."""
+    results = []
+    for path in paths:
+        with open(path) as f:
+            results.append(json.load(f))
+    first = results[0]
+    lines = [f"Measured on {cpu_line(first['machine'])}; float32; per row the median over "
+             f"{first['train_step'][0]['rounds']} rounds (providers taking turns), then mean over {len(results)} "
+             "separate runs, x mean (minimum) over the runs (`mmrnn-bench --train-step --json "
+             "bench/results/cpu_train_step_runN.json`). torch's side gets the input already concatenated with the "
+             "image (context). x = torch's time / ours (above 1: ours is faster).", "",
+             "| what | shape | pass | mmrnn_ext µs | torch µs | x |", "| --- | --- | --- | --- | --- | --- |"]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    key = lambda r: (r["kind"], r["cell"], r.get("B"), r.get("T"), r.get("I"), r.get("V"), r.get("H"), r["pass_name"])  # noqa: E731
+    for row in first["train_step"]:
+        same = [next(r for r in res["train_step"] if key(r) == key(row)) for res in results]
+        xs = [r["x"] for r in same]
+        if row["kind"] == "cell":
+            what, shape = f"{row['cell'].upper()}Cell", "B,I,V,H = " + ",".join(str(row[k]) for k in "BIVH")
+        elif row["kind"] == "per-step image":
+            what, shape = f"{row['cell'].upper()} module, per-step image", "B,T,I,V,H = " + ",".join(
+                str(row[k]) for k in "BTIVH")
+        else:
+            what, shape = "attention decoder (LSTMCell)", (f"B={row['B']}, {row['steps']} steps, {row['regions']}×"
+                                                           f"{row['features']} context, E={row['embed']}, H={row['hidden']}")
+        lines.append(f"| {what} | {shape} | {row['pass_name']} | {mean([r['mmrnn_ext_us'] for r in same]):.0f} | "
+                     f"{mean([r['torch_us'] for r in same]):.0f} | {mean(xs):.2f}x ({min(xs):.2f}x) |")
+    lines += ["", "Sources: " + ", ".join(f"`{os.path.relpath(p, ROOT)}`" for p in paths) + "."]
     return "\n".join(lines)
 
 
@@ -462,6 +498,9 @@ def main():
     onnx_runs = _runs("cpu_onnx_{cell}_run*.json")
     if onnx_runs:
         text = _replace(text, ONNX_START, ONNX_END, onnx_section(onnx_runs))
+    step_paths = sorted(glob.glob(os.path.join(ROOT, "bench", "results", "cpu_train_step_run*.json")))
+    if step_paths and STEP_START in text:
+        text = _replace(text, STEP_START, STEP_END, train_step_section(step_paths))
     train_path = os.path.join(ROOT, "bench", "results", "train_quick_ablate.json")
     if os.path.exists(train_path):
         with open(train_path) as f:

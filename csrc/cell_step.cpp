@@ -130,10 +130,13 @@ inline int64_t gate_count(int kind) { return kind == kLstm ? 4 : kind == kGru ? 
 // The step for rows [b0, b0 + rows) and units [j0, j0 + nu) (nu <= kNR): every gate's
 // pre-activation from the parts (x, v, then h last), then the gate pass. The GRU's n gate keeps its
 // input side (x, v) apart from its recurrent side (h), which the reset gate scales.
+//
+// acts / aux (training, else nullptr): the activations kept for backward, acts [B, G*H] (LSTM i, f, g,
+// o after their sigmoid / tanh; GRU r, z, n) and aux [B, H] (LSTM tanh(c'); GRU W_hn h + b_hn).
 template <typename T>
 void step_block(const DotKernels<T>& dk, int kind, const Part<T>* parts, int n_parts, const T* b_ih, const T* b_hh,
                 const T* h, const T* c, T* h_new, T* c_new, int64_t b0, int64_t rows, int64_t j0, int64_t nu,
-                int64_t H) {
+                int64_t H, T* acts, T* aux) {
   const int64_t G = gate_count(kind);
   alignas(64) T pre[4][kMR][kNR] = {}, hn[kMR][kNR] = {};
   for (int64_t g = 0; g < G; ++g) {
@@ -164,7 +167,7 @@ void step_block(const DotKernels<T>& dk, int kind, const Part<T>* parts, int n_p
   // plain loops of fixed length with the kind decided outside them, which the compiler vectorises
   // (a slot at a time with the kind switched inside cost as much as the products for the LSTM).
   constexpr int E = kMR * kNR;
-  alignas(64) T prev[E] = {}, out_h[E], out_c[E];
+  alignas(64) T prev[E] = {}, out_h[E], out_c[E], act[4][E], out_aux[E];
   for (int64_t g = 0; g < G; ++g) {
     for (int r = 0; r < kMR; ++r) {
       for (int n = 0; n < kNR; ++n) {
@@ -188,9 +191,11 @@ void step_block(const DotKernels<T>& dk, int kind, const Part<T>* parts, int n_p
   } else if (kind == kLstm) {
     const T *a1 = &pre[1][0][0], *a2 = &pre[2][0][0], *a3 = &pre[3][0][0];
     for (int e = 0; e < E; ++e) {
-      const T cn = sigmoid_(a1[e]) * prev[e] + sigmoid_(a0[e]) * tanh_(a2[e]);
-      out_c[e] = cn;
-      out_h[e] = sigmoid_(a3[e]) * tanh_(cn);
+      const T i = sigmoid_(a0[e]), f = sigmoid_(a1[e]), g = tanh_(a2[e]), o = sigmoid_(a3[e]);
+      const T cn = f * prev[e] + i * g, t = tanh_(cn);
+      act[0][e] = i, act[1][e] = f, act[2][e] = g, act[3][e] = o;
+      out_c[e] = cn, out_aux[e] = t;
+      out_h[e] = o * t;
     }
   } else {  // GRU, torch's reset-after form: n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
     alignas(64) T bhn[E] = {};
@@ -199,8 +204,9 @@ void step_block(const DotKernels<T>& dk, int kind, const Part<T>* parts, int n_p
         for (int64_t n = 0; n < nu; ++n) bhn[r * kNR + n] = b_hh[2 * H + j0 + n];
     const T *a1 = &pre[1][0][0], *a2 = &pre[2][0][0], *hh = &hn[0][0];
     for (int e = 0; e < E; ++e) {
-      const T rg = sigmoid_(a0[e]), z = sigmoid_(a1[e]);
-      const T nn = tanh_(a2[e] + rg * (hh[e] + bhn[e]));
+      const T rg = sigmoid_(a0[e]), z = sigmoid_(a1[e]), q = hh[e] + bhn[e];
+      const T nn = tanh_(a2[e] + rg * q);
+      act[0][e] = rg, act[1][e] = z, act[2][e] = nn, out_aux[e] = q;
       out_h[e] = nn + z * (prev[e] - nn);
     }
   }
@@ -209,6 +215,10 @@ void step_block(const DotKernels<T>& dk, int kind, const Part<T>* parts, int n_p
       const int64_t bj = (b0 + r) * H + j0 + n;
       h_new[bj] = out_h[r * kNR + n];
       if (kind == kLstm) c_new[bj] = out_c[r * kNR + n];
+      if (acts != nullptr && (kind == kLstm || kind == kGru)) {
+        for (int64_t g = 0; g < G; ++g) acts[(b0 + r) * G * H + g * H + j0 + n] = act[g][r * kNR + n];
+        aux[bj] = out_aux[r * kNR + n];
+      }
     }
   }
 }
@@ -260,6 +270,24 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> cell_step(
   }
   check_1d(b_ih, "b_ih", x, G * H);
   check_1d(b_hh, "b_hh", x, G * H);
+  at::Tensor h_new = at::empty({B, H}, x.options());
+  std::optional<at::Tensor> c_new;
+  if (kind == kLstm) c_new = at::empty({B, H}, x.options());
+  step_forward(kind, x, h, c, image, w_ih, w_hh, w_img, b_ih, b_hh, h_new, c_new ? *c_new : at::Tensor(), at::Tensor(),
+               at::Tensor(), /*release_gil=*/true);
+  return {h_new, c_new};
+}
+
+}  // namespace
+
+// The step on checked arguments into h_new (and c_new for the LSTM); acts / aux defined: the
+// activations kept for backward too (see step_block).
+void step_forward(int64_t kind, const at::Tensor& x, const at::Tensor& h, const std::optional<at::Tensor>& c,
+                  const std::optional<at::Tensor>& image, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                  const std::optional<at::Tensor>& w_img, const std::optional<at::Tensor>& b_ih,
+                  const std::optional<at::Tensor>& b_hh, const at::Tensor& h_new, const at::Tensor& c_new,
+                  const at::Tensor& acts, const at::Tensor& aux, bool release_gil) {
+  const int64_t G = gate_count(static_cast<int>(kind)), B = x.size(0), I = x.size(1), H = w_hh.size(1);
   // expect_contiguous: no copy for what already is (the usual case)
   const auto xc = x.expect_contiguous(), hc = h.expect_contiguous(), wi = w_ih.expect_contiguous(),
              wh = w_hh.expect_contiguous();
@@ -268,10 +296,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> cell_step(
   const at::Tensor wv = w_img.has_value() ? w_img->contiguous() : at::Tensor();
   const at::Tensor bi = b_ih.has_value() ? b_ih->contiguous() : at::Tensor();
   const at::Tensor bh = b_hh.has_value() ? b_hh->contiguous() : at::Tensor();
-  at::Tensor h_new = at::empty({B, H}, x.options());
-  std::optional<at::Tensor> c_new;
-  if (kind == kLstm) c_new = at::empty({B, H}, x.options());
-  if (B == 0 || H == 0) return {h_new, c_new};
+  if (B == 0 || H == 0) return;
   const Isa isa = cpu_isa();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmrnn_cell_step", [&] {
     using T = scalar_t;
@@ -286,29 +311,30 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> cell_step(
     const T* ph = hc->data_ptr<T>();
     const T* pc = cc.defined() ? cc.data_ptr<T>() : nullptr;
     T* out_h = h_new.data_ptr<T>();
-    T* out_c = c_new.has_value() ? c_new->data_ptr<T>() : nullptr;
+    T* out_c = c_new.defined() ? c_new.data_ptr<T>() : nullptr;
+    T* out_acts = acts.defined() ? acts.data_ptr<T>() : nullptr;
+    T* out_aux = aux.defined() ? aux.data_ptr<T>() : nullptr;
     const int64_t blocks = (H + kNR - 1) / kNR, K = I + H + (vc.defined() ? vc.size(1) : 0);
     auto run = [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t j0 = q * kNR, nu = std::min<int64_t>(kNR, H - j0);
         for (int64_t b0 = 0; b0 < B; b0 += dk.mr) {
           step_block<T>(dk, static_cast<int>(kind), parts, n_parts, pb_ih, pb_hh, ph, pc, out_h, out_c, b0,
-                        std::min<int64_t>(dk.mr, B - b0), j0, nu, H);
+                        std::min<int64_t>(dk.mr, B - b0), j0, nu, H, out_acts, out_aux);
         }
       }
     };
     // two threads from ~0.5 MFLOP a step (a fork costs a few microseconds)
     if (2 * B * G * H * K < (1 << 19) || at::get_num_threads() == 1 || at::in_parallel_region()) {
       run(0, blocks);
-    } else {
+    } else if (release_gil) {
       pybind11::gil_scoped_release no_gil;
+      at::parallel_for(0, blocks, std::max<int64_t>(1, blocks / at::get_num_threads()), run);
+    } else {
       at::parallel_for(0, blocks, std::max<int64_t>(1, blocks / at::get_num_threads()), run);
     }
   });
-  return {h_new, c_new};
 }
-
-}  // namespace
 
 void register_cell_step(pybind11::module& m) {
   m.def("cell_step", &cell_step,

@@ -2,9 +2,9 @@
 // decoder calls the cell once per step, forward and backward). The per-call cost, not the
 // arithmetic, decides these small steps, so the whole step is one C++ autograd node:
 //
-//   forward   pre-activations by at::addmm (x W_ih^T + b_ih, + v W_img^T, + h W_hh^T), then one
-//             pass over [B, H] for the gates and the state update; the activations are kept for
-//             backward (nothing is recomputed).
+//   forward   the engine's decoding step (cell_step.cpp: x, v and h products and the gate pass in
+//             one sweep over the weights, no BLAS call) also writing the activations backward reads
+//             (nothing is recomputed).
 //   backward  one pass for d(pre-activation), then the products the inputs ask for (dx, dh, dv,
 //             dW_ih, dW_hh, dW_img, the bias sums), all in C++ on the autograd engine's thread —
 //             no Python, no per-op autograd nodes.
@@ -66,40 +66,9 @@ variable_list step_ops(int64_t kind, const variable_list& a) {
   return {(1 - z) * n + z * h, at::Tensor()};
 }
 
-// The per-row passes: one plain loop over the H units with every array a separate restrict
+// The per-row backward passes: one plain loop over the H units with every array a separate restrict
 // pointer, so that the compiler vectorises them (with the gates addressed from one base pointer it
 // cannot prove the arrays apart, and the scalar activations cost more than the products).
-template <typename T>
-void lstm_fwd_row(T* __restrict ai, T* __restrict af, T* __restrict ag, T* __restrict ao, const T* __restrict c,
-                  T* __restrict c_new, T* __restrict tanh_c, T* __restrict h_new, int64_t H) {
-  for (int64_t j = 0; j < H; ++j) {  // the pre-activations become the activations (kept for backward)
-    const T i = sigmoid_(ai[j]), f = sigmoid_(af[j]), g = tanh_(ag[j]), o = sigmoid_(ao[j]);
-    const T cv = f * c[j] + i * g, t = tanh_(cv);
-    ai[j] = i, af[j] = f, ag[j] = g, ao[j] = o;
-    c_new[j] = cv, tanh_c[j] = t, h_new[j] = o * t;
-  }
-}
-
-template <typename T>
-void gru_fwd_row(T* __restrict ar, T* __restrict az, T* __restrict an, const T* __restrict qr, const T* __restrict qz,
-                 const T* __restrict qn, const T* __restrict h, T* __restrict h_new, int64_t H) {
-  for (int64_t j = 0; j < H; ++j) {  // (r, z, n) kept for backward, with the recurrent n part
-    const T r = sigmoid_(ar[j] + qr[j]), z = sigmoid_(az[j] + qz[j]);
-    const T n = tanh_(an[j] + r * qn[j]);
-    ar[j] = r, az[j] = z, an[j] = n;
-    h_new[j] = n + z * (h[j] - n);
-  }
-}
-
-template <typename T>
-void rnn_fwd_row(const T* __restrict a, T* __restrict h_new, bool relu, int64_t H) {
-  if (relu) {
-    for (int64_t j = 0; j < H; ++j) h_new[j] = a[j] < T(0) ? T(0) : a[j];  // NaN passes through, as torch.relu
-  } else {
-    for (int64_t j = 0; j < H; ++j) h_new[j] = tanh_(a[j]);
-  }
-}
-
 template <typename T>
 void lstm_bwd_row(const T* __restrict ai, const T* __restrict af, const T* __restrict ag, const T* __restrict ao,
                   const T* __restrict tanh_c, const T* __restrict c, const T* __restrict dh, const T* __restrict dc_new,
@@ -156,47 +125,16 @@ struct CellTrain : public torch::autograd::Function<CellTrain> {
       edges.push_back(t->defined() ? present++ : -1);
     }
     ctx->saved_data["edges"] = edges;
-    const int64_t B = x.size(0), H = w_hh.size(1);
-    const at::Tensor hc = h.contiguous();
-    // pre-activations; the GRU keeps the recurrent product apart (its n gate resets it)
-    at::Tensor gi = product(b_ih, x, w_ih);
-    if (v.defined()) gi.addmm_(v, w_img.t());
-    at::Tensor gh;
-    if (kind == kGru) {
-      gh = product(b_hh, hc, w_hh);
-    } else {
-      gi.addmm_(hc, w_hh.t());
-      if (b_hh.defined()) gi.add_(b_hh);
-    }
-    at::Tensor h_new = at::empty({B, H}, x.options()), c_new, tanh_c;
-    const at::Tensor cc = kind == kLstm ? c.contiguous() : at::Tensor();
-    if (kind == kLstm) {
-      c_new = at::empty({B, H}, x.options());
-      tanh_c = at::empty({B, H}, x.options());
-    }
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmrnn_cell_train_fwd", [&] {
-      using T = scalar_t;
-      T* G = gi.data_ptr<T>();
-      T* out = h_new.data_ptr<T>();
-      const T* hp = hc.data_ptr<T>();
-      rows(B, gates_of(kind) * H, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          T* g = G + b * gates_of(kind) * H;
-          T* o = out + b * H;
-          if (kind == kRnnTanh || kind == kRnnRelu) {
-            rnn_fwd_row<T>(g, o, kind == kRnnRelu, H);
-          } else if (kind == kLstm) {
-            lstm_fwd_row<T>(g, g + H, g + 2 * H, g + 3 * H, cc.data_ptr<T>() + b * H, c_new.data_ptr<T>() + b * H,
-                            tanh_c.data_ptr<T>() + b * H, o, H);
-          } else {
-            const T* q = gh.data_ptr<T>() + b * 3 * H;
-            gru_fwd_row<T>(g, g + H, g + 2 * H, q, q + H, q + 2 * H, hp + b * H, o, H);
-          }
-        }
-      });
-    });
+    const int64_t B = x.size(0), H = w_hh.size(1), G = gates_of(kind);
+    // the engine's decoding step (csrc/cell_step.cpp: every part's product and the gate pass in one
+    // sweep over the weights), also writing the activations that backward reads
+    at::Tensor h_new = at::empty({B, H}, x.options());
+    at::Tensor c_new = kind == kLstm ? at::empty({B, H}, x.options()) : at::Tensor();
+    at::Tensor acts = kind == kLstm || kind == kGru ? at::empty({B, G * H}, x.options()) : at::Tensor();
+    at::Tensor aux = kind == kLstm || kind == kGru ? at::empty({B, H}, x.options()) : at::Tensor();
+    step_forward(kind, x, h, c_, v_, w_ih, w_hh, w_img_, b_ih_, b_hh_, h_new, c_new, acts, aux, /*release_gil=*/false);
     ctx->saved_data["kind"] = kind;
-    ctx->save_for_backward({x, h, c, v, w_ih, w_hh, w_img, b_ih, b_hh, gi, gh, tanh_c, h_new});
+    ctx->save_for_backward({x, h, c, v, w_ih, w_hh, w_img, b_ih, b_hh, acts, aux, h_new});
     if (kind == kLstm) return {h_new, c_new};
     return {h_new};
   }
@@ -215,7 +153,8 @@ struct CellTrain : public torch::autograd::Function<CellTrain> {
     if (at::GradMode::is_enabled()) return differentiable_backward(kind, s, needs, dh_new, dc_new);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const at::Tensor &x = s[kX], &h = s[kH], &c = s[kC], &v = s[kV];
-    const at::Tensor &acts = s[kArgs], &gh = s[kArgs + 1], &tanh_c = s[kArgs + 2], &h_new = s[kArgs + 3];
+    // aux: tanh(c') for the LSTM, W_hn h + b_hn for the GRU
+    const at::Tensor &acts = s[kArgs], &aux = s[kArgs + 1], &h_new = s[kArgs + 2];
     const int64_t B = x.size(0), H = s[kWhh].size(1), GH = gates_of(kind) * H;
     // dGi: d(pre-activation) on the input side; dGh: on the recurrent side (the same but for the GRU)
     at::Tensor dGi = at::empty({B, GH}, x.options()), dGh = kind == kGru ? at::empty({B, GH}, x.options()) : dGi;
@@ -231,23 +170,23 @@ struct CellTrain : public torch::autograd::Function<CellTrain> {
         dhn.defined() && (kind != kLstm || dcn.defined()) ? at::Tensor() : at::zeros({H}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmrnn_cell_train_bwd", [&] {
       using T = scalar_t;
-      const T* A = acts.data_ptr<T>();
+      const T* A = acts.defined() ? acts.data_ptr<T>() : nullptr;  // the RNN keeps only h'
       T* D = dGi.data_ptr<T>();
       const T* dhp = dhn.defined() ? dhn.data_ptr<T>() : nullptr;
       rows(B, GH, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          const T* a = A + b * GH;
+          const T* a = A == nullptr ? nullptr : A + b * GH;
           T* d = D + b * GH;
           const T* dy = dhp == nullptr ? dh_zero.data_ptr<T>() : dhp + b * H;
           if (kind == kRnnTanh || kind == kRnnRelu) {
             rnn_bwd_row<T>(h_new.data_ptr<T>() + b * H, dy, d, kind == kRnnRelu, H);
           } else if (kind == kLstm) {
             const T* dcp = dcn.defined() ? dcn.data_ptr<T>() + b * H : dh_zero.data_ptr<T>();
-            lstm_bwd_row<T>(a, a + H, a + 2 * H, a + 3 * H, tanh_c.data_ptr<T>() + b * H, cc.data_ptr<T>() + b * H, dy,
+            lstm_bwd_row<T>(a, a + H, a + 2 * H, a + 3 * H, aux.data_ptr<T>() + b * H, cc.data_ptr<T>() + b * H, dy,
                             dcp, d, d + H, d + 2 * H, d + 3 * H, dc.data_ptr<T>() + b * H, H);
           } else {
             T* dr = dGh.data_ptr<T>() + b * GH;
-            gru_bwd_row<T>(a, a + H, a + 2 * H, gh.data_ptr<T>() + b * GH + 2 * H, hc.data_ptr<T>() + b * H, dy, d,
+            gru_bwd_row<T>(a, a + H, a + 2 * H, aux.data_ptr<T>() + b * H, hc.data_ptr<T>() + b * H, dy, d,
                            d + H, d + 2 * H, dr, dr + H, dr + 2 * H, dh_direct.data_ptr<T>() + b * H, H);
           }
         }

@@ -219,4 +219,14 @@ void register_gru(pybind11::module& m);
 void register_cell_step(pybind11::module& m);
 void register_cell_train(pybind11::module& m);
 
+// One cell step (cell_step.cpp) on checked arguments: kind 0 RNN tanh, 1 RNN relu, 2 LSTM, 3 GRU; writes
+// h_new [B, H] (and c_new for the LSTM); acts [B, G*H] and aux [B, H] defined: also the activations a
+// backward needs (LSTM i, f, g, o and tanh(c'); GRU r, z, n and W_hn h + b_hn). release_gil: the
+// caller holds the GIL and threads may run without it.
+void step_forward(int64_t kind, const at::Tensor& x, const at::Tensor& h, const std::optional<at::Tensor>& c,
+                  const std::optional<at::Tensor>& image, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                  const std::optional<at::Tensor>& w_img, const std::optional<at::Tensor>& b_ih,
+                  const std::optional<at::Tensor>& b_hh, const at::Tensor& h_new, const at::Tensor& c_new,
+                  const at::Tensor& acts, const at::Tensor& aux, bool release_gil);
+
 }  // namespace mmrnn

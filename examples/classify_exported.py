@@ -9,25 +9,17 @@ never made-up scores:
 The .pt2 package needs torch and mmrnn_ext (its graph calls mmrnn_ext's kernels); for ONNX Runtime
 alone see classify_onnx.py.
 """
-import argparse
 import json
 import sys
 
 import torch
 
 import mmrnn_ext
-from classify_onnx import read_features
+from classify_onnx import parse_args, pick_image
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", help="model.pt2 (or model.onnx) from mmrnn-train --export")
-    ap.add_argument("text")
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--digit", type=int, help="scikit-learn load_digits() image index (the built-in task)")
-    src.add_argument("--features", help=".npy of image features [num_images, F] (your data)")
-    ap.add_argument("--row", type=int, default=0, help="with --features: the row to use")
-    args = ap.parse_args(argv)
+    args = parse_args(argv, __doc__, "model.pt2 (or model.onnx)")
     try:
         model = mmrnn_ext.load_exported(args.model)
     except mmrnn_ext.InputError as exc:
@@ -35,18 +27,8 @@ def main(argv=None):
     if "mmrnn.vocab" not in model.metadata:
         sys.exit(f"classify_exported: {args.model}: no vocabulary in its metadata: not an mmrnn-train export")
     vocab, labels = json.loads(model.metadata["mmrnn.vocab"]), json.loads(model.metadata["mmrnn.labels"])
-    if args.digit is not None:
-        from sklearn.datasets import load_digits
-
-        images = load_digits().images
-        if not 0 <= args.digit < len(images):
-            sys.exit(f"classify_exported: --digit: expected an index in [0, {len(images) - 1}], got {args.digit}")
-        image = torch.tensor(images[args.digit].reshape(-1) / 16.0, dtype=torch.float32)
-    else:
-        feats = read_features(args.features)
-        if not 0 <= args.row < len(feats):
-            sys.exit(f"classify_exported: --row: expected an index in [0, {len(feats) - 1}], got {args.row}")
-        image = torch.from_numpy(feats[args.row]).float()
+    # float32, as the model takes it (a float64 .npy row or the digit's pixels / 16)
+    image = torch.from_numpy(pick_image(args)).float()
     index = {w: i for i, w in enumerate(vocab)}
     ids = [index.get(w, 1) for w in args.text.lower().split()]  # 1 = <unk>
     if not ids:

@@ -63,28 +63,37 @@ def read_features(path):
     return feats
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", help="model.onnx from mmrnn-train --export")
+def parse_args(argv, doc, kind):
+    """The arguments both classify examples take (kind: "model.onnx" or "model.pt2")."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("model", help=f"{kind} from mmrnn-train --export")
     ap.add_argument("text")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--digit", type=int, help="scikit-learn load_digits() image index (the built-in task)")
     src.add_argument("--features", help=".npy of image features [num_images, F] (your data)")
     ap.add_argument("--row", type=int, default=0, help="with --features: the row to use")
-    args = ap.parse_args(argv)
-    session, vocab, labels, width = load(args.model)
+    return ap.parse_args(argv)
+
+
+def pick_image(args):
+    """The image features the arguments name: a digit's 64 pixels in [0, 1], or a --features row."""
     if args.digit is not None:
         from sklearn.datasets import load_digits
 
         images = load_digits().images
         if not 0 <= args.digit < len(images):
             sys.exit(f"classify_onnx: --digit: expected an index in [0, {len(images) - 1}], got {args.digit}")
-        image = images[args.digit].reshape(-1) / 16.0
-    else:
-        feats = read_features(args.features)
-        if not 0 <= args.row < len(feats):
-            sys.exit(f"classify_onnx: --row: expected an index in [0, {len(feats) - 1}], got {args.row}")
-        image = feats[args.row]
+        return images[args.digit].reshape(-1) / 16.0
+    feats = read_features(args.features)
+    if not 0 <= args.row < len(feats):
+        sys.exit(f"classify_onnx: --row: expected an index in [0, {len(feats) - 1}], got {args.row}")
+    return feats[args.row]
+
+
+def main(argv=None):
+    args = parse_args(argv, __doc__, "model.onnx")
+    session, vocab, labels, width = load(args.model)
+    image = pick_image(args)
     if image.shape != (width,):
         sys.exit(f"classify_onnx: the model takes {width} image features, the image gives {image.shape[0]}")
     label, probs = classify(session, vocab, labels, args.text, image)

@@ -953,6 +953,10 @@ def parse_args(argv=None):
                    help="run every provider under torch.autocast('cpu', <dtype>) (float32 models; CPU only)")
     p.add_argument("--decode", action="store_true",
                    help="time decoding instead of the grid: us per cell step at B=1 and B=16 (CPU, float32, no_grad)")
+    p.add_argument("--train-step", action="store_true",
+                   help="time the cells with gradients instead of the grid: one step forward+backward and forward "
+                        "with grad enabled for every cell against torch's cell, and the attention decoder's training "
+                        "step (CPU, float32)")
     p.add_argument("--onnx", action="store_true",
                    help="also time both models exported to ONNX and run in ONNX Runtime (inference only; CPU, float32)")
     p.add_argument("--stock-only", action="store_true",
@@ -981,8 +985,12 @@ def main(argv=None) -> int:
     _cli.writable_file("mmrnn-bench", "--json", args.json)
     _cli.writable_file("mmrnn-bench", "--plot", args.plot)
     device = _cli.device("mmrnn-bench", args.device)
-    if (args.autocast or args.decode) and device.type != "cpu":
-        raise SystemExit(f"{'--autocast' if args.autocast else '--decode'}: a CPU measurement; use --device cpu")
+    if (args.autocast or args.decode or args.train_step) and device.type != "cpu":
+        flag = "--autocast" if args.autocast else "--decode" if args.decode else "--train-step"
+        raise SystemExit(f"{flag}: a CPU measurement; use --device cpu")
+    if args.train_step and (args.decode or args.autocast or args.onnx or args.shape):
+        raise SystemExit("--train-step: its shapes are fixed and it runs alone (without --decode, --autocast, --onnx, "
+                         "--shape)")
     if args.onnx and (args.autocast or args.decode or device.type != "cpu"):
         raise SystemExit("--onnx: ONNX Runtime is timed on the grid, on CPU, without autocast")
     if args.onnx:
@@ -991,6 +999,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--autocast: autocast runs float32 models; got --dtype {args.dtype}")
     if args.decode:
         return decode_main(args, device)
+    if args.train_step:
+        return train_step_main(args, device)
     if args.tf32 != "default":
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
     dtype_names = (args.dtype or "float32").split(",")
@@ -1061,6 +1071,27 @@ def main(argv=None) -> int:
     if failures:
         print(f"mmrnn-bench: FAILED: {len(failures)} case(s) disagreed; no speed is reported for them", file=sys.stderr)
         return 1
+    return 0
+
+
+def train_step_main(args, device) -> int:
+    from . import bench_train_step as ts
+
+    machine = machine_info(device)
+    rounds = args.repeats or (3 if args.quick else 7)
+    print(f"mmrnn-bench --train-step: {machine['cpu_model']} ({machine['cpu_vendor']}; engine path "
+          f"{machine['engine_isa']}), torch {torch.__version__}, {machine['torch_threads']} threads, {rounds} rounds",
+          flush=True)
+    try:
+        rows = ts.train_step_rows(args.quick, rounds)
+    except DisagreementError as exc:
+        print(f"mmrnn-bench: FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(ts.format_rows(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "train_step": rows, "noisy_spread_threshold": NOISY_SPREAD}, f, indent=1)
+        print(f"\nwrote {args.json}")
     return 0
 
 

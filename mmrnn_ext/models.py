@@ -7,13 +7,18 @@ Fusion modes (so that users can compare):
     late        image features concatenated with the final text state before the head
     text_only   no image (a baseline)
     image_only  no text: the head sees the image features alone (a baseline)
+
+AttentionDecoder: the attention captioning decoder (one LSTMCell call per step, with gradients) on
+mmrnn_ext.LSTMCell or on nn.LSTMCell over the concatenation, for examples/attention_captioning.py and
+mmrnn-bench --train-step.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .modules import GRU, LSTM, RNN
+from .modules import GRU, LSTM, RNN, LSTMCell
 
 FUSIONS = ("add", "concat", "init", "late", "text_only", "image_only")
 CELLS = {"rnn": RNN, "lstm": LSTM, "gru": GRU}
@@ -145,3 +150,66 @@ class MultimodalClassifier(nn.Module):
         pooled = (out * mask).sum(1) / lengths.clamp(min=1)[:, None].to(out.dtype)  # mean over valid steps
         feats = torch.cat([last, pooled] + ([v] if self.fusion == "late" else []), dim=-1)
         return self.head(feats)
+
+
+class AttentionDecoder(nn.Module):
+    """The "show, attend and tell" captioning decoder: at each step, attention over the image regions
+    gives a context vector, and an LSTM cell runs on the word embedding and that context, trained
+    with teacher forcing while the batch shrinks as captions end.
+
+    regions [B, R, F] (an image encoder's grid features), captions [B, L] token ids, lengths [B]
+    (the number of steps to predict per caption, sorted in decreasing order) -> the loss (mean
+    cross-entropy of each next token). cell "mmrnn_ext": mmrnn_ext.LSTMCell(embed, hidden,
+    image_size=F) called with image=context; "torch": nn.LSTMCell(embed + F, hidden) on
+    torch.cat([embedding, context]) — the same function (copy_from makes the weights equal)."""
+
+    def __init__(self, vocab_size: int, *, embed: int = 512, hidden: int = 512, features: int = 2048,
+                 attention: int = 512, cell: str = "mmrnn_ext"):
+        super().__init__()
+        if cell not in ("mmrnn_ext", "torch"):
+            raise ValueError(f"cell: expected 'mmrnn_ext' or 'torch', got {cell!r}")
+        self.cell_kind = cell
+        self.embed = nn.Embedding(vocab_size, embed)
+        self.att_regions = nn.Linear(features, attention)
+        self.att_state = nn.Linear(hidden, attention)
+        self.att_score = nn.Linear(attention, 1)
+        self.init_h, self.init_c = nn.Linear(features, hidden), nn.Linear(features, hidden)
+        self.cell = (LSTMCell(embed, hidden, image_size=features) if cell == "mmrnn_ext"
+                     else nn.LSTMCell(embed + features, hidden))
+        self.out = nn.Linear(hidden, vocab_size)
+
+    @torch.no_grad()
+    def copy_from(self, other: "AttentionDecoder") -> "AttentionDecoder":
+        """This decoder's weights from `other` (either cell kind): the two compute the same function."""
+        mine, theirs = dict(self.named_parameters()), dict(other.named_parameters())
+        E = self.embed.embedding_dim
+        for name, p in mine.items():
+            if name == "cell.weight_img":
+                p.copy_(theirs["cell.weight_img"] if "cell.weight_img" in theirs else theirs["cell.weight_ih"][:, E:])
+            elif name == "cell.weight_ih" and p.shape != theirs[name].shape:
+                p.copy_(theirs[name][:, :E] if "cell.weight_img" not in theirs
+                        else torch.cat([theirs[name], theirs["cell.weight_img"]], 1))
+            else:
+                p.copy_(theirs[name])
+        return self
+
+    def forward(self, regions, captions, lengths):
+        B = regions.shape[0]
+        keys = self.att_regions(regions)  # [B, R, A], once per image
+        mean = regions.mean(1)
+        h, c = torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))
+        emb = self.embed(captions)
+        steps = int(lengths[0])
+        total, count = regions.new_zeros(()), 0
+        for t in range(steps):
+            b = int((lengths > t).sum())  # captions still running (sorted by length)
+            h, c = h[:b], c[:b]
+            scores = self.att_score(torch.tanh(keys[:b] + self.att_state(h).unsqueeze(1))).squeeze(2)
+            context = torch.bmm(torch.softmax(scores, 1).unsqueeze(1), regions[:b]).squeeze(1)  # [b, F]
+            if self.cell_kind == "mmrnn_ext":
+                h, c = self.cell(emb[:b, t], (h, c), image=context)
+            else:
+                h, c = self.cell(torch.cat([emb[:b, t], context], 1), (h, c))
+            total = total + F.cross_entropy(self.out(h), captions[:b, t + 1], reduction="sum")
+            count += b
+        return total / max(count, 1)

@@ -220,3 +220,24 @@ def test_pytest_benchmark_suite_runs_every_case(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     n = len(bench.QUICK_CPU_GRID) * 3 * len(bench.PASSES)
     assert f"{n} passed" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_train_step_mode_writes_checked_rows(tmp_path, capsys):
+    out = tmp_path / "t.json"
+    assert bench.main(["--train-step", "--quick", "--device", "cpu", "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["train_step"]
+    cells = {(r["cell"], r["pass_name"]) for r in rows if r["kind"] == "cell"}
+    assert cells == {(c, p) for c in ("rnn", "lstm", "gru") for p in ("forward+backward", "forward (grad)")}
+    assert any(r["kind"] == "decoder" for r in rows)
+    assert {(r["cell"], r["pass_name"]) for r in rows if r["kind"] == "per-step image"} == {
+        (c, p) for c in ("rnn", "lstm", "gru") for p in ("inference", "training")}
+    for r in rows:
+        assert r["mmrnn_ext_us"] > 0 and r["torch_us"] > 0 and r["x"] == pytest.approx(r["torch_us"] / r["mmrnn_ext_us"])
+    assert result["machine"]["cpu_model"]
+    assert "attention decoder" in capsys.readouterr().out
+
+
+def test_train_step_refuses_other_modes():
+    with pytest.raises(SystemExit, match="--train-step"):
+        bench.main(["--train-step", "--decode"])

@@ -183,3 +183,46 @@ def test_bad_input_with_gradients_still_gets_the_checked_error(kind):
         ours(x, ((h[:3], h[:3]) if kind == "lstm" else h[:3]), image=torch.randn(4, 2))
     with pytest.raises(mmrnn_ext.InputError, match="input"):
         ours(torch.randn(4, 3, dtype=torch.float64, requires_grad=True), hx, image=torch.randn(4, 2))
+
+
+def test_attention_decoder_equals_the_one_on_torch_cells():
+    """mmrnn_ext.models.AttentionDecoder on mmrnn_ext.LSTMCell (context as the image) against the same
+    decoder on nn.LSTMCell over the concatenation: the loss and every gradient (float64)."""
+    from mmrnn_ext.models import AttentionDecoder
+
+    torch.manual_seed(5)
+    kw = dict(embed=6, hidden=7, features=5, attention=4)
+    stock = AttentionDecoder(11, cell="torch", **kw).double()
+    ours = AttentionDecoder(11, cell="mmrnn_ext", **kw).double().copy_from(stock)
+    regions = torch.randn(4, 3, 5, dtype=torch.float64)
+    captions = torch.randint(0, 11, (4, 6))
+    lengths = torch.tensor([5, 4, 4, 1])
+    lo, ls = ours(regions, captions, lengths), stock(regions, captions, lengths)
+    assert_close(lo, ls, torch.float64, "loss")
+    lo.backward()
+    ls.backward()
+    grads = dict(stock.named_parameters())
+    for name, p in ours.named_parameters():
+        if name == "cell.weight_img":
+            want = grads["cell.weight_ih"].grad[:, 6:]
+        elif name == "cell.weight_ih":
+            want = grads["cell.weight_ih"].grad[:, :6]
+        else:
+            want = grads[name].grad
+        assert_close(p.grad, want, torch.float64, name)
+
+
+def test_attention_captioning_example_runs():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "examples", "attention_captioning.py"), "--small",
+                           "--iterations", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("iteration")]
+    assert len(lines) == 2
+    for line in lines:
+        assert float(line.split("difference ")[1].rstrip(")")) <= 1e-5
+    assert "time per iteration" in proc.stdout

@@ -345,6 +345,12 @@ class RecurrentBase(nn.Module):
 
     # --- forward -----------------------------------------------------------------------------------
 
+    # A per-step image [T, B, V] is more input columns: W_ih x_t + W_img v_t = [W_ih | W_img] [x_t, v_t].
+    # Folded into the input product (one GEMM over K = I + V, or the fused inference kernel's own
+    # input product) instead of a [T, B, G*H] image term written and read back by the recurrence
+    # (measured in bench/NOTES.md, "Per-step images"). False: the image-term form (for comparison).
+    FOLD_STEP_IMAGE = True
+
     def _run_layers(self, x, img, states0, lengths, amp, engine, fuse):
         """The layer x direction loop on time-major x [T, B, I] -> (output [T, B, D * H], final
         states, each [L * D, B, H]). engine / fuse: see forward."""
@@ -352,11 +358,16 @@ class RecurrentBase(nn.Module):
         step_path = engine and x.shape[0] == 1 and lengths is None and self._step_kind() is not None
         layer_input = x
         finals = [[] for _ in range(self.STATES)]
+        fold = self.FOLD_STEP_IMAGE and img is not None and img.dim() == 3 and not step_path
         for layer in range(self.num_layers):
             outs = []
+            # the layer's input with the per-step image as more columns (both directions read it)
+            joint = torch.cat([layer_input, _to(img, layer_input.dtype)], dim=-1) if fold else None
             for direction in range(num_directions):
                 p = self._params(layer, direction)
                 idx = layer * num_directions + direction
+                if fold:
+                    p = dict(p, weight_ih=torch.cat([p["weight_ih"], p["weight_img"]], dim=1), weight_img=None)
                 if step_path:
                     # one step with a carried state (decoding through the module): the decoding kernel
                     x_in = layer_input
@@ -369,8 +380,10 @@ class RecurrentBase(nn.Module):
                 if fused is not None:
                     # inference on the C++ engine: the input product runs inside every step's tile
                     # (under autocast in its dtype: bf16 operands, float32 accumulation and state)
-                    x_in = layer_input if direction == 0 else _time_reverse(layer_input, lengths)
-                    img_term = _to(_image_term(x_in, img, self._outer_bias(p), p.get("weight_img")), amp)
+                    x_in = joint if fold else layer_input
+                    x_in = x_in if direction == 0 else _time_reverse(x_in, lengths)
+                    img_term = _to(_image_term(x_in, None if fold else img, self._outer_bias(p), p.get("weight_img")),
+                                   amp)
                     if direction == 1 and img_term is not None and img_term.dim() == 3:
                         img_term = _time_reverse(img_term, lengths)
                     out, last = fused(_to(x_in, amp).contiguous(), img_term, [_to(s[idx], amp) for s in states0],
@@ -379,7 +392,8 @@ class RecurrentBase(nn.Module):
                     for k, s in enumerate(last):
                         finals[k].append(s)
                     continue
-                xp, img_term = _project(layer_input, img, p["weight_ih"], self._outer_bias(p), p.get("weight_img"), engine)
+                xp, img_term = _project(joint if fold else layer_input, None if fold else img, p["weight_ih"],
+                                        self._outer_bias(p), p.get("weight_img"), engine)
                 xp, img_term = _to(xp, amp), _to(img_term, amp)
                 if direction == 1:
                     xp = _time_reverse(xp, lengths)
@@ -584,9 +598,10 @@ class CellBase(nn.Module):
             if unbatched:
                 image = image.unsqueeze(0)
         kernel = _backends._cpp()[0].cell_train if torch.is_grad_enabled() else _backends._cpp()[0].cell_step
+        p = self._parameters  # the dict itself: nn.Module.__getattr__ costs ~2 us a name on a slow host
         try:
-            h_new, c_new = kernel(self._step_kind(), input, h, c if self.STATES == 2 else None, image, self.weight_ih,
-                                  self.weight_hh, w_img, self.bias_ih, self.bias_hh)
+            h_new, c_new = kernel(self._step_kind(), input, h, c if self.STATES == 2 else None, image, p["weight_ih"],
+                                  p["weight_hh"], w_img, p["bias_ih"], p["bias_hh"])
         except (RuntimeError, TypeError):  # a refused argument: the checked path says what is wrong
             return None
         if unbatched:
