@@ -134,6 +134,9 @@ struct CellTrain : public torch::autograd::Function<CellTrain> {
     at::Tensor aux = kind == kLstm || kind == kGru ? at::empty({B, H}, x.options()) : at::Tensor();
     step_forward(kind, x, h, c_, v_, w_ih, w_hh, w_img_, b_ih_, b_hh_, h_new, c_new, acts, aux, /*release_gil=*/false);
     ctx->saved_data["kind"] = kind;
+    // an output without a gradient (c' of the last step, h' when only c' is used) stays undefined:
+    // backward reads zeros for it instead of a [B, H] zero fill per call
+    ctx->set_materialize_grads(false);
     ctx->save_for_backward({x, h, c, v, w_ih, w_hh, w_img, b_ih, b_hh, acts, aux, h_new});
     if (kind == kLstm) return {h_new, c_new};
     return {h_new};

@@ -226,3 +226,20 @@ def test_attention_captioning_example_runs():
     for line in lines:
         assert float(line.split("difference ")[1].rstrip(")")) <= 1e-5
     assert "time per iteration" in proc.stdout
+
+
+@pytest.mark.parametrize("which", ["h", "c"])
+def test_lstm_gradient_through_one_output_only(which):
+    """Backward with one of (h', c') given no gradient (left undefined, not zero-filled)."""
+    ours, ref = _pair("lstm", 4, 3, 6)
+    gen = torch.Generator().manual_seed(9)
+    x, v = torch.randn(5, 4, generator=gen, dtype=torch.float64), torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    hx = tuple(torch.randn(5, 6, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(2))
+    k = 0 if which == "h" else 1
+    (ours(x, hx, image=v)[k] ** 2).sum().backward()
+    got = [t.grad.clone() for t in hx] + [ours.weight_hh.grad]
+    for t in hx:
+        t.grad = None
+    (ref(torch.cat([x, v], 1), hx)[k] ** 2).sum().backward()
+    for a, b in zip(got, [t.grad for t in hx] + [ref.weight_hh.grad]):
+        assert_close(a, b, torch.float64, f"through {which}' only")
