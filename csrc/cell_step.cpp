@@ -123,10 +123,6 @@ DotKernels<T> dot_kernels(Isa isa) {
   return d;
 }
 
-enum Kind : int { kRnnTanh = 0, kRnnRelu = 1, kLstm = 2, kGru = 3 };
-
-inline int64_t gate_count(int kind) { return kind == kLstm ? 4 : kind == kGru ? 3 : 1; }
-
 // The step for rows [b0, b0 + rows) and units [j0, j0 + nu) (nu <= kNR): every gate's
 // pre-activation from the parts (x, v, then h last), then the gate pass. The GRU's n gate keeps its
 // input side (x, v) apart from its recurrent side (h), which the reset gate scales.
@@ -238,20 +234,20 @@ void check_1d(const std::optional<at::Tensor>& t, const char* name, const at::Te
               t->sizes(), " on ", t->device());
 }
 
-// kind: 0 RNN tanh, 1 RNN relu, 2 LSTM, 3 GRU. x [B, I], h [B, H], c [B, H] (LSTM only), image
-// [B, V] with w_img [G*H, V] (both or neither), w_ih [G*H, I], w_hh [G*H, H], b_ih/b_hh [G*H] or
-// None. -> (h', c') with c' undefined (None) but for the LSTM. float32 / float64.
-std::tuple<at::Tensor, std::optional<at::Tensor>> cell_step(
-    int64_t kind, const at::Tensor& x, const at::Tensor& h, const std::optional<at::Tensor>& c,
-    const std::optional<at::Tensor>& image, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& w_img, const std::optional<at::Tensor>& b_ih,
-    const std::optional<at::Tensor>& b_hh) {
+}  // namespace
+
+// The arguments of a cell step (cell_step here, cell_train in cell_train.cpp), checked before any
+// work: a refused one raises, and the module's checked path then names it for the user.
+void check_step_args(int64_t kind, const at::Tensor& x, const at::Tensor& h, const std::optional<at::Tensor>& c,
+                     const std::optional<at::Tensor>& image, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                     const std::optional<at::Tensor>& w_img, const std::optional<at::Tensor>& b_ih,
+                     const std::optional<at::Tensor>& b_hh) {
   TORCH_CHECK(kind >= 0 && kind <= 3, "kind: expected 0 (RNN tanh), 1 (RNN relu), 2 (LSTM) or 3 (GRU), got ", kind);
   TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
-              "x: the decoding step computes float32 and float64 CPU tensors, got ", x.scalar_type(), " on ",
+              "x: the cell step computes float32 and float64 CPU tensors, got ", x.scalar_type(), " on ",
               x.device());
   TORCH_CHECK(x.dim() == 2, "x: expected a 2-D tensor [B, I], got shape ", x.sizes());
-  const int64_t G = gate_count(static_cast<int>(kind)), B = x.size(0), I = x.size(1);
+  const int64_t G = gate_count(kind), B = x.size(0), I = x.size(1);
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == G * w_hh.size(1), "w_hh: expected shape [", G, "H, H], got ",
               w_hh.sizes());
   const int64_t H = w_hh.size(1);
@@ -270,6 +266,20 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> cell_step(
   }
   check_1d(b_ih, "b_ih", x, G * H);
   check_1d(b_hh, "b_hh", x, G * H);
+}
+
+namespace {
+
+// kind: 0 RNN tanh, 1 RNN relu, 2 LSTM, 3 GRU. x [B, I], h [B, H], c [B, H] (LSTM only), image
+// [B, V] with w_img [G*H, V] (both or neither), w_ih [G*H, I], w_hh [G*H, H], b_ih/b_hh [G*H] or
+// None. -> (h', c') with c' undefined (None) but for the LSTM. float32 / float64.
+std::tuple<at::Tensor, std::optional<at::Tensor>> cell_step(
+    int64_t kind, const at::Tensor& x, const at::Tensor& h, const std::optional<at::Tensor>& c,
+    const std::optional<at::Tensor>& image, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& w_img, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh) {
+  check_step_args(kind, x, h, c, image, w_ih, w_hh, w_img, b_ih, b_hh);
+  const int64_t B = x.size(0), H = w_hh.size(1);
   at::Tensor h_new = at::empty({B, H}, x.options());
   std::optional<at::Tensor> c_new;
   if (kind == kLstm) c_new = at::empty({B, H}, x.options());
@@ -287,7 +297,7 @@ void step_forward(int64_t kind, const at::Tensor& x, const at::Tensor& h, const 
                   const std::optional<at::Tensor>& w_img, const std::optional<at::Tensor>& b_ih,
                   const std::optional<at::Tensor>& b_hh, const at::Tensor& h_new, const at::Tensor& c_new,
                   const at::Tensor& acts, const at::Tensor& aux, bool release_gil) {
-  const int64_t G = gate_count(static_cast<int>(kind)), B = x.size(0), I = x.size(1), H = w_hh.size(1);
+  const int64_t G = gate_count(kind), B = x.size(0), I = x.size(1), H = w_hh.size(1);
   // expect_contiguous: no copy for what already is (the usual case)
   const auto xc = x.expect_contiguous(), hc = h.expect_contiguous(), wi = w_ih.expect_contiguous(),
              wh = w_hh.expect_contiguous();

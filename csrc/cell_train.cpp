@@ -23,12 +23,8 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-enum Kind : int { kRnnTanh = 0, kRnnRelu = 1, kLstm = 2, kGru = 3 };
-
 // the tensor arguments, in order (their edge index in the node)
 enum Arg : int { kX = 0, kH, kC, kV, kWih, kWhh, kWimg, kBih, kBhh, kArgs };
-
-inline int64_t gates_of(int64_t kind) { return kind == kLstm ? 4 : kind == kGru ? 3 : 1; }
 
 at::Tensor product(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& w) {
   return bias.defined() ? at::addmm(bias, a, w.t()) : at::mm(a, w.t());
@@ -125,7 +121,7 @@ struct CellTrain : public torch::autograd::Function<CellTrain> {
       edges.push_back(t->defined() ? present++ : -1);
     }
     ctx->saved_data["edges"] = edges;
-    const int64_t B = x.size(0), H = w_hh.size(1), G = gates_of(kind);
+    const int64_t B = x.size(0), H = w_hh.size(1), G = gate_count(kind);
     // the engine's decoding step (csrc/cell_step.cpp: every part's product and the gate pass in one
     // sweep over the weights), also writing the activations that backward reads
     at::Tensor h_new = at::empty({B, H}, x.options());
@@ -158,7 +154,7 @@ struct CellTrain : public torch::autograd::Function<CellTrain> {
     const at::Tensor &x = s[kX], &h = s[kH], &c = s[kC], &v = s[kV];
     // aux: tanh(c') for the LSTM, W_hn h + b_hn for the GRU
     const at::Tensor &acts = s[kArgs], &aux = s[kArgs + 1], &h_new = s[kArgs + 2];
-    const int64_t B = x.size(0), H = s[kWhh].size(1), GH = gates_of(kind) * H;
+    const int64_t B = x.size(0), H = s[kWhh].size(1), GH = gate_count(kind) * H;
     // dGi: d(pre-activation) on the input side; dGh: on the recurrent side (the same but for the GRU)
     at::Tensor dGi = at::empty({B, GH}, x.options()), dGh = kind == kGru ? at::empty({B, GH}, x.options()) : dGi;
     at::Tensor dh_direct, dc;  // the GRU's z * dh'; the LSTM's dc = f * (dc' + ...)
@@ -195,18 +191,17 @@ struct CellTrain : public torch::autograd::Function<CellTrain> {
         }
       });
     });
-    auto wants = needs;
-    if (wants(kX)) result[1 + kX] = at::mm(dGi, s[kWih]);
-    if (wants(kH)) {
+    if (needs(kX)) result[1 + kX] = at::mm(dGi, s[kWih]);
+    if (needs(kH)) {
       result[1 + kH] = kind == kGru ? at::addmm(dh_direct, dGh, s[kWhh]) : at::mm(dGh, s[kWhh]);
     }
-    if (wants(kC)) result[1 + kC] = dc;
-    if (wants(kV)) result[1 + kV] = at::mm(dGi, s[kWimg]);
-    if (wants(kWih)) result[1 + kWih] = at::mm(dGi.t(), x);
-    if (wants(kWhh)) result[1 + kWhh] = at::mm(dGh.t(), h);
-    if (wants(kWimg)) result[1 + kWimg] = at::mm(dGi.t(), v);
-    if (wants(kBih)) result[1 + kBih] = dGi.sum(0);
-    if (wants(kBhh)) result[1 + kBhh] = kind == kGru || !wants(kBih) ? dGh.sum(0) : result[1 + kBih].clone();
+    if (needs(kC)) result[1 + kC] = dc;
+    if (needs(kV)) result[1 + kV] = at::mm(dGi, s[kWimg]);
+    if (needs(kWih)) result[1 + kWih] = at::mm(dGi.t(), x);
+    if (needs(kWhh)) result[1 + kWhh] = at::mm(dGh.t(), h);
+    if (needs(kWimg)) result[1 + kWimg] = at::mm(dGi.t(), v);
+    if (needs(kBih)) result[1 + kBih] = dGi.sum(0);
+    if (needs(kBhh)) result[1 + kBhh] = kind == kGru || !needs(kBih) ? dGh.sum(0) : result[1 + kBih].clone();
     return result;
   }
 
@@ -235,48 +230,15 @@ struct CellTrain : public torch::autograd::Function<CellTrain> {
   }
 };
 
-void check_2d(const at::Tensor& t, const char* name, const at::Tensor& ref, int64_t rows_, int64_t cols) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == ref.scalar_type() && t.dim() == 2 && t.size(0) == rows_ &&
-                  t.size(1) == cols,
-              name, ": expected a CPU ", ref.scalar_type(), " tensor of shape [", rows_, ", ", cols, "], got ",
-              t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
-}
-
 // kind: 0 RNN tanh, 1 RNN relu, 2 LSTM, 3 GRU; x [B, I], h [B, H], c [B, H] (LSTM only), image
-// [B, V] with w_img [G*H, V] (both or neither), w_ih [G*H, I], w_hh [G*H, H], b_ih and b_hh [G*H]
-// (both or neither). float32 / float64 CPU tensors. -> (h', c' or None), differentiable.
+// [B, V] with w_img [G*H, V] (both or neither), w_ih [G*H, I], w_hh [G*H, H], b_ih / b_hh [G*H] or
+// None. float32 / float64 CPU tensors. -> (h', c' or None), differentiable.
 std::tuple<at::Tensor, std::optional<at::Tensor>> cell_train(
     int64_t kind, const at::Tensor& x, const at::Tensor& h, const std::optional<at::Tensor>& c,
     const std::optional<at::Tensor>& image, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& w_img, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh) {
-  TORCH_CHECK(kind >= 0 && kind <= 3, "kind: expected 0 (RNN tanh), 1 (RNN relu), 2 (LSTM) or 3 (GRU), got ", kind);
-  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) && x.dim() == 2,
-              "x: expected a 2-D float32 or float64 CPU tensor, got ", x.scalar_type(), " of shape ", x.sizes(), " on ",
-              x.device());
-  const int64_t G = gates_of(kind), B = x.size(0);
-  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == G * w_hh.size(1), "w_hh: expected shape [", G, "H, H], got ",
-              w_hh.sizes());
-  const int64_t H = w_hh.size(1);
-  check_2d(w_hh, "w_hh", x, G * H, H);
-  check_2d(w_ih, "w_ih", x, G * H, x.size(1));
-  check_2d(h, "h", x, B, H);
-  TORCH_CHECK(c.has_value() == (kind == kLstm), "c: expected ", kind == kLstm ? "a tensor (LSTM)" : "None");
-  if (c.has_value()) check_2d(*c, "c", x, B, H);
-  TORCH_CHECK(image.has_value() == w_img.has_value(), "image and w_img: expected both or neither");
-  if (image.has_value()) {
-    TORCH_CHECK(w_img->dim() == 2, "w_img: expected a 2-D tensor, got shape ", w_img->sizes());
-    check_2d(*w_img, "w_img", x, G * H, w_img->size(1));
-    check_2d(*image, "image", x, B, w_img->size(1));
-  }
-  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "b_ih and b_hh: expected both or neither");
-  for (const auto* b : {&b_ih, &b_hh}) {
-    if (b->has_value()) {
-      TORCH_CHECK((*b)->device().is_cpu() && (*b)->scalar_type() == x.scalar_type() && (*b)->dim() == 1 &&
-                      (*b)->size(0) == G * H,
-                  "bias: expected a CPU ", x.scalar_type(), " tensor of shape [", G * H, "], got ", (*b)->sizes());
-    }
-  }
+  check_step_args(kind, x, h, c, image, w_ih, w_hh, w_img, b_ih, b_hh);  // the decoding step's checks
   const variable_list out = CellTrain::apply(kind, x, h, c, image, w_ih, w_hh, w_img, b_ih, b_hh);
   return {out[0], kind == kLstm ? std::optional<at::Tensor>(out[1]) : std::nullopt};
 }

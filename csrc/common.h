@@ -219,6 +219,16 @@ void register_gru(pybind11::module& m);
 void register_cell_step(pybind11::module& m);
 void register_cell_train(pybind11::module& m);
 
+// A single cell step's kind (cell_step.cpp, cell_train.cpp) and its gate count.
+enum StepKind : int { kRnnTanh = 0, kRnnRelu = 1, kLstm = 2, kGru = 3 };
+inline int64_t gate_count(int64_t kind) { return kind == kLstm ? 4 : kind == kGru ? 3 : 1; }
+
+// The arguments of one cell step (cell_step.cpp), raising on the first refused one.
+void check_step_args(int64_t kind, const at::Tensor& x, const at::Tensor& h, const std::optional<at::Tensor>& c,
+                     const std::optional<at::Tensor>& image, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                     const std::optional<at::Tensor>& w_img, const std::optional<at::Tensor>& b_ih,
+                     const std::optional<at::Tensor>& b_hh);
+
 // One cell step (cell_step.cpp) on checked arguments: kind 0 RNN tanh, 1 RNN relu, 2 LSTM, 3 GRU; writes
 // h_new [B, H] (and c_new for the LSTM); acts [B, G*H] and aux [B, H] defined: also the activations a
 // backward needs (LSTM i, f, g, o and tanh(c'); GRU r, z, n and W_hn h + b_hn). release_gil: the

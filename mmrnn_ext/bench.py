@@ -387,8 +387,12 @@ def spread(times) -> float:
 
 
 def side_by_side_stats(fns: dict, device, repeats: int) -> dict:
-    """{name: {"ms": median, "min_ms", "spread"}} with time_side_by_side's method; on GPU
-    (triton.testing.do_bench's median) min_ms and spread are None."""
+    """{name: {"ms": median, "min_ms", "spread"}}. On CPU the providers take turns: each round runs
+    every provider twice, an untimed call then a timed one, so that a slow spell of a shared machine
+    falls on every provider alike rather than on whichever was being timed, and every timed call
+    follows a call of its own (the steady state of a served model, not the cost of switching from
+    another provider's memory footprint). On GPU each is timed on its own (triton.testing.do_bench's
+    median); min_ms and spread are then None."""
     if device.type == "cuda":
         return {name: {"ms": time_ms(fn, device, repeats), "min_ms": None, "spread": None} for name, fn in fns.items()}
     return {name: {"ms": statistics.median(t) * 1e3, "min_ms": min(t) * 1e3, "spread": spread(t)}
@@ -402,20 +406,9 @@ def impossible_rate(gflops, ceiling, dtype_name: str) -> bool:
             and gflops > CEILING_MARGIN * ceiling)
 
 
-def time_side_by_side(fns: dict, device, repeats: int) -> dict:
-    """{name: median ms}. On CPU the providers take turns: each round runs every provider twice, an
-    untimed call then a timed one, so that a slow spell of a shared machine falls on every provider
-    alike rather than on whichever was being timed, and every timed call follows a call of its own
-    (the steady state of a served model, not the cost of switching from another provider's memory
-    footprint). On GPU each is timed on its own (triton.testing.do_bench)."""
-    if device.type == "cuda":
-        return {name: time_ms(fn, device, repeats) for name, fn in fns.items()}
-    return {name: statistics.median(t) * 1e3 for name, t in cpu_turns(fns, repeats).items()}
-
-
 def cpu_turns(fns: dict, rounds: int) -> dict:
     """{name: [seconds per round]}: in each round every provider runs an untimed call, then a timed
-    one (see time_side_by_side)."""
+    one (see side_by_side_stats)."""
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
@@ -673,7 +666,7 @@ def decode_providers(cell: str, B: int, I: int, V: int, H: int, steps: int) -> d
 
 def decode_rows(cell: str, shapes, rounds: int, steps: int = DECODE_STEPS) -> list:
     """µs per decoding step for every provider (rounds of `steps` steps taking turns, as
-    time_side_by_side): median and minimum over the rounds; outputs checked against ours first."""
+    side_by_side_stats): median and minimum over the rounds; outputs checked against ours first."""
     rows = []
     for B, I, V, H in shapes:
         providers = decode_providers(cell, B, I, V, H, steps)
