@@ -11,7 +11,8 @@ bf16 one (<!-- cpu-bf16-table -->) from cpu_serving_bf16_*_run*.json (the same w
 bfloat16), the decoding one (<!-- cpu-decode-table -->) from cpu_decode_*_run*.json (mmrnn-bench
 --decode), the ONNX Runtime one (<!-- onnx-table -->) from cpu_onnx_*_run*.json (mmrnn-bench --onnx) and
 the cells-with-gradients one (<!-- cpu-train-step-table -->) from cpu_train_step_run*.json
-(mmrnn-bench --train-step).
+(mmrnn-bench --train-step) and the migration one (<!-- cpu-migrate-table -->) from cpu_migrate_run*.json
+(mmrnn-bench --migrate).
 The training results (between <!-- train-table:start/end -->) from
 bench/results/train_quick_ablate.json and its log (bash bench/train_ablation.sh), and the gap sweep
 (between <!-- gap-table:start/end -->) from bench/results/gap_sweep_quick.json and its log
@@ -38,6 +39,7 @@ GPU_PREFIX = "gpu_h100_"
 SERVING_START, SERVING_END = "<!-- cpu-serving-table:start -->", "<!-- cpu-serving-table:end -->"
 BF16_START, BF16_END = "<!-- cpu-bf16-table:start -->", "<!-- cpu-bf16-table:end -->"
 DECODE_START, DECODE_END = "<!-- cpu-decode-table:start -->", "<!-- cpu-decode-table:end -->"
+MIGRATE_START, MIGRATE_END = "<!-- cpu-migrate-table:start -->", "<!-- cpu-migrate-table:end -->"
 ONNX_START, ONNX_END = "<!-- onnx-table:start -->", "<!-- onnx-table:end -->"
 STEP_START, STEP_END = "<!-- cpu-train-step-table:start -->", "<!-- cpu-train-step-table:end -->"
 
@@ -199,13 +201,18 @@ def decode_section(cells: dict) -> str:
     return "\n".join(lines)
 
 
-def train_step_section(paths: list) -> str:
-    """The cells with gradients, the modules with a per-step image and the attention decoder
-    (mmrnn-bench --train-step): each row's medians averaged over runs, x mean (minimum) over runs."""
+def _load_all(paths: list) -> list:
     results = []
     for path in paths:
         with open(path) as f:
             results.append(json.load(f))
+    return results
+
+
+def train_step_section(paths: list) -> str:
+    """The cells with gradients, the modules with a per-step image and the attention decoder
+    (mmrnn-bench --train-step): each row's medians averaged over runs, x mean (minimum) over runs."""
+    results = _load_all(paths)
     first = results[0]
     lines = [f"Measured on {cpu_line(first['machine'])}; float32; per row the median over "
              f"{first['train_step'][0]['rounds']} rounds (providers taking turns), then mean over {len(results)} "
@@ -228,6 +235,29 @@ def train_step_section(paths: list) -> str:
                                                            f"{row['features']} context, E={row['embed']}, H={row['hidden']}")
         lines.append(f"| {what} | {shape} | {row['pass_name']} | {mean([r['mmrnn_ext_us'] for r in same]):.0f} | "
                      f"{mean([r['torch_us'] for r in same]):.0f} | {mean(xs):.2f}x ({min(xs):.2f}x) |")
+    lines += ["", "Sources: " + ", ".join(f"`{os.path.relpath(p, ROOT)}`" for p in paths) + "."]
+    return "\n".join(lines)
+
+
+def migrate_section(paths: list) -> str:
+    """torch models served before and after mmrnn_ext.convert (mmrnn-bench --migrate): each row's
+    medians averaged over runs, x mean (minimum) over runs."""
+    results = _load_all(paths)
+    first = results[0]
+    lines = [f"Measured on {cpu_line(first['machine'])}; float32, `torch.no_grad()`; per row the median over "
+             f"{first['migrate'][0]['rounds']} rounds (the two models taking turns), then mean over {len(results)} "
+             "separate runs, x mean (minimum) over the runs (`mmrnn-bench --migrate --json "
+             "bench/results/cpu_migrate_runN.json`). The same weights before and after; x = torch's time / the "
+             "converted model's (above 1: converted is faster).", "",
+             "| model | what convert swapped | B, T | converted ms | torch ms | x |", "| --- | --- | --- | --- | --- | --- |"]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    for row in first["migrate"]:
+        same = [next(r for r in res["migrate"] if (r["model"], r["B"]) == (row["model"], row["B"])) for res in results]
+        xs = [r["x"] for r in same]
+        args = ", ".join(f"{k.removeprefix('arg_')}={v}" for k, v in row.items() if k.startswith("arg_"))
+        lines.append(f"| {row['model']} ({args}) | {'; '.join(row['swapped'])} | {row['B']}, {row['T']} | "
+                     f"{mean([r['converted_ms'] for r in same]):.2f} | {mean([r['torch_ms'] for r in same]):.2f} | "
+                     f"{mean(xs):.2f}x ({min(xs):.2f}x) |")
     lines += ["", "Sources: " + ", ".join(f"`{os.path.relpath(p, ROOT)}`" for p in paths) + "."]
     return "\n".join(lines)
 
@@ -501,6 +531,9 @@ def main():
     step_paths = sorted(glob.glob(os.path.join(ROOT, "bench", "results", "cpu_train_step_run*.json")))
     if step_paths and STEP_START in text:
         text = _replace(text, STEP_START, STEP_END, train_step_section(step_paths))
+    migrate_paths = sorted(glob.glob(os.path.join(ROOT, "bench", "results", "cpu_migrate_run*.json")))
+    if migrate_paths and MIGRATE_START in text:
+        text = _replace(text, MIGRATE_START, MIGRATE_END, migrate_section(migrate_paths))
     train_path = os.path.join(ROOT, "bench", "results", "train_quick_ablate.json")
     if os.path.exists(train_path):
         with open(train_path) as f:

@@ -386,6 +386,21 @@ def spread(times) -> float:
     return (max(times) - min(times)) / statistics.median(times) if times and statistics.median(times) > 0 else 0.0
 
 
+def paired_table(rows: list, label: tuple, ours: tuple, theirs: tuple, digits: int, what_x: str) -> str:
+    """The text table of rows timing ours against torch's side by side: label = (title, width,
+    row -> text) columns first, then ours = (title, median key, minimum key) and theirs likewise,
+    x, and a ! where the repeats disagree (row["noisy"])."""
+    wo, wt = max(len(ours[0]), 10), max(len(theirs[0]), 10)
+    lines = ["  " + " ".join(f"{t:{width}}" for t, width, _ in label)
+             + f" {ours[0]:>{wo}} {'(min)':>9} {theirs[0]:>{wt}} {'(min)':>9} {'x':>6}"]
+    for r in rows:
+        lines.append("  " + " ".join(f"{fn(r):{width}}" for _, width, fn in label)
+                     + f" {r[ours[1]]:{wo}.{digits}f} {r[ours[2]]:9.{digits}f} {r[theirs[1]]:{wt}.{digits}f}"
+                     f" {r[theirs[2]]:9.{digits}f} {r['x']:6.2f}" + (" !" if r["noisy"] else ""))
+    lines.append(f"  x = {what_x}; ! = the repeats disagree by more than {100 * NOISY_SPREAD:.0f}% (busy machine)")
+    return "\n".join(lines)
+
+
 def side_by_side_stats(fns: dict, device, repeats: int) -> dict:
     """{name: {"ms": median, "min_ms", "spread"}}. On CPU the providers take turns: each round runs
     every provider twice, an untimed call then a timed one, so that a slow spell of a shared machine
@@ -956,6 +971,9 @@ def parse_args(argv=None):
                    help="time the cells with gradients instead of the grid: one step forward+backward and forward "
                         "with grad enabled for every cell against torch's cell, and the attention decoder's training "
                         "step (CPU, float32)")
+    p.add_argument("--migrate", action="store_true",
+                   help="time two torch models (a 2-layer bidirectional GRU speech encoder, an LSTM text classifier) "
+                        "served with no_grad before and after mmrnn_ext.convert (CPU, float32)")
     p.add_argument("--onnx", action="store_true",
                    help="also time both models exported to ONNX and run in ONNX Runtime (inference only; CPU, float32)")
     p.add_argument("--stock-only", action="store_true",
@@ -984,12 +1002,17 @@ def main(argv=None) -> int:
     _cli.writable_file("mmrnn-bench", "--json", args.json)
     _cli.writable_file("mmrnn-bench", "--plot", args.plot)
     device = _cli.device("mmrnn-bench", args.device)
-    if (args.autocast or args.decode or args.train_step) and device.type != "cpu":
-        flag = "--autocast" if args.autocast else "--decode" if args.decode else "--train-step"
+    if (args.autocast or args.decode or args.train_step or args.migrate) and device.type != "cpu":
+        flag = ("--autocast" if args.autocast else "--decode" if args.decode else "--train-step" if args.train_step
+                else "--migrate")
         raise SystemExit(f"{flag}: a CPU measurement; use --device cpu")
-    if args.train_step and (args.decode or args.autocast or args.onnx or args.shape):
-        raise SystemExit("--train-step: its shapes are fixed and it runs alone (without --decode, --autocast, --onnx, "
-                         "--shape)")
+    for on, flag in ((args.train_step, "--train-step"), (args.migrate, "--migrate")):
+        others = [f for f, given in (("--decode", args.decode), ("--autocast", args.autocast), ("--onnx", args.onnx),
+                                     ("--shape", args.shape), ("--train-step", args.train_step),
+                                     ("--migrate", args.migrate)) if given and f != flag]
+        if on and others:
+            raise SystemExit(f"{flag}: its shapes are fixed and it runs alone (without --decode, --autocast, --onnx, "
+                             f"--shape, --train-step, --migrate); got {' '.join(others)}")
     if args.onnx and (args.autocast or args.decode or device.type != "cpu"):
         raise SystemExit("--onnx: ONNX Runtime is timed on the grid, on CPU, without autocast")
     if args.onnx:
@@ -1000,6 +1023,8 @@ def main(argv=None) -> int:
         return decode_main(args, device)
     if args.train_step:
         return train_step_main(args, device)
+    if args.migrate:
+        return migrate_main(args, device)
     if args.tf32 != "default":
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
     dtype_names = (args.dtype or "float32").split(",")
@@ -1076,20 +1101,32 @@ def main(argv=None) -> int:
 def train_step_main(args, device) -> int:
     from . import bench_train_step as ts
 
+    return _fixed_cases_main(args, device, "--train-step", "train_step", ts.train_step_rows, ts.format_rows)
+
+
+def migrate_main(args, device) -> int:
+    from . import bench_migrate as mg
+
+    return _fixed_cases_main(args, device, "--migrate", "migrate", mg.migrate_rows, mg.format_rows)
+
+
+def _fixed_cases_main(args, device, flag, key, rows_of, format_rows) -> int:
+    """A measurement with its own fixed cases (--train-step, --migrate): rows_of(quick, rounds) ->
+    rows, printed with format_rows and written as {"machine", key: rows} to --json."""
     machine = machine_info(device)
     rounds = args.repeats or (3 if args.quick else 7)
-    print(f"mmrnn-bench --train-step: {machine['cpu_model']} ({machine['cpu_vendor']}; engine path "
+    print(f"mmrnn-bench {flag}: {machine['cpu_model']} ({machine['cpu_vendor']}; engine path "
           f"{machine['engine_isa']}), torch {torch.__version__}, {machine['torch_threads']} threads, {rounds} rounds",
           flush=True)
     try:
-        rows = ts.train_step_rows(args.quick, rounds)
+        rows = rows_of(args.quick, rounds)
     except DisagreementError as exc:
         print(f"mmrnn-bench: FAILED: {exc}", file=sys.stderr)
         return 1
-    print(ts.format_rows(rows))
+    print(format_rows(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "train_step": rows, "noisy_spread_threshold": NOISY_SPREAD}, f, indent=1)
+            json.dump({"machine": machine, key: rows, "noisy_spread_threshold": NOISY_SPREAD}, f, indent=1)
         print(f"\nwrote {args.json}")
     return 0
 

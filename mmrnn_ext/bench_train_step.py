@@ -26,7 +26,7 @@ import statistics
 import torch
 
 from . import models
-from .bench import CELL_MODULES, DisagreementError, cpu_turns, spread, NOISY_SPREAD
+from .bench import CELL_MODULES, DisagreementError, cpu_turns, paired_table, spread, NOISY_SPREAD
 
 # (B, I, V, H): the attention decoder's cell (context 2048), two mid-size steps, batch 1
 TRAIN_STEP_SHAPES = [(32, 512, 2048, 512), (32, 256, 64, 256), (8, 128, 64, 256), (1, 128, 64, 256)]
@@ -199,15 +199,15 @@ def train_step_rows(quick: bool, rounds: int, progress=None) -> list:
     return rows
 
 
+def _what(r: dict) -> str:
+    if r["kind"] == "cell":
+        return f"{r['cell']} cell B,I,V,H={r['B']},{r['I']},{r['V']},{r['H']}"
+    if r["kind"] == "per-step image":
+        return f"{r['cell']} B,T,I,V,H={r['B']},{r['T']},{r['I']},{r['V']},{r['H']}"
+    return f"attention decoder B={r['B']} steps={r['steps']}"
+
+
 def format_rows(rows: list) -> str:
-    lines = [f"  {'what':38} {'pass':18} {'mmrnn_ext us':>13} {'(min)':>9} {'torch us':>10} {'(min)':>9} {'x':>6}"]
-    for r in rows:
-        what = {"cell": lambda: f"{r['cell']} cell B,I,V,H={r['B']},{r['I']},{r['V']},{r['H']}",
-                "per-step image": lambda: f"{r['cell']} B,T,I,V,H={r['B']},{r['T']},{r['I']},{r['V']},{r['H']}",
-                "decoder": lambda: f"attention decoder B={r['B']} steps={r['steps']}"}[r["kind"]]()
-        mark = " !" if r["noisy"] else ""
-        lines.append(f"  {what:38} {r['pass_name']:18} {r['mmrnn_ext_us']:13.0f} {r['mmrnn_ext_min_us']:9.0f} "
-                     f"{r['torch_us']:10.0f} {r['torch_min_us']:9.0f} {r['x']:6.2f}{mark}")
-    lines.append("  x = torch's median / ours (above 1: mmrnn_ext is faster); ! = the repeats disagree by more than "
-                 f"{100 * NOISY_SPREAD:.0f}% (busy machine)")
-    return "\n".join(lines)
+    return paired_table(rows, (("what", 38, _what), ("pass", 18, lambda r: r["pass_name"])),
+                        ("mmrnn_ext us", "mmrnn_ext_us", "mmrnn_ext_min_us"), ("torch us", "torch_us", "torch_min_us"), 0,
+                        "torch's median / ours (above 1: mmrnn_ext is faster)")

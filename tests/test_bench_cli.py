@@ -246,3 +246,23 @@ def test_train_step_mode_writes_checked_rows(tmp_path, capsys):
 def test_train_step_refuses_other_modes():
     with pytest.raises(SystemExit, match="--train-step"):
         bench.main(["--train-step", "--decode"])
+
+
+def test_migrate_mode_writes_checked_rows(tmp_path, capsys):
+    """mmrnn-bench --migrate: both models, at their batch and at batch 1, converted with
+    mmrnn_ext.convert (what it swapped recorded), outputs checked before timing."""
+    out = tmp_path / "m.json"
+    assert bench.main(["--migrate", "--quick", "--device", "cpu", "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["migrate"]
+    assert [(r["model"].split(":")[0], r["B"]) for r in rows] == [("speech encoder", 4), ("speech encoder", 1),
+                                                                  ("text classifier", 4), ("text classifier", 1)]
+    assert rows[0]["swapped"] == ["rnn: torch.nn.GRU -> mmrnn_ext.GRU"]
+    assert rows[2]["swapped"] == ["rnn: torch.nn.LSTM -> mmrnn_ext.LSTM"]
+    for r in rows:
+        assert r["converted_ms"] > 0 and r["torch_ms"] > 0 and r["x"] == pytest.approx(r["torch_ms"] / r["converted_ms"])
+    assert "text classifier" in capsys.readouterr().out
+
+
+def test_migrate_refuses_other_modes():
+    with pytest.raises(SystemExit, match="--migrate: .* got --decode"):
+        bench.main(["--migrate", "--decode"])

@@ -25,6 +25,7 @@ from .. import _backends
 from ..ops import InputError, _describe, check_lengths
 from ..ops.common import no_gradient_possible, shape_is
 from .. import export as _export
+from .twin import TorchTwin
 
 
 def _check_same(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str, dtype: bool = True) -> None:
@@ -145,7 +146,7 @@ def _check_common_ctor(hidden_size, image_size, backend):
         raise ValueError(f"backend: expected one of {('auto',) + _backends.BACKEND_NAMES}, got {backend!r}")
 
 
-class RecurrentBase(nn.Module):
+class RecurrentBase(TorchTwin, nn.Module):
     """The shared multi-layer module. Subclasses set
 
         CELL     "rnn", "lstm" or "gru" (the backend table's key)
@@ -493,7 +494,7 @@ class RecurrentBase(nn.Module):
         return (output.transpose(0, 1) if batch_first else output), self._final_states(states, True)
 
 
-class CellBase(nn.Module):
+class CellBase(TorchTwin, nn.Module):
     """The shared single-step module (RNNCell, LSTMCell, GRUCell): parameters weight_ih, weight_hh,
     bias_ih, bias_hh as torch's plus weight_img, and the checks of input, hx and image. A cell sets
     CELL, GATES, STATES and implements ``_step(xp [1, B, G*H], image_term, states) -> states'``."""

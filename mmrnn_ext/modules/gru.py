@@ -7,6 +7,7 @@ features, the same image term in every gate (order r, z, n), outside the reset p
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..ops import gru_recurrence
 from .base import CellBase, RecurrentBase
@@ -32,6 +33,7 @@ class GRU(RecurrentBase):
     forward(input, hx=None, image=None, lengths=None) -> (output, h_n), with nn.GRU's shapes; image
     and lengths as mmrnn_ext.RNN's."""
 
+    TORCH = nn.GRU
     CELL, GATES, STATES = "gru", 3, 1
     AUTOCAST_FULL = (True, True)  # torch's nn.GRU computes in bf16 but returns output and h_n in float32
 
@@ -57,6 +59,7 @@ class GRUCell(CellBase):
     forward(input, hx=None, image=None) -> h'; input [N, H_in] or [H_in], hx [N, H] or [H],
     image [N, V] or [V]."""
 
+    TORCH = nn.GRUCell
     CELL, GATES, STATES = "gru", 3, 1
     AUTOCAST_FULL = (True,)  # torch's GRUCell returns float32 under autocast
 

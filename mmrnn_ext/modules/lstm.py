@@ -7,6 +7,8 @@ features, the same image term in every gate (order i, f, g, o):
 """
 from __future__ import annotations
 
+from torch import nn
+
 from ..ops import InputError, InputTypeError, lstm_recurrence
 from ..reference import lstm_recurrence_ref
 from .. import _backends
@@ -29,6 +31,7 @@ class LSTM(RecurrentBase):
     image and lengths as mmrnn_ext.RNN's. With proj_size > 0 the recurrence runs the plain-PyTorch
     step loop (autograd through torch ops) on every device — correct, not fused."""
 
+    TORCH = nn.LSTM
     CELL, GATES, STATES = "lstm", 4, 2
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
@@ -78,6 +81,7 @@ class LSTMCell(CellBase):
     forward(input, hx=None, image=None) -> (h', c'); input [N, H_in] or [H_in], hx a tuple (h, c) of
     [N, H] or [H], image [N, V] or [V]."""
 
+    TORCH = nn.LSTMCell
     CELL, GATES, STATES = "lstm", 4, 2
     AUTOCAST_FULL = (True, True)  # torch's LSTMCell returns float32 under autocast
 

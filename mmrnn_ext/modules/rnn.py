@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+from torch import nn
+
 from ..ops import rnn_recurrence
 from ..reference import NONLINEARITIES
 from .. import _backends
@@ -24,6 +26,7 @@ class RNN(RecurrentBase):
     image term.
     """
 
+    TORCH = nn.RNN
     CELL, GATES, STATES = "rnn", 1, 1
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
@@ -61,6 +64,7 @@ class RNNCell(CellBase):
     forward(input, hx=None, image=None) -> h'; input [N, H_in] or [H_in], hx [N, H] or [H],
     image [N, V] or [V]."""
 
+    TORCH = nn.RNNCell
     CELL, GATES, STATES = "rnn", 1, 1
 
     def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None,
