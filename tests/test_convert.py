@@ -123,7 +123,13 @@ def test_round_trip_and_same_function(case, V, dtype):
                  "proj_size", "nonlinearity"):
         assert getattr(back, attr, None) == getattr(stock, attr, None), attr
     x, v, xc, hx = _inputs(stock, dtype, V, False, seed=3)
-    for a, b in zip(_flat(back(xc, hx)), _flat(stock(xc, hx))):
+    grads = []
+    for module in (back, stock):  # the same outputs and the same gradients, bit for bit
+        xg = xc.clone().requires_grad_()
+        out = module(xg, hx)
+        params = [p for _, p in sorted(module.named_parameters())]
+        grads.append((_flat(out), torch.autograd.grad(_loss(out), [xg] + params)))
+    for a, b in zip(grads[0][0] + list(grads[0][1]), grads[1][0] + list(grads[1][1])):
         assert torch.equal(a, b)
 
 
