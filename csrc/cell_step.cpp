@@ -22,7 +22,7 @@ struct Part {
 
 // The sum of a vector's lanes by halving (log2(lanes) adds instead of lanes - 1 scalar ones).
 template <typename V>
-__attribute__((always_inline)) inline auto lane_sum(V v) {
+__attribute__((always_inline)) inline auto lane_sum(const V& v) {
   constexpr int n = sizeof(V) / sizeof(v[0]);
   if constexpr (n == 2) {
     return v[0] + v[1];
@@ -72,6 +72,7 @@ __attribute__((always_inline)) inline auto lane_sum(V v) {
 
 #define MMRNN_DOT_ARGS const Part<T>*__restrict parts, int n_parts, int64_t b0, int64_t n0, T *__restrict out, int64_t ldo
 
+#if MMRNN_X86
 template <typename T, int VW, int MR, int NR>
 __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))) void dot_avx512(MMRNN_DOT_ARGS) {
   MMRNN_DOT_BODY
@@ -80,6 +81,7 @@ template <typename T, int VW, int MR, int NR>
 __attribute__((target("avx2,fma"))) void dot_avx2(MMRNN_DOT_ARGS) {
   MMRNN_DOT_BODY
 }
+#endif
 template <typename T, int VW, int MR, int NR>
 void dot_generic(MMRNN_DOT_ARGS) {
   MMRNN_DOT_BODY
@@ -105,9 +107,14 @@ void fill_dots(DotKernels<T>& d, std::integer_sequence<int, R...>) {
   constexpr bool wide = I == Isa::kAvx512 || I == Isa::kAvx512Bf16;
   constexpr int VW = (wide ? 64 : I == Isa::kAvx2 ? 32 : 16) / static_cast<int>(sizeof(T));
   d.mr = MR;
+#if MMRNN_X86
   if constexpr (wide) ((d.fns[R] = &dot_avx512<T, VW, R + 1, kNR>), ...);
   else if constexpr (I == Isa::kAvx2) ((d.fns[R] = &dot_avx2<T, VW, R + 1, kNR>), ...);
   else ((d.fns[R] = &dot_generic<T, VW, R + 1, kNR>), ...);
+#else
+  static_assert(I == Isa::kGeneric, "only the portable path exists off x86");
+  ((d.fns[R] = &dot_generic<T, VW, R + 1, kNR>), ...);
+#endif
 }
 
 // 4 x 4 blocks with AVX-512 (16 accumulators + 8 operands of 32 registers), 2 x 4 otherwise.
@@ -115,9 +122,11 @@ template <typename T>
 DotKernels<T> dot_kernels(Isa isa) {
   DotKernels<T> d;
   switch (isa) {
+#if MMRNN_X86
     case Isa::kAvx512Bf16:
     case Isa::kAvx512: fill_dots<T, Isa::kAvx512, 4>(d, std::make_integer_sequence<int, 4>{}); break;
     case Isa::kAvx2: fill_dots<T, Isa::kAvx2, 2>(d, std::make_integer_sequence<int, 2>{}); break;
+#endif
     default: fill_dots<T, Isa::kGeneric, 2>(d, std::make_integer_sequence<int, 2>{}); break;
   }
   return d;
@@ -335,13 +344,13 @@ void step_forward(int64_t kind, const at::Tensor& x, const at::Tensor& h, const 
       }
     };
     // two threads from ~0.5 MFLOP a step (a fork costs a few microseconds)
-    if (2 * B * G * H * K < (1 << 19) || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    if (2 * B * G * H * K < (1 << 19) || parallel_threads() == 1 || at::in_parallel_region()) {
       run(0, blocks);
     } else if (release_gil) {
       pybind11::gil_scoped_release no_gil;
-      at::parallel_for(0, blocks, std::max<int64_t>(1, blocks / at::get_num_threads()), run);
+      at::parallel_for(0, blocks, std::max<int64_t>(1, blocks / parallel_threads()), run);
     } else {
-      at::parallel_for(0, blocks, std::max<int64_t>(1, blocks / at::get_num_threads()), run);
+      at::parallel_for(0, blocks, std::max<int64_t>(1, blocks / parallel_threads()), run);
     }
   });
 }

@@ -33,7 +33,7 @@ at::Tensor product(const at::Tensor& bias, const at::Tensor& a, const at::Tensor
 // Rows of [B, n] blocks of work: parallel from ~64k elements (a fork costs a few microseconds).
 template <typename F>
 void rows(int64_t B, int64_t width, const F& f) {
-  if (B * width < (1 << 16) || at::get_num_threads() == 1 || at::in_parallel_region()) {
+  if (B * width < (1 << 16) || parallel_threads() == 1 || at::in_parallel_region()) {
     f(0, B);
   } else {
     at::parallel_for(0, B, row_grain(width), f);

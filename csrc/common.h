@@ -18,11 +18,31 @@
 #include <optional>
 #include <type_traits>
 
+// The x86 micro-kernels (per-function target attributes, intrinsics) exist only on x86; elsewhere
+// (aarch64 Linux, macOS arm64) the engine runs its portable 128-bit path (NEON on aarch64).
+#if defined(__x86_64__) || defined(__i386__)
+#define MMRNN_X86 1
+#else
+#define MMRNN_X86 0
+#endif
+
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
 
 namespace mmrnn {
+
+// The threads at::parallel_for can use here. With torch's OpenMP backend at::parallel_for is a
+// header template that runs in parallel only when the extension itself is compiled with OpenMP
+// (INTRA_OP_PARALLEL); a build without it (Apple clang has no OpenMP) runs every call on the
+// calling thread, with the same results bit for bit (the work split never changes what a value
+// sums), and plans its work for one thread.
+#ifdef INTRA_OP_PARALLEL
+constexpr bool kParallelBuild = true;
+#else
+constexpr bool kParallelBuild = false;
+#endif
+inline int64_t parallel_threads() { return kParallelBuild ? at::get_num_threads() : 1; }
 
 // exp(y) for y in [0, 88] in float32 with only arithmetic and selects, so that the compiler
 // vectorises the loops that call it (libm's expf/tanhf do not vectorise without -ffast-math, which

@@ -29,7 +29,9 @@
 #include "common.h"
 
 #include <c10/util/BFloat16.h>
+#if MMRNN_X86
 #include <immintrin.h>
+#endif
 
 #include <atomic>
 #include <cstdint>
@@ -51,7 +53,7 @@ inline const char* isa_name(Isa isa) {
 // paths in one process). An unknown value is an error, not a silent default.
 inline Isa cpu_isa() {
   static const Isa detected = [] {
-#if defined(__x86_64__) || defined(__i386__)
+#if MMRNN_X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
       return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
@@ -137,6 +139,7 @@ constexpr int k_unroll() {
   const T *__restrict x, int64_t ldx, int64_t K1, const T *__restrict h, int64_t ldh, const T *__restrict w, \
       int64_t K, T *__restrict tile
 
+#if MMRNN_X86
 template <typename T, int VW, int NV, int MR>
 __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))) void micro_avx512(MMRNN_MICRO_ARGS) {
   MMRNN_MICRO_BODY
@@ -145,6 +148,7 @@ template <typename T, int VW, int NV, int MR>
 __attribute__((target("avx2,fma"))) void micro_avx2(MMRNN_MICRO_ARGS) {
   MMRNN_MICRO_BODY
 }
+#endif
 template <typename T, int VW, int NV, int MR>
 void micro_generic(MMRNN_MICRO_ARGS) {
   MMRNN_MICRO_BODY
@@ -218,6 +222,7 @@ inline float bf16_bits_to_float(uint16_t b) {
   const c10::BFloat16 *__restrict x, int64_t ldx, int64_t K1, const c10::BFloat16 *__restrict h, int64_t ldh, \
       const c10::BFloat16 *__restrict w, int64_t K, float *__restrict tile
 
+#if MMRNN_X86
 template <int VW, int NV, int MR>
 __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))) void micro_bf16_avx512(MMRNN_MICRO_BF16_ARGS) {
   MMRNN_MICRO_BF16_BODY
@@ -226,10 +231,13 @@ template <int VW, int NV, int MR>
 __attribute__((target("avx2,fma"))) void micro_bf16_avx2(MMRNN_MICRO_BF16_ARGS) {
   MMRNN_MICRO_BF16_BODY
 }
+#endif  // MMRNN_X86
 template <int VW, int NV, int MR>
 void micro_bf16_generic(MMRNN_MICRO_BF16_ARGS) {
   MMRNN_MICRO_BF16_BODY
 }
+
+#if MMRNN_X86
 
 // The same product on the bf16 dot instruction: per pair row, one broadcast of each row's two A
 // values (one 32-bit lane, straight from memory) and one vdpbf16ps per accumulator (32
@@ -275,6 +283,7 @@ __attribute__((target("avx512f,avx512vl,avx512dq,avx512bf16,avx2,fma"))) void mi
     }
 }
 #undef MMRNN_DOT_PAIR
+#endif  // MMRNN_X86
 #undef MMRNN_WIDEN_PAIR
 #undef MMRNN_MICRO_BF16_LOOP
 #undef MMRNN_MICRO_BF16_ARGS
@@ -297,6 +306,7 @@ void fill_kernels(Kernels<S>& k, std::integer_sequence<int, R...>) {
   k.vw = VW;
   k.nv = NV;
   k.mr = MR;
+#if MMRNN_X86
   if constexpr (kIsBf16<S>) {
     if constexpr (I == Isa::kAvx512Bf16) ((k.fns[R] = &micro_bf16_dot<VW, NV, R + 1>), ...);
     else if constexpr (I == Isa::kAvx512) ((k.fns[R] = &micro_bf16_avx512<VW, NV, R + 1>), ...);
@@ -307,6 +317,11 @@ void fill_kernels(Kernels<S>& k, std::integer_sequence<int, R...>) {
     else if constexpr (I == Isa::kAvx2) ((k.fns[R] = &micro_avx2<S, VW, NV, R + 1>), ...);
     else ((k.fns[R] = &micro_generic<S, VW, NV, R + 1>), ...);
   }
+#else
+  static_assert(I == Isa::kGeneric, "only the portable path exists off x86");
+  if constexpr (kIsBf16<S>) ((k.fns[R] = &micro_bf16_generic<VW, NV, R + 1>), ...);
+  else ((k.fns[R] = &micro_generic<S, VW, NV, R + 1>), ...);
+#endif
 }
 
 // The panel shape for `groups` gate blocks: NV vectors per K row and MR rows per tile, as many
@@ -335,9 +350,11 @@ Kernels<S> kernels_for(int groups) {
 template <typename S>
 Kernels<S> kernels_for(Isa isa, int groups) {
   switch (isa) {
+#if MMRNN_X86
     case Isa::kAvx512Bf16: return kernels_for<S, Isa::kAvx512Bf16>(groups);
     case Isa::kAvx512: return kernels_for<S, Isa::kAvx512>(groups);
     case Isa::kAvx2: return kernels_for<S, Isa::kAvx2>(groups);
+#endif
     default: return kernels_for<S, Isa::kGeneric>(groups);
   }
 }
@@ -420,7 +437,7 @@ class StepBarrier {
     const int64_t target = workers_ * (generation + 1);
     for (int spins = 0; arrived_.load(std::memory_order_acquire) < target; ++spins) {
       if (spins < 4000) {
-#if defined(__x86_64__) || defined(__i386__)
+#if MMRNN_X86
         __builtin_ia32_pause();
 #endif
       } else {
@@ -437,7 +454,7 @@ class StepBarrier {
 // How many workers share a step: one per thread, fewer when a step is too small to repay a barrier
 // (~1-2 us), never more than there are panels.
 inline int64_t step_workers(int64_t flops_per_step, int64_t panels) {
-  int64_t n = at::get_num_threads();
+  int64_t n = parallel_threads();
   if (flops_per_step < (1 << 18)) n = 1;
   return std::max<int64_t>(1, std::min(n, panels));
 }

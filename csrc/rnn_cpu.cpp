@@ -210,6 +210,8 @@ void register_rnn(pybind11::module& m) {
   m.def("rnn_backward", &rnn_backward, "RNN BPTT over the whole sequence -> (dA [T, B, H], dh0 [B, H])",
         pybind11::arg("grad_out"), pybind11::arg("grad_h_last"), pybind11::arg("out"), pybind11::arg("h0"),
         pybind11::arg("w_hh"), pybind11::arg("lengths"), pybind11::arg("relu"));
+  m.def("parallel_build", [] { return kParallelBuild; },
+        "whether this build runs its work on torch's intra-op threads (False: compiled without OpenMP, one thread)");
   m.def("cpu_isa", [] { return std::string(isa_name(cpu_isa())); },
         "the vector path the recurrences take on this CPU (avx512_bf16, avx512, avx2 or generic; MMRNN_CPU_ISA caps it)");
   m.def("tanh_float32", [](const at::Tensor& x) { return apply_f32(x, tanh_f32); },

@@ -59,7 +59,9 @@ def _load_cpp() -> tuple[ModuleType | None, str]:
         return None, f"the C++ extension mmrnn_ext._C is not built ({exc}); build it with: {_BUILD_COMMAND}"
     return mod, ("built; rnn, lstm, gru in float32, float64 and bfloat16 (float32 accumulation and state; the bf16 "
                  f"dot instruction where the CPU has it: this one runs {mod.cpu_isa()}) on CPU tensors (float16 goes "
-                 "to 'reference'; LSTM with proj_size > 0 runs the reference step loop)")
+                 "to 'reference'; LSTM with proj_size > 0 runs the reference step loop)"
+                 + ("" if mod.parallel_build() else
+                    "; compiled without OpenMP: every call runs on one thread"))
 
 
 def _load_kernels() -> tuple[ModuleType | None, str]:
