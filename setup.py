@@ -110,7 +110,8 @@ def _extensions():
 if __name__ == "__main__":  # pip runs this file as a script; scripts/check_platforms.sh imports compile_flags
     ext_modules, cmdclass = _extensions()
     setup(
-        packages=["mmrnn_ext", "mmrnn_ext.modules", "mmrnn_ext.ops", "mmrnn_ext.train", "mmrnn_ext.kernels"],
+        packages=["mmrnn_ext", "mmrnn_ext.bench", "mmrnn_ext.modules", "mmrnn_ext.ops", "mmrnn_ext.train",
+                  "mmrnn_ext.kernels"],
         package_dir={"mmrnn_ext": "mmrnn_ext", "mmrnn_ext.kernels": "kernels"},
         ext_modules=ext_modules,
         cmdclass=cmdclass,

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from . import reference
+from .errors import InputTypeError
 
 BACKEND_NAMES = ("cpp", "triton", "reference")
 CELLS = ("rnn", "lstm", "gru")
@@ -233,8 +234,6 @@ def _select(backend: str, device: torch.device, dtype: torch.dtype, cell: str) -
         raise RuntimeError(f"backend={backend!r} runs on {chosen.devices} tensors, got tensors on {device}"
                            + ("; set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors" if backend == "triton" else ""))
     if dtype not in chosen.dtypes:
-        from .ops.common import InputTypeError  # an InputError (ValueError/RuntimeError) and a TypeError
-
         names = " and ".join(str(d).replace("torch.", "") for d in chosen.dtypes)
         raise InputTypeError(f"backend={backend!r} computes {names}, got {dtype}; construct the module with "
                              f"backend='auto' (it picks a backend that runs {dtype}: {'triton on CUDA, ' if backend != 'triton' else ''}"

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 from .modules.twin import ctor_kwargs, image_start_of, param_placement, split_into
-from .ops.common import InputError, InputTypeError
+from .errors import InputError, InputTypeError
 
 # torch's class -> ours
 OURS = {cls.TORCH: cls for cls in (RNN, LSTM, GRU, RNNCell, LSTMCell, GRUCell)}

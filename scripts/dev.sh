@@ -13,7 +13,7 @@ fi
 PY=.venv/bin/python
 "$PY" -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 # No build isolation: the extension must be compiled against the torch it will run with.
-"$PY" -m pip install -q --disable-pip-version-check --no-build-isolation -e .
+"$PY" -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[test,triton]"
 case "${1:-}" in
   example) exec "$PY" examples/quickstart.py ;;
   test)    exec "$PY" -m pytest tests -q -p no:cacheprovider "${@:2}" ;;

@@ -44,7 +44,7 @@ def test_compile_that_runs_out_of_time_is_skipped_not_hung(tmp_path):
 
 def test_disagreeing_provider_fails_loudly(monkeypatch, capsys):
     real = bench.eager_loop
-    monkeypatch.setattr(bench, "eager_loop", lambda x, image, model: real(x, image, model) * 1.01)
+    monkeypatch.setattr(bench.providers, "eager_loop", lambda x, image, model: real(x, image, model) * 1.01)
     assert bench.main(TINY + ["--no-compile"]) == 1
     err = capsys.readouterr().err
     assert "FAILED" in err and "eager loop disagrees" in err
@@ -107,7 +107,7 @@ def test_decode_disagreement_fails_loudly(monkeypatch, capsys):
         providers[name] = lambda: f() * 1.01
         return providers
 
-    monkeypatch.setattr(bench, "decode_providers", off)
+    monkeypatch.setattr(bench.decode, "decode_providers", off)
     assert bench.main(["--decode", "--quick", "--repeats", "1"]) == 1
     assert "disagrees" in capsys.readouterr().err
 
@@ -165,8 +165,8 @@ def test_onnx_refused_before_any_work_when_onnxruntime_is_missing(monkeypatch):
     def no_work(*a, **k):
         raise AssertionError("mmrnn-bench started measuring before checking --onnx's needs")
 
-    monkeypatch.setattr(bench, "gemm_ceiling", no_work)
-    monkeypatch.setattr(bench, "run_case", no_work)
+    monkeypatch.setattr(bench.cli, "gemm_ceiling", no_work)
+    monkeypatch.setattr(bench.cli, "run_case", no_work)
     with pytest.raises(SystemExit) as info:
         bench.main(TINY + ["--onnx", "--no-compile"])
     msg = str(info.value.code)
@@ -179,7 +179,7 @@ def _fake_turns(times_of):
 
 
 def test_disagreeing_repeats_are_flagged_in_table_and_json(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "cpu_turns", _fake_turns(
+    monkeypatch.setattr(bench.timing, "cpu_turns", _fake_turns(
         lambda name: [1e-3, 1e-3, 5e-3] if name.startswith("eager") else [2e-3, 2.1e-3, 2.05e-3]))
     out = tmp_path / "r.json"
     assert bench.main(TINY[:2] + TINY[4:] + ["--no-compile", "--no-recurrence", "--json", str(out)]) == 0
@@ -197,8 +197,8 @@ def test_disagreeing_repeats_are_flagged_in_table_and_json(tmp_path, monkeypatch
 def test_impossible_rates_are_not_printed(tmp_path, monkeypatch, capsys):
     """A timing far below what the machine's ceiling allows (a clock glitch on a busy machine) gives
     no GF/s, no percentage: 'n/a' and the note."""
-    monkeypatch.setattr(bench, "cpu_turns", _fake_turns(lambda name: [1e-12] * 3))
-    monkeypatch.setattr(bench, "gemm_ceiling", lambda: {"gflops": 100.0, "by": "torch.mm", "rates": {}, "n": 2048})
+    monkeypatch.setattr(bench.timing, "cpu_turns", _fake_turns(lambda name: [1e-12] * 3))
+    monkeypatch.setattr(bench.cli, "gemm_ceiling", lambda: {"gflops": 100.0, "by": "torch.mm", "rates": {}, "n": 2048})
     out = tmp_path / "r.json"
     assert bench.main(["--shape", "8,16,32,8,64", "--device", "cpu", "--repeats", "3", "--no-compile",
                        "--json", str(out)]) == 0

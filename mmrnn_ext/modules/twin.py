@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.common import InputError
+from ..errors import InputError
 
 # the parameters both sides name alike, per layer and direction (weight_img is ours only)
 SHARED = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")

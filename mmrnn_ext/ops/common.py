@@ -15,15 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backends
-
-
-class InputError(ValueError, RuntimeError):
-    """A call with a wrong argument. Derives from both exception types that torch.nn.RNN raises for
-    bad input, so code written against nn.RNN catches it unchanged."""
-
-
-class InputTypeError(InputError, TypeError):
-    """A wrong argument where torch raises TypeError (e.g. an LSTM cell's hx given as a tensor)."""
+from ..errors import InputError, InputTypeError  # noqa: F401 (re-exported: mmrnn_ext.ops.InputError)
 
 
 def _describe(t) -> str:

@@ -25,8 +25,10 @@ import statistics
 
 import torch
 
-from . import models
-from .bench import CELL_MODULES, DisagreementError, cpu_turns, paired_table, spread, NOISY_SPREAD
+from .. import models
+from .cases import CELL_MODULES, CELLS, DisagreementError
+from .report import paired_table
+from .timing import NOISY_SPREAD, cpu_turns, spread
 
 # (B, I, V, H): the attention decoder's cell (context 2048), two mid-size steps, batch 1
 TRAIN_STEP_SHAPES = [(32, 512, 2048, 512), (32, 256, 64, 256), (8, 128, 64, 256), (1, 128, 64, 256)]
@@ -120,8 +122,6 @@ def decoder_providers(B, steps, regions, features, embed, hidden, vocab) -> dict
 def step_image_providers(cell: str, B: int, T: int, I: int, V: int, H: int) -> dict:
     """{(provider, pass): callable}: the module with a per-step image against torch's on the
     concatenation; checked first."""
-    from .bench import CELLS
-
     ours_cls, stock_cls, _ = CELLS[cell]
     torch.manual_seed(4)
     ours, stock = ours_cls(I, H, image_size=V), stock_cls(I + V, H)

@@ -18,8 +18,10 @@ import statistics
 import torch
 from torch import nn
 
-from .bench import DisagreementError, NOISY_SPREAD, cpu_turns, paired_table, spread
-from .convert import convert
+from ..convert import convert
+from .cases import DisagreementError
+from .report import paired_table
+from .timing import NOISY_SPREAD, cpu_turns, spread
 
 TOL = 1e-4  # float32, relative to the largest output: a 2-layer, 200-step recurrence reorders sums
 
