@@ -16,6 +16,7 @@ today, side by side in one process. One concern per file (cli.py's docstring is 
 
 The names below are the ones scripts and tests use (bench/update_readme.py, bench/*.sh, tests/).
 """
+
 from .cases import (CELL_MODULES, CELLS, CPU_GRID, DECODE_SHAPES, DTYPES, GPU_GRID, OURS, PASSES, QUICK_CPU_GRID,
                     QUICK_DECODE_SHAPES, QUICK_GPU_GRID, SERVING_GRID, Case, DisagreementError, build_ours, build_stock,
                     stock_name)

@@ -37,11 +37,12 @@ import sys
 import torch
 
 from mmrnn_ext import _cli
-from .cases import CELLS, CPU_GRID, Case, DTYPES, DisagreementError, GPU_GRID, QUICK_CPU_GRID, QUICK_GPU_GRID, SERVING_GRID
+from .cases import (CELLS, CPU_GRID, Case, DTYPES, DisagreementError, GPU_GRID, QUICK_CPU_GRID, QUICK_GPU_GRID,
+                    SERVING_GRID)
 from .decode import decode_main
 from .grid import run_case
 from .machine import gemm_ceiling, machine_info, recurrence_vs_mm
-from .report import _Progress, format_recurrence, format_table, markdown_table, plot
+from .report import _Progress, format_recurrence, format_table, markdown_table, plot, run_rows
 from .timing import NOISY_SPREAD
 
 def parse_args(argv=None):
@@ -211,17 +212,7 @@ def _fixed_cases_main(args, device, flag, key, rows_of, format_rows) -> int:
     rows, printed with format_rows and written as {"machine", key: rows} to --json."""
     machine = machine_info(device)
     rounds = args.repeats or (3 if args.quick else 7)
-    print(f"mmrnn-bench {flag}: {machine['cpu_model']} ({machine['cpu_vendor']}; engine path "
-          f"{machine['engine_isa']}), torch {torch.__version__}, {machine['torch_threads']} threads, {rounds} rounds",
-          flush=True)
-    try:
-        rows = rows_of(args.quick, rounds)
-    except DisagreementError as exc:
-        print(f"mmrnn-bench: FAILED: {exc}", file=sys.stderr)
-        return 1
-    print(format_rows(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, key: rows, "noisy_spread_threshold": NOISY_SPREAD}, f, indent=1)
-        print(f"\nwrote {args.json}")
-    return 0
+    header = (f"mmrnn-bench {flag}: {machine['cpu_model']} ({machine['cpu_vendor']}; engine path {machine['engine_isa']}), "
+              f"torch {torch.__version__}, {machine['torch_threads']} threads, {rounds} rounds")
+    return run_rows(header, lambda: rows_of(args.quick, rounds), format_rows, args.json,
+                    {"machine": machine, "key": key, "noisy_spread_threshold": NOISY_SPREAD})

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import statistics
-import sys
 
 import torch
-from .cases import CELLS, CELL_MODULES, DECODE_SHAPES, DECODE_STEPS, DisagreementError, OURS, QUICK_DECODE_SHAPES, stock_name
+
+from .cases import (CELLS, CELL_MODULES, DECODE_SHAPES, DECODE_STEPS, DisagreementError, OURS, QUICK_DECODE_SHAPES,
+                    stock_name)
 from .machine import machine_info
 from .providers import relative_difference, tolerance
+from .report import run_rows
 from .timing import cpu_turns
 
 
@@ -108,9 +109,6 @@ def format_decode(rows: list) -> str:
     return "\n".join(lines)
 
 
-# --- reporting ------------------------------------------------------------------------------------
-
-
 def decode_main(args, device) -> int:
     if args.shape:
         raise SystemExit("--decode: the decoding shapes are fixed (B,I,V,H) = "
@@ -118,17 +116,7 @@ def decode_main(args, device) -> int:
     machine = machine_info(device)
     shapes = QUICK_DECODE_SHAPES if args.quick else DECODE_SHAPES
     rounds = args.repeats or (3 if args.quick else 9)
-    print(f"mmrnn-bench --decode --cell {args.cell}: {machine['cpu_model']} ({machine['cpu_vendor']}; engine path "
-          f"{machine['engine_isa']}), torch {torch.__version__}, {DECODE_STEPS} steps a round, {rounds} rounds",
-          flush=True)
-    try:
-        rows = decode_rows(args.cell, shapes, rounds)
-    except DisagreementError as exc:
-        print(f"mmrnn-bench: FAILED: {exc}", file=sys.stderr)
-        return 1
-    print(format_decode(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "cell": args.cell, "decode": rows}, f, indent=1)
-        print(f"\nwrote {args.json}")
-    return 0
+    header = (f"mmrnn-bench --decode --cell {args.cell}: {machine['cpu_model']} ({machine['cpu_vendor']}; engine path "
+              f"{machine['engine_isa']}), torch {torch.__version__}, {DECODE_STEPS} steps a round, {rounds} rounds")
+    return run_rows(header, lambda: decode_rows(args.cell, shapes, rounds), format_decode, args.json,
+                    {"machine": machine, "cell": args.cell, "key": "decode"})

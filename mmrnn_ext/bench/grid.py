@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 import torch
+
 from .cases import Case, DTYPES, DisagreementError, OURS, PASSES, stock_name
 from .machine import gemm_gflop
 from .memory import peak_memory_mb, saved_activation_mb

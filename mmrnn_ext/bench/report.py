@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
-from .cases import OURS, PASSES
+from .cases import OURS, PASSES, DisagreementError
 from .providers import ONNX_RUNTIME
 from .timing import NOISY_SPREAD
 
@@ -186,3 +187,23 @@ class _Progress:
             self._bar.close()
         elif not self._quiet:
             print(file=sys.stderr)
+
+
+def run_rows(header: str, rows_of, format_rows, json_path, payload: dict) -> int:
+    """A mode with its own fixed cases (--decode, --train-step, --migrate): print the header, run
+    rows_of() (a DisagreementError fails the run: no speed is reported), print format_rows(rows) and
+    write {**payload, key: rows} to json_path, payload's "key" naming the rows."""
+    print(header, flush=True)
+    try:
+        rows = rows_of()
+    except DisagreementError as exc:
+        print(f"mmrnn-bench: FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(format_rows(rows))
+    if json_path:
+        data = {k: v for k, v in payload.items() if k != "key"}
+        data[payload["key"]] = rows
+        with open(json_path, "w") as f:
+            json.dump(data, f, indent=1)
+        print(f"\nwrote {json_path}")
+    return 0
