@@ -15,7 +15,6 @@ Environment switches:
 import os
 import shlex
 import subprocess
-import sys
 import tempfile
 
 from setuptools import setup
@@ -100,9 +99,8 @@ def _extensions():
         def run(self):
             try:
                 super().run()
-            except Exception:
-                print(_BUILD_HELP, file=sys.stderr)
-                raise
+            except Exception as exc:  # the compiler's own errors are printed above; the way out last
+                raise SystemExit(f"error: {type(exc).__name__}: {exc}\n{_BUILD_HELP}") from exc
 
     return [ext], {"build_ext": Build}
 

@@ -76,3 +76,22 @@ def test_this_build_uses_openmp_where_the_compiler_has_it(setup_py):
     assert _C.parallel_build() == setup_py._accepts(_this_compiler(), ["-fopenmp"], setup_py._OPENMP_PROBE)
     if os.environ.get("CI"):
         assert _C.parallel_build()  # CI's machine: GCC with OpenMP
+
+
+def test_a_failed_build_ends_with_the_way_out(tmp_path):
+    """When the compiler fails, the build's last line names the install without the extension."""
+    import shutil
+    import subprocess
+    import sys
+
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
+        shutil.copy(os.path.join(ROOT, name), tmp_path)
+    shutil.copytree(os.path.join(ROOT, "csrc"), tmp_path / "csrc")
+    env = dict(os.environ, CXX="false")  # a compiler that fails at once
+    env.pop("MMRNN_NO_EXTENSION", None)
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("mmrnn_ext: the C++ extension did not build; MMRNN_NO_EXTENSION=1 pip install "
+                           "--no-build-isolation . installs without it"), proc.stderr[-2000:]
