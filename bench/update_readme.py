@@ -1,4 +1,5 @@
-"""Regenerate the README's measured sections from the committed results:
+"""Regenerate the measured sections of README.md and docs/results.md (each section lives in one of
+them, between its markers) from the committed results:
 
     python bench/update_readme.py
 
@@ -499,15 +500,35 @@ def gpu_section() -> str | None:
 
 
 def _replace(text: str, start: str, end: str, body: str) -> str:
+    """The text with the section between start and end replaced by body (unchanged where the
+    markers are not in this file: each section lives in README.md or in docs/results.md)."""
+    if start not in text:
+        return text
     head, rest = text.split(start)
     _, tail = rest.split(end)
-    return head + start + "\n" + body + "\n" + end + tail
+    return head + start + "\n" + _LINKS(body) + "\n" + end + tail
+
+
+# Paths in generated bodies are relative to the repository root; docs/results.md rewrites its links.
+_LINKS = lambda body: body  # noqa: E731
+FILES = {"README.md": lambda body: body,
+         os.path.join("docs", "results.md"): lambda body: body.replace("](bench/", "](../bench/")}
 
 
 def main():
-    readme_path = os.path.join(ROOT, "README.md")
-    with open(readme_path) as f:
-        text = f.read()
+    global _LINKS
+    for rel_path, links in FILES.items():
+        path = os.path.join(ROOT, rel_path)
+        with open(path) as f:
+            text = f.read()
+        _LINKS = links
+        text = regenerate(text)
+        with open(path, "w") as f:
+            f.write(text)
+
+
+def regenerate(text: str) -> str:
+    """Every generated section the text holds, from the committed results."""
     for name, (start, end) in {"cpu": (START, END), "cpu_lstm": GATED["lstm"], "cpu_gru": GATED["gru"]}.items():
         json_path = os.path.join(ROOT, "bench", "results", f"{name}.json")
         if not os.path.exists(json_path):
@@ -560,8 +581,7 @@ def main():
     gpu = gpu_section()
     if gpu:
         text = _replace(text, GPU_START, GPU_END, gpu)
-    with open(readme_path, "w") as f:
-        f.write(text)
+    return text
 
 
 if __name__ == "__main__":

@@ -124,21 +124,18 @@ _TRITON_CELLS = ("rnn: persistent / cooperative / step forms (measured on an H10
                   "interpreter and compiled for sm_90 offline (bench/sm90_resources.py); their GPU run and timing "
                   "is bench/gpu_check.sh lstm gru. An LSTM with proj_size > 0 runs the reference step loop "
                   "on every device")
-_CELLS_OF = {"cpp": CELLS, "triton": CELLS, "reference": CELLS}  # what backend=name runs; "auto" gives it the same
 
 
 def backends() -> dict:
     """{name: {"available": bool, "cells": tuple, "auto_cells": tuple, "detail": str}} for "cpp", "triton" and
-    "reference" (cells: what backend=name runs; auto_cells: what backend="auto" gives it):
-    what runs here, for which cells, and, for what does not, why not and what provides it."""
+    "reference" (cells: what backend=name runs; auto_cells: what backend="auto" gives it — every backend
+    runs every cell): what runs here and, for what does not, why not and what provides it."""
     cpp_mod, cpp_why = _cpp()
     tri_ok, tri_why = _triton_status()
     return {
-        "cpp": {"available": cpp_mod is not None, "cells": _CELLS_OF["cpp"], "auto_cells": _CELLS_OF["cpp"],
-                "detail": cpp_why},
-        "triton": {"available": tri_ok, "cells": _CELLS_OF["triton"], "auto_cells": _CELLS_OF["triton"],
-                   "detail": tri_why},
-        "reference": {"available": True, "cells": _CELLS_OF["reference"], "auto_cells": _CELLS_OF["reference"],
+        "cpp": {"available": cpp_mod is not None, "cells": CELLS, "auto_cells": CELLS, "detail": cpp_why},
+        "triton": {"available": tri_ok, "cells": CELLS, "auto_cells": CELLS, "detail": tri_why},
+        "reference": {"available": True, "cells": CELLS, "auto_cells": CELLS,
                       "detail": "plain PyTorch step loop, any device and dtype (low precision computed in float32)"},
     }
 
@@ -219,16 +216,13 @@ def _select(backend: str, device: torch.device, dtype: torch.dtype, cell: str) -
     if backend == "auto":
         preferred = ("triton",) if device.type == "cuda" else ("cpp",)
         for name in preferred:
-            if status[name]["available"] and cell in _CELLS_OF[name]:
+            if status[name]["available"]:
                 candidate = _cpp_backend() if name == "cpp" else _triton_backend()
                 if dtype in candidate.dtypes and device.type in candidate.devices:
                     return candidate
         return _REFERENCE
     if not status[backend]["available"]:
         raise RuntimeError(f"backend={backend!r} is not available here: {status[backend]['detail']}")
-    if cell not in _CELLS_OF[backend]:
-        raise RuntimeError(f"backend={backend!r} has no {cell.upper()} kernels yet (it runs {list(_CELLS_OF[backend])}); "
-                           "use backend='auto' or 'reference' for this cell")
     chosen = {"cpp": _cpp_backend, "triton": _triton_backend}.get(backend, lambda: _REFERENCE)()
     if device.type not in chosen.devices:
         raise RuntimeError(f"backend={backend!r} runs on {chosen.devices} tensors, got tensors on {device}"
