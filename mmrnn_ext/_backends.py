@@ -10,7 +10,12 @@ the time-major contract documented in ``mmrnn_ext.reference``:
     gru   forward(xp, w_hh, b_hn, h0, image_term, lengths) -> (out, gates)
           backward(grad_out, grad_h_last, out, gates, h0, w_hh, lengths) -> (dGx, dhn, dh0)
 
-Nothing outside this module branches on the backend.
+A backend may also offer an Engine (the cpp backend does): the decoding step, the cell step with
+gradients, the inference input product and inference with the input product fused into every step.
+The modules reach them as ``select(...).engine`` or ``step_engine(backend)``, never by name.
+
+Nothing outside this module branches on the backend (tests/test_layout.py checks that no other
+module calls its private probes).
 """
 from __future__ import annotations
 
@@ -39,12 +44,39 @@ class CellImpl:
     infer: Callable | None = None  # a forward that saves nothing for backward (public outputs only)
 
 
+class Engine:
+    """What a backend offers beyond the recurrences' forward and backward (the C++ engine on CPU
+    tensors; no other backend has these yet). The modules use them through this object only. Each
+    call looks its kernel up in the extension module when made (so a test can wrap one)."""
+
+    def __init__(self, mod: ModuleType):
+        self._mod = mod
+
+    def linear(self, x, w):
+        """x [..., K] @ w [N, K]^T: the inference input product."""
+        return self._mod.linear(x, w)
+
+    def cell_step(self, *args):
+        """One decoding step, no gradient (csrc/cell_step.cpp)."""
+        return self._mod.cell_step(*args)
+
+    def cell_train(self, *args):
+        """One step as one autograd node (csrc/cell_train.cpp)."""
+        return self._mod.cell_train(*args)
+
+    def infer(self, cell: str):
+        """Inference of `cell` with the input product fused into every step (x and w_ih in), or None
+        where the cell has no such kernel (the GRU: its reset gate scales the recurrent product only)."""
+        return getattr(self._mod, f"{cell}_infer") if cell in ("rnn", "lstm") else None
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
     cells: dict  # cell name -> CellImpl, for the cells this backend implements
     dtypes: tuple  # dtypes it computes natively
     devices: tuple  # device types it runs on
+    engine: Engine | None = None  # the step kernels and fused inference, where the backend has them
 
 
 def _triton_interpret() -> bool:
@@ -171,9 +203,26 @@ def _cpp_backend() -> Backend:
         "lstm": CellImpl(lambda *a: tuple(mod.lstm_forward(*a)), lambda *a: tuple(mod.lstm_backward(*a)), lstm_infer),
         "gru": CellImpl(lambda *a: tuple(mod.gru_forward(*a)), lambda *a: tuple(mod.gru_backward(*a)),
                         lambda *a: tuple(mod.gru_infer(*a))),
-    }, (torch.float64, torch.float32, torch.bfloat16), ("cpu",))
+    }, (torch.float64, torch.float32, torch.bfloat16), ("cpu",),
+        Engine(mod))
     _cache["cpp_backend"] = be
     return be
+
+
+def step_engine(backend: str) -> Engine | None:
+    """The engine that runs a module's CPU steps (decoding, a cell with gradients) for its `backend`
+    setting, or None: the cpp backend's, with "auto" or "cpp", where it is built. Called before every
+    decoding step: two dictionary reads once probed."""
+    if backend not in ("auto", "cpp") or _cpp()[0] is None:
+        return None
+    return _cpp_backend().engine
+
+
+def cpu_engine_isa() -> str | None:
+    """The vector path the C++ engine takes on this CPU (avx512_bf16, avx512, avx2, generic), or None
+    where it is not built."""
+    mod = _cpp()[0]
+    return None if mod is None else mod.cpu_isa()
 
 
 def _triton_backend() -> Backend:
@@ -191,7 +240,8 @@ def backend_for(tensor: torch.Tensor, backend: str = "auto", cell: str = "rnn") 
 
 
 def select(backend: str, device: torch.device, dtype: torch.dtype, cell: str = "rnn") -> Backend:
-    """The backend that runs `cell`'s recurrence for tensors on `device` of `dtype`.
+    """The backend that runs `cell`'s recurrence for tensors on `device` of `dtype` (with its engine:
+    the step kernels and fused inference, where it has them).
 
     backend="auto": triton on CUDA, cpp on CPU (float32/float64/bfloat16), each where it implements the
     cell; else reference. (Every call of a module asks: "auto"'s answer is remembered per device

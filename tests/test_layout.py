@@ -85,3 +85,19 @@ def test_every_bench_file_says_its_concern():
         if name.endswith(".py"):
             first = open(os.path.join(folder, name)).readline()
             assert first.startswith('"""') and len(first.strip('"\n ')) > 20, (name, first)
+
+
+def test_only_the_dispatch_point_knows_backends():
+    """No module but _backends calls its private probes (_cpp, _kernels, _cpp_backend,
+    _triton_backend) or compares a chosen backend's name: what a backend offers is asked of it."""
+    import re
+
+    offenders = []
+    for mod, path in _modules().items():
+        if mod == "mmrnn_ext._backends":
+            continue
+        text = open(path).read()
+        for pattern in (r"_backends\._(cpp|kernels|cpp_backend|triton_backend)\(", r"\.name == [\"']cpp[\"']",
+                        r"in \([\"']auto[\"'], [\"']cpp[\"']\)"):
+            offenders += [f"{mod}: {m.group(0)}" for m in re.finditer(pattern, text)]
+    assert not offenders, offenders

@@ -35,8 +35,7 @@ def cpu_description() -> dict:
                     break
     except OSError:
         pass
-    cpp = _backends._cpp()[0]
-    info["engine_isa"] = None if cpp is None else cpp.cpu_isa()
+    info["engine_isa"] = _backends.cpu_engine_isa()
     return info
 
 

@@ -69,12 +69,12 @@ def _contiguous(t):
     return None if t is None else t.contiguous()
 
 
-def _input_product(x, w_ih, engine: bool):
-    """x @ w_ih^T over all steps. engine: on the C++ engine's kernels (a float32 CPU call that needs
-    no gradient, with the cpp backend): MKL's sgemm runs these tall products at 95-132 GF/s on an
-    AMD EPYC where the engine reaches 150-190 (bench/NOTES.md)."""
-    if engine:
-        return _backends._cpp()[0].linear(x, w_ih)
+def _input_product(x, w_ih, engine):
+    """x @ w_ih^T over all steps. engine (a backend's Engine, or None): on its kernels (the cpp
+    backend's, for a float32 CPU call that needs no gradient): MKL's sgemm runs these tall products
+    at 95-132 GF/s on an AMD EPYC where the engine reaches 150-190 (bench/NOTES.md)."""
+    if engine is not None:
+        return engine.linear(x, w_ih)
     return F.linear(x, w_ih)
 
 
@@ -90,7 +90,7 @@ def _image_term(x, image, bias, w_img):
     return bias.expand(x.shape[-2], -1)
 
 
-def _project(x, image, w_ih, bias, w_img, engine=False):
+def _project(x, image, w_ih, bias, w_img, engine=None):
     """The input projection (one GEMM over all steps) and the image term."""
     return _input_product(x, w_ih, engine), _image_term(x, image, bias, w_img)
 
@@ -124,15 +124,16 @@ _STEP_KIND = {"tanh": 0, "relu": 1, "lstm": 2, "gru": 3}
 _STEP_DTYPES = (torch.float32, torch.float64)
 
 
-def _decode_possible(x, backend) -> bool:
-    """Whether a CPU call on x can take the decoding kernel: a plain float32/float64 CPU tensor, the
-    cpp backend chosen (auto or cpp, built), nothing that could want a gradient or a traced graph
-    (grad mode off — else the caller checks requires_grad —, no autocast, forward AD, torch.func
-    transform or compile). Cheap: this runs before every decoding step."""
-    return (type(x) is torch.Tensor and x.is_cpu and x.dtype in _STEP_DTYPES and backend in ("auto", "cpp")
+def _decode_possible(x, backend):
+    """The engine whose step kernels a CPU call on x can take, or None: a plain float32/float64 CPU
+    tensor, a backend setting whose engine is built (_backends.step_engine), nothing that could
+    want a gradient or a traced graph (grad mode off — else the caller checks requires_grad —, no
+    autocast, forward AD, torch.func transform or compile). Cheap: this runs before every decoding step."""
+    if not (type(x) is torch.Tensor and x.is_cpu and x.dtype in _STEP_DTYPES
             and not torch.is_autocast_enabled("cpu") and torch.autograd.forward_ad._current_level < 0
-            and not torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
-            and _backends._cpp()[0] is not None)
+            and not torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()):
+        return None
+    return _backends.step_engine(backend)
 
 
 def _check_common_ctor(hidden_size, image_size, backend):
@@ -285,10 +286,11 @@ class RecurrentBase(TorchTwin, nn.Module):
         output = output.to(full_dtype if full[0] else amp)
         return output, [s.to(full_dtype if f else amp) for s, f in zip(states, full[1:])]
 
-    def _fused_inference(self, p):
+    def _fused_inference(self, engine, p):
         """A callable (x, image_term, states, lengths) -> (out, final states) running this layer and
-        direction's inference with the input product fused into the recurrence (the C++ engine), or
-        None where the cell has none. p holds weight_ih and weight_hh, in the dtype it runs in."""
+        direction's inference with the input product fused into the recurrence (engine.infer, the
+        backend's), or None where the cell has none. p holds weight_ih and weight_hh, in the dtype it
+        runs in."""
         return None
 
     def _step_kind(self):
@@ -296,12 +298,12 @@ class RecurrentBase(TorchTwin, nn.Module):
         None where a one-step call takes the sequence path (LSTM with proj_size)."""
         return _STEP_KIND[self.CELL] if self.CELL != "rnn" else _STEP_KIND[self.nonlinearity]
 
-    def _one_step(self, p, x, img, states):
+    def _one_step(self, engine, p, x, img, states):
         """One step (T = 1) of one layer and direction on the decoding kernel: x [1, B, I], img
         None | [B, V] | [1, B, V] -> (out [1, B, H], final states). No packing: the weights are
         read once, where they are (see CellBase._fast)."""
         v = None if img is None else (img[0] if img.dim() == 3 else img)
-        h, c = _backends._cpp()[0].cell_step(self._step_kind(), x[0], states[0], states[1] if self.STATES == 2 else None,
+        h, c = engine.cell_step(self._step_kind(), x[0], states[0], states[1] if self.STATES == 2 else None,
                                              v, p["weight_ih"], p["weight_hh"], p.get("weight_img") if v is not None else None,
                                              p.get("bias_ih"), p.get("bias_hh"))
         return h.unsqueeze(0), ((h, c) if self.STATES == 2 else (h,))
@@ -356,7 +358,7 @@ class RecurrentBase(TorchTwin, nn.Module):
         """The layer x direction loop on time-major x [T, B, I] -> (output [T, B, D * H], final
         states, each [L * D, B, H]). engine / fuse: see forward."""
         num_directions = 2 if self.bidirectional else 1
-        step_path = engine and x.shape[0] == 1 and lengths is None and self._step_kind() is not None
+        step_path = engine is not None and x.shape[0] == 1 and lengths is None and self._step_kind() is not None
         layer_input = x
         finals = [[] for _ in range(self.STATES)]
         fold = self.FOLD_STEP_IMAGE and img is not None and img.dim() == 3 and not step_path
@@ -372,12 +374,13 @@ class RecurrentBase(TorchTwin, nn.Module):
                 if step_path:
                     # one step with a carried state (decoding through the module): the decoding kernel
                     x_in = layer_input
-                    out, last = self._one_step(p, x_in, img, [s[idx] for s in states0])
+                    out, last = self._one_step(engine, p, x_in, img, [s[idx] for s in states0])
                     outs.append(out)
                     for k, s in enumerate(last):
                         finals[k].append(s)
                     continue
-                fused = self._fused_inference({k: _to(p[k], amp) for k in ("weight_ih", "weight_hh")}) if fuse else None
+                fused = None if fuse is None else self._fused_inference(
+                    fuse, {k: _to(p[k], amp) for k in ("weight_ih", "weight_hh")})
                 if fused is not None:
                     # inference on the C++ engine: the input product runs inside every step's tile
                     # (under autocast in its dtype: bf16 operands, float32 accumulation and state)
@@ -466,15 +469,15 @@ class RecurrentBase(TorchTwin, nn.Module):
             # reading them is a host sync that would break a compiled graph)
             check_lengths(lengths, B, T, check_values=not compiling)
             lengths = lengths.to(device=x.device, dtype=torch.int64).contiguous()
-        engine = fuse = False
+        engine = fuse = None
         if not compiling:
             # an unavailable backend fails before any GEMM
             chosen = _backends.select(self.backend, x.device, amp or x.dtype, self.CELL)
-            if chosen.name == "cpp" and no_gradient_possible(itertools.chain((x,), self.parameters())):
-                # engine: float32 inference on the C++ engine (its input product, the decoding step);
-                # fuse: the input product inside the recurrence, float32 or bfloat16 (autocast included)
-                engine = x.dtype == torch.float32 and amp is None
-                fuse = (amp or x.dtype) in (torch.float32, torch.bfloat16)
+            if chosen.engine is not None and no_gradient_possible(itertools.chain((x,), self.parameters())):
+                # engine: float32 inference on the backend's engine (its input product, the decoding
+                # step); fuse: its input product inside the recurrence, float32 or bfloat16 (autocast)
+                engine = chosen.engine if x.dtype == torch.float32 and amp is None else None
+                fuse = chosen.engine if (amp or x.dtype) in (torch.float32, torch.bfloat16) else None
 
         if exporting_onnx:
             output, states = _export.onnx_layers(self, x, img, states0, lengths)
@@ -570,7 +573,8 @@ class CellBase(TorchTwin, nn.Module):
         cached, so a weight changed in place is always seen). The arguments are checked in C++;
         None where that refuses one (or the call is outside these cases): the checked path below then
         gives the error, or runs the call."""
-        if not _decode_possible(input, self.backend):
+        engine = _decode_possible(input, self.backend)
+        if engine is None:
             return None
         unbatched = input.dim() == 1
         if unbatched:
@@ -598,7 +602,7 @@ class CellBase(TorchTwin, nn.Module):
             w_img = self.weight_img
             if unbatched:
                 image = image.unsqueeze(0)
-        kernel = _backends._cpp()[0].cell_train if torch.is_grad_enabled() else _backends._cpp()[0].cell_step
+        kernel = engine.cell_train if torch.is_grad_enabled() else engine.cell_step
         p = self._parameters  # the dict itself: nn.Module.__getattr__ costs ~2 us a name on a slow host
         try:
             h_new, c_new = kernel(self._step_kind(), input, h, c if self.STATES == 2 else None, image, p["weight_ih"],

@@ -11,7 +11,6 @@ from torch import nn
 
 from ..ops import InputError, InputTypeError, lstm_recurrence
 from ..reference import lstm_recurrence_ref
-from .. import _backends
 from .base import CellBase, RecurrentBase, _contiguous
 
 
@@ -60,13 +59,13 @@ class LSTM(RecurrentBase):
     def _step_kind(self):
         return None if self.proj_size > 0 else super()._step_kind()
 
-    def _fused_inference(self, p):
+    def _fused_inference(self, engine, p):
         if self.proj_size > 0:  # the projected state: the reference step loop (see _recurrence)
             return None
-        cpp = _backends._cpp()[0]
+        infer = engine.infer("lstm")
 
         def run(x, image_term, states, lengths):
-            out, h, c = cpp.lstm_infer(x, p["weight_ih"].contiguous(), p["weight_hh"].contiguous(),
+            out, h, c = infer(x, p["weight_ih"].contiguous(), p["weight_hh"].contiguous(),
                                        states[0].contiguous(), states[1].contiguous(), _contiguous(image_term),
                                        lengths)
             return out, (h, c)

@@ -9,7 +9,6 @@ from torch import nn
 
 from ..ops import rnn_recurrence
 from ..reference import NONLINEARITIES
-from .. import _backends
 from .base import CellBase, RecurrentBase, _contiguous
 
 
@@ -46,11 +45,11 @@ class RNN(RecurrentBase):
         out, h_last = rnn_recurrence(xp, p["weight_hh"], states[0], image_term, lengths, self.nonlinearity, self.backend)
         return out, (h_last,)
 
-    def _fused_inference(self, p):
-        cpp = _backends._cpp()[0]
+    def _fused_inference(self, engine, p):
+        infer = engine.infer("rnn")
 
         def run(x, image_term, states, lengths):
-            out, h_last = cpp.rnn_infer(x, p["weight_ih"].contiguous(), p["weight_hh"].contiguous(),
+            out, h_last = infer(x, p["weight_ih"].contiguous(), p["weight_hh"].contiguous(),
                                         states[0].contiguous(), _contiguous(image_term), lengths,
                                         self.nonlinearity == "relu")
             return out, (h_last,)
