@@ -354,6 +354,29 @@ class RecurrentBase(TorchTwin, nn.Module):
     # (measured in bench/NOTES.md, "Per-step images"). False: the image-term form (for comparison).
     FOLD_STEP_IMAGE = True
 
+    def _direction(self, p, x, img, states, lengths, amp, engine, fuse, reverse):
+        """One layer and direction over the whole sequence x [T, B, K] -> (out [T, B, H] in time
+        order, final states): the backend's fused inference where it offers one (fuse, an Engine),
+        else the input projection (on `engine`'s product when given) then the cell's recurrence.
+        reverse: the backward direction (each row's valid steps reversed in, its outputs back)."""
+        def flip(t):
+            return _time_reverse(t, lengths) if reverse and t is not None and t.dim() == 3 else t
+
+        fused = None if fuse is None else self._fused_inference(
+            fuse, {k: _to(p[k], amp) for k in ("weight_ih", "weight_hh")})
+        if fused is not None:
+            # the input product inside every step's tile (under autocast in its dtype: bf16
+            # operands, float32 accumulation and state)
+            x_in = flip(x)
+            img_term = _to(_image_term(x_in, img, self._outer_bias(p), p.get("weight_img")), amp)
+            out, last = fused(_to(x_in, amp).contiguous(), flip(img_term), [_to(s, amp) for s in states], lengths)
+        else:
+            xp, img_term = _project(x, img, p["weight_ih"], self._outer_bias(p), p.get("weight_img"), engine)
+            recurrent = {k: _to(v, amp) for k, v in p.items() if k in _RECURRENT_PARAMS}
+            out, last = self._recurrence(recurrent, flip(_to(xp, amp)), flip(_to(img_term, amp)),
+                                         [_to(s, amp) for s in states], lengths)
+        return flip(out), last
+
     def _run_layers(self, x, img, states0, lengths, amp, engine, fuse):
         """The layer x direction loop on time-major x [T, B, I] -> (output [T, B, D * H], final
         states, each [L * D, B, H]). engine / fuse: see forward."""
@@ -371,41 +394,15 @@ class RecurrentBase(TorchTwin, nn.Module):
                 idx = layer * num_directions + direction
                 if fold:
                     p = dict(p, weight_ih=torch.cat([p["weight_ih"], p["weight_img"]], dim=1), weight_img=None)
+                states = [s[idx] for s in states0]
                 if step_path:
-                    # one step with a carried state (decoding through the module): the decoding kernel
-                    x_in = layer_input
-                    out, last = self._one_step(engine, p, x_in, img, [s[idx] for s in states0])
-                    outs.append(out)
-                    for k, s in enumerate(last):
-                        finals[k].append(s)
-                    continue
-                fused = None if fuse is None else self._fused_inference(
-                    fuse, {k: _to(p[k], amp) for k in ("weight_ih", "weight_hh")})
-                if fused is not None:
-                    # inference on the C++ engine: the input product runs inside every step's tile
-                    # (under autocast in its dtype: bf16 operands, float32 accumulation and state)
-                    x_in = joint if fold else layer_input
-                    x_in = x_in if direction == 0 else _time_reverse(x_in, lengths)
-                    img_term = _to(_image_term(x_in, None if fold else img, self._outer_bias(p), p.get("weight_img")),
-                                   amp)
-                    if direction == 1 and img_term is not None and img_term.dim() == 3:
-                        img_term = _time_reverse(img_term, lengths)
-                    out, last = fused(_to(x_in, amp).contiguous(), img_term, [_to(s[idx], amp) for s in states0],
-                                      lengths)
-                    outs.append(_time_reverse(out, lengths) if direction == 1 else out)
-                    for k, s in enumerate(last):
-                        finals[k].append(s)
-                    continue
-                xp, img_term = _project(joint if fold else layer_input, None if fold else img, p["weight_ih"],
-                                        self._outer_bias(p), p.get("weight_img"), engine)
-                xp, img_term = _to(xp, amp), _to(img_term, amp)
-                if direction == 1:
-                    xp = _time_reverse(xp, lengths)
-                    if img_term is not None and img_term.dim() == 3:
-                        img_term = _time_reverse(img_term, lengths)
-                recurrent = {k: _to(v, amp) for k, v in p.items() if k in _RECURRENT_PARAMS}
-                out, last = self._recurrence(recurrent, xp, img_term, [_to(s[idx], amp) for s in states0], lengths)
-                outs.append(_time_reverse(out, lengths) if direction == 1 else out)
+                    # one step with a carried state (decoding through the module): the decoding
+                    # kernel (one step is its own time reversal)
+                    out, last = self._one_step(engine, p, layer_input, img, states)
+                else:
+                    out, last = self._direction(p, joint if fold else layer_input, None if fold else img, states,
+                                                lengths, amp, engine, fuse, reverse=direction == 1)
+                outs.append(out)
                 for k, s in enumerate(last):
                     finals[k].append(s)
             layer_input = outs[0] if num_directions == 1 else torch.cat(outs, dim=2)
