@@ -147,7 +147,24 @@ def _check_common_ctor(hidden_size, image_size, backend):
         raise ValueError(f"backend: expected one of {('auto',) + _backends.BACKEND_NAMES}, got {backend!r}")
 
 
-class RecurrentBase(TorchTwin, nn.Module):
+class _Shared:
+    """What RecurrentBase and CellBase (and so every module and cell) share beyond the parameters."""
+
+    def _step_kind(self):
+        """The decoding step's cell kind (cell_step.cpp: 0 RNN tanh, 1 RNN relu, 2 LSTM, 3 GRU), or
+        None where a one-step call takes the sequence path (LSTM with proj_size)."""
+        return _STEP_KIND[self.CELL] if self.CELL != "rnn" else _STEP_KIND[self.nonlinearity]
+
+    def _hx_tensors(self, hx):
+        """hx as a tuple of STATES tensors (checked for type only; the LSTM's take a pair)."""
+        if isinstance(hx, torch.Tensor):
+            return (hx,)
+        lstm = "LSTMCell" if isinstance(self, CellBase) else "LSTM"
+        raise InputError(f"hx: expected a tensor, got {type(hx).__name__}"
+                         + (f" (only {lstm} takes a tuple (h_0, c_0))" if isinstance(hx, (tuple, list)) else ""))
+
+
+class RecurrentBase(TorchTwin, _Shared, nn.Module):
     """The shared multi-layer module. Subclasses set
 
         CELL     "rnn", "lstm" or "gru" (the backend table's key)
@@ -293,10 +310,6 @@ class RecurrentBase(TorchTwin, nn.Module):
         runs in."""
         return None
 
-    def _step_kind(self):
-        """The decoding step's cell kind (cell_step.cpp: 0 RNN tanh, 1 RNN relu, 2 LSTM, 3 GRU), or
-        None where a one-step call takes the sequence path (LSTM with proj_size)."""
-        return _STEP_KIND[self.CELL] if self.CELL != "rnn" else _STEP_KIND[self.nonlinearity]
 
     def _one_step(self, engine, p, x, img, states):
         """One step (T = 1) of one layer and direction on the decoding kernel: x [1, B, I], img
@@ -309,13 +322,6 @@ class RecurrentBase(TorchTwin, nn.Module):
         return h.unsqueeze(0), ((h, c) if self.STATES == 2 else (h,))
 
     # --- hx ----------------------------------------------------------------------------------------
-
-    def _hx_tensors(self, hx):
-        """hx as a tuple of STATES tensors (checked for type only)."""
-        if isinstance(hx, torch.Tensor):
-            return (hx,)
-        raise InputError(f"hx: expected a tensor, got {type(hx).__name__}"
-                         + (" (only LSTM takes a tuple (h_0, c_0))" if isinstance(hx, (tuple, list)) else ""))
 
     def _initial_states(self, hx, x, batched, B, amp):
         D = 2 if self.bidirectional else 1
@@ -494,7 +500,7 @@ class RecurrentBase(TorchTwin, nn.Module):
         return (output.transpose(0, 1) if batch_first else output), self._final_states(states, True)
 
 
-class CellBase(TorchTwin, nn.Module):
+class CellBase(TorchTwin, _Shared, nn.Module):
     """The shared single-step module (RNNCell, LSTMCell, GRUCell): parameters weight_ih, weight_hh,
     bias_ih, bias_hh as torch's plus weight_img, and the checks of input, hx and image. A cell sets
     CELL, GATES, STATES and implements ``_step(xp [1, B, G*H], image_term, states) -> states'``."""
@@ -549,17 +555,10 @@ class CellBase(TorchTwin, nn.Module):
     def _outer_bias(self):
         return None if self.bias_ih is None else self.bias_ih + self.bias_hh
 
-    def _hx_tensors(self, hx):
-        if isinstance(hx, torch.Tensor):
-            return (hx,)
-        raise InputError(f"hx: expected a tensor, got {type(hx).__name__}"
-                         + (" (only LSTMCell takes a tuple (h_0, c_0))" if isinstance(hx, (tuple, list)) else ""))
-
-    def _step(self, xp, image_term, states):
+    def _step(self, xp, image_term, states, amp):
+        """One step: xp [1, B, G*H] (the input side), image_term, states [h] or [h, c] -> states',
+        computed in `amp` (the autocast dtype) or the parameters' dtype (None)."""
         raise NotImplementedError
-
-    def _step_kind(self):
-        return _STEP_KIND[self.CELL] if self.CELL != "rnn" else _STEP_KIND[self.nonlinearity]
 
     def _fast(self, input, hx, image):
         """One C++ call for a float32/float64 CPU step outside autocast, torch.func, forward AD and
