@@ -310,15 +310,14 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
         runs in."""
         return None
 
-
     def _one_step(self, engine, p, x, img, states):
         """One step (T = 1) of one layer and direction on the decoding kernel: x [1, B, I], img
         None | [B, V] | [1, B, V] -> (out [1, B, H], final states). No packing: the weights are
         read once, where they are (see CellBase._fast)."""
         v = None if img is None else (img[0] if img.dim() == 3 else img)
         h, c = engine.cell_step(self._step_kind(), x[0], states[0], states[1] if self.STATES == 2 else None,
-                                             v, p["weight_ih"], p["weight_hh"], p.get("weight_img") if v is not None else None,
-                                             p.get("bias_ih"), p.get("bias_hh"))
+                                v, p["weight_ih"], p["weight_hh"], p.get("weight_img") if v is not None else None,
+                                p.get("bias_ih"), p.get("bias_hh"))
         return h.unsqueeze(0), ((h, c) if self.STATES == 2 else (h,))
 
     # --- hx ----------------------------------------------------------------------------------------
