@@ -3,7 +3,7 @@ backward, each checked against the float64 reference at the benchmark shape befo
 
     python3 bench/gpu_sweep.py OUT.json [--quick] [--cell rnn|lstm|gru]
 
-It is how the size rule in kernels/rnn.py (choose_form, default_config) was chosen: the rows name
+It is how the size rule in kernels/launch.py (choose_form, default_config) was chosen: the rows name
 form, tiles, warps, programs, median ms (triton.testing.do_bench) and microseconds per step.
 Each row also counts one step's work: the recurrent dot's FLOPs ([B, H] x [H, G*H], G gates) and the
 bytes a step must move at the least (its projected input and per-step outputs; W_hh read once), and
@@ -62,7 +62,7 @@ def variants(kernels, B, H, dtype, device, wide, x3=False, cell="rnn"):
         if wide:
             out += [("persistent", pbase._replace(num_warps=8))]
             out += [] if gated else [("persistent", pbase._replace(fast_tanh=False))]
-        if x3 and not gated:  # the gated persistent forward has no "ieee" (kernels/gated.py _plan)
+        if x3 and not gated:  # the gated persistent forward has no "ieee" (kernels/launch.py plan)
             out.append(("persistent", pbase._replace(fp32_dot="ieee")))
     base = kernels.default_config(B, H, dtype, device, "cooperative")
     tries = [base] + ([base._replace(fp32_dot="ieee")] if x3 else [])
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
                 failed += not ok
                 fwd_ms, bwd_ms = time_ms(fwd), time_ms(bwd)
                 programs = (triton.cdiv(B, cfg.block_b) if form == "persistent"
-                            else kernels.rnn._grid(cfg, B, H, dev, form)[0])
+                            else kernels.launch._grid(cfg, B, H, dev, form)[0])
                 auto = (kernels.choose_form(H, dtype, None, GATES[cell]) == form
                         and cfg == kernels.default_config(B, H, dtype, dev, form))
                 row = {"cell": cell, "shape": [B, T, _I, _V, H], "dtype": dname, "form": form,

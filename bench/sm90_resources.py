@@ -31,7 +31,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mmrnn_ext.kernels import gated, rnn  # noqa: E402
+from mmrnn_ext.kernels import gru, launch, lstm, rnn  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 227 * 1024  # a Hopper SM's shared memory for one program (the opt-in maximum)
@@ -57,14 +57,14 @@ class _Recorder:
 def recording():
     """Replace every @triton.jit kernel the launchers call with a recorder; SM count of an H100."""
     calls, saved = [], []
-    for mod in (rnn, gated):
+    for mod in (rnn, lstm, gru):
         for name in dir(mod):
             obj = getattr(mod, name)
             if name.endswith("_kernel") and isinstance(obj, triton.runtime.JITFunction):
                 saved.append((mod, name, obj))
                 setattr(mod, name, _Recorder(obj, calls))
-    saved.append((rnn, "_resident_programs", rnn._resident_programs))
-    rnn._resident_programs = lambda device: H100_SMS
+    saved.append((launch, "_resident_programs", launch._resident_programs))
+    launch._resident_programs = lambda device: H100_SMS
     try:
         yield calls
     finally:
@@ -81,23 +81,23 @@ def launches(cell: str, B: int, H: int, dtype: torch.dtype, form: str, fp32_dot:
     w, h0, lens = torch.empty(G * H, H, **meta), torch.empty(B, H, **meta), torch.empty(B, dtype=torch.int64, device="meta")
     out_h = torch.empty(T, B, H, **meta)
     with recording() as calls:
-        cfg = rnn.default_config(B, H, dtype, torch.device("cuda"), form)
+        cfg = launch.default_config(B, H, dtype, torch.device("cuda"), form)
         if fp32_dot:
             cfg = cfg._replace(fp32_dot=fp32_dot)
         if dtype != torch.float32:
-            cfg = cfg._replace(fast_tanh=True)  # as on a GPU (kernels.rnn.fast_tanh)
-        fwd_cfg = cfg  # the gated persistent forward refuses "ieee" (see kernels/gated.py _plan): tf32x3 there
+            cfg = cfg._replace(fast_tanh=True)  # as on a GPU (kernels.launch.fast_tanh)
+        fwd_cfg = cfg  # the gated persistent forward refuses "ieee" (see kernels/launch.py plan): tf32x3 there
         if cell != "rnn" and form == "persistent" and fp32_dot == "ieee":
             fwd_cfg = cfg._replace(fp32_dot="tf32x3")
         if cell == "rnn":
             out = rnn.rnn_forward(xp, w, h0, img, lens, "tanh", form=form, config=cfg)
             rnn.rnn_backward(out, h0, out, h0, w, lens, "tanh", form=form, config=cfg)
         elif cell == "lstm":
-            out, c_all, gates = gated.lstm_forward(xp, w, h0, h0, img, lens, form=form, config=fwd_cfg)
-            gated.lstm_backward(out, h0, h0, out, c_all, gates, h0, h0, w, lens, form=form, config=cfg)
+            out, c_all, gates = lstm.lstm_forward(xp, w, h0, h0, img, lens, form=form, config=fwd_cfg)
+            lstm.lstm_backward(out, h0, h0, out, c_all, gates, h0, h0, w, lens, form=form, config=cfg)
         else:
-            out, gates = gated.gru_forward(xp, w, h0[0], h0, img, lens, form=form, config=fwd_cfg)
-            gated.gru_backward(out_h, h0, out, gates, h0, w, lens, form=form, config=cfg)
+            out, gates = gru.gru_forward(xp, w, h0[0], h0, img, lens, form=form, config=fwd_cfg)
+            gru.gru_backward(out_h, h0, out, gates, h0, w, lens, form=form, config=cfg)
     distinct = {}
     for fn, _grid, args, kw in calls:
         key = (fn.__name__, tuple(sorted((k, str(v)) for k, v in kw.items())))
@@ -145,7 +145,7 @@ def cases(quick: bool):
     for cell, gates in (("rnn", 1), ("lstm", 4), ("gru", 3)):
         for dname, dtype in DTYPES.items():
             dots = FP32_DOTS if dtype == torch.float32 else (None,)
-            bound = max(h for h in (16, 32, 64, 128, 256, 512) if rnn.persistent_fits(h, dtype, gates))
+            bound = max(h for h in (16, 32, 64, 128, 256, 512) if launch.persistent_fits(h, dtype, gates))
             for dot in dots:
                 out.append((cell, 64, bound, dname, "persistent", dot))
                 for H in ((1024,) if quick else (128, 256, 512, 1024)):

@@ -18,37 +18,18 @@ rnn_backward -> (dA [T, B, H], dh0 [B, H]). Dots accumulate in float32. For floa
 dots use TF32 only where the user allowed TF32 to torch (torch.backends.cudnn.allow_tf32, which
 nn.RNN follows through cuDNN, or torch.backends.cuda.matmul.allow_tf32), with the operands rounded
 to TF32 first; otherwise float32 accuracy (see _fp32_dot). The form is chosen by size;
-MMRNN_TRITON_FORM=persistent|cooperative|step (or form=...) overrides it. The tile choices were
-measured on an H100 (bench/NOTES.md, bench/results/gpu_h100_sweep.json).
+MMRNN_TRITON_FORM=persistent|cooperative|step (or form=...) overrides it. The size rule, tiles and
+TF32 policy are kernels/launch.py's, the dot, tanh and grid barrier kernels/common.py's (the LSTM's
+and GRU's kernels share both).
 """
 from __future__ import annotations
-
-import functools
-import os
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-FORMS = ("auto", "step", "persistent", "cooperative")
-_MIN_DOT = 16  # tl.dot needs every dimension >= 16
-
-
-@triton.jit
-def _tanh(a):
-    # |a| < 0.4: Taylor series to a^13 (truncation < 4e-9 relative); else 1 - 2 / (exp(2a) + 1),
-    # which saturates cleanly to +-1 (exp overflows to inf, or underflows to 0).
-    a2 = a * a
-    p = 21844.0 / 6081075.0
-    p = p * a2 - 1382.0 / 155925.0
-    p = p * a2 + 62.0 / 2835.0
-    p = p * a2 - 17.0 / 315.0
-    p = p * a2 + 2.0 / 15.0
-    p = p * a2 - 1.0 / 3.0
-    small = a + a * a2 * p
-    big = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
-    return tl.where(tl.abs(a) < 0.4, small, big)
+from .common import _dot, _grid_barrier, _lens_of, _row_tile, _tanh
+from .launch import fast_tanh, plan
 
 
 @triton.jit
@@ -68,42 +49,6 @@ def _activation_grad_from_output(h, RELU: tl.constexpr):
         return tl.where(h > 0.0, 1.0, 0.0)
     else:
         return 1.0 - h * h
-
-
-@triton.jit
-def _round_tf32(x):
-    """float32 -> the nearest TF32 value (10 mantissa bits, ties away from zero), kept in float32.
-    The tensor cores read a float32 operand's top 19 bits, i.e. truncate it; rounding first halves
-    the error and removes its bias (cuBLAS and cuDNN round too). NaN stays NaN."""
-    bits = x.to(tl.int32, bitcast=True)
-    rounded = ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
-    return tl.where(x != x, x, rounded)
-
-
-@triton.jit
-def _dot(a, b, acc, FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
-    """acc + a @ b, accumulated in float32. b is always W_hh (or its transpose).
-    16-bit operands: tensor cores. float32 operands by FP32_DOT: "ieee" full precision; "tf32"
-    (TF32 allowed): a is rounded to TF32 here and b arrives rounded (the launcher rounds W_hh once),
-    so the tensor cores' truncation of the low bits is exact; "tf32x3": Triton's three-pass TF32
-    split, about float32's accuracy on tensor cores."""
-    if DOT_FP32:  # exact: a bf16 x bf16 product is representable in float32
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    if a.dtype == tl.float32:
-        if FP32_DOT == "tf32":
-            return tl.dot(_round_tf32(a), b, acc, input_precision="tf32")
-        return tl.dot(a, b, acc, input_precision=FP32_DOT)
-    return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _lens_of(len_ptr, rb, mb, T, BLOCK_B: tl.constexpr, HAS_LEN: tl.constexpr):
-    """The rows' lengths (T for every row without lengths)."""
-    if HAS_LEN:
-        lens = tl.load(len_ptr + rb, mask=mb, other=0)
-    else:
-        lens = tl.full((BLOCK_B,), T, dtype=tl.int32)
-    return lens
 
 
 @triton.jit
@@ -198,20 +143,6 @@ def rnn_bwd_step_kernel(d_next_ptr, w_ptr, gy_ptr, ghl_ptr, h_ptr, len_ptr, dst_
 
 
 @triton.jit
-def _grid_barrier(count_ptr, generation):
-    """Wait until every program of the launch has arrived here `generation` times (count starts at 0).
-    The stores before it are visible to every program after it: the CTA barrier orders this program's
-    stores before the release increment; the acquire read orders the loads after. Correct only when
-    all programs are resident at once (the launcher caps the grid at the SM count)."""
-    tl.debug_barrier()
-    target = generation * tl.num_programs(0)
-    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel") + 1
-    while arrived < target:
-        arrived = tl.atomic_add(count_ptr, 0, sem="acquire")
-    tl.debug_barrier()
-
-
-@triton.jit
 def rnn_fwd_coop_kernel(xp_ptr, w_ptr, h0_ptr, img_ptr, len_ptr, out_ptr, count_ptr, T, B, H,
                         HAS_IMG: tl.constexpr, IMG_PER_STEP: tl.constexpr, HAS_LEN: tl.constexpr,
                         RELU: tl.constexpr, FP32_DOT: tl.constexpr, DOT_FP32: tl.constexpr, FAST_TANH: tl.constexpr,
@@ -264,15 +195,6 @@ def rnn_bwd_coop_kernel(gy_ptr, ghl_ptr, out_ptr, w_ptr, len_ptr, dA_ptr, dh0_pt
         _bwd_tile(dA_ptr, w_ptr, gy_ptr, ghl_ptr, out_ptr, len_ptr, dh0_ptr, -1, T, B, H,
                   tile % n_tb, tile // n_tb,
                   True, HAS_LEN, True, RELU, FP32_DOT, DOT_FP32, BLOCK_B, BLOCK_N, BLOCK_K)
-
-
-@triton.jit
-def _row_tile(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """This program's batch rows x the full hidden row: (rows, hidden, row mask, tile mask, offsets)."""
-    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    rh = tl.arange(0, BLOCK_H)
-    mb, mh = rb < B, rh < H
-    return rb, rh, mb, mh, rb[:, None] * H + rh[None, :]
 
 
 @triton.jit
@@ -343,141 +265,7 @@ def rnn_bwd_persistent_kernel(gy_ptr, ghl_ptr, out_ptr, w_ptr, len_ptr, dA_ptr, 
     tl.store(dh0_ptr + offs, g.to(dh0_ptr.dtype.element_ty), mask=m)
 
 
-# --- launchers ----------------------------------------------------------------------------------
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def allow_tf32(dtype: torch.dtype, device_type: str = "cuda") -> bool:
-    """TF32 dots for float32 CUDA tensors only where the user allowed TF32 to torch (as nn.RNN does
-    via cuDNN). CPU tensors (Triton's interpreter) have no TF32: full precision."""
-    return (dtype == torch.float32 and device_type == "cuda"
-            and bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32))
-
-
-def round_tf32(t: torch.Tensor) -> torch.Tensor:
-    """float32 -> nearest TF32 value (ties away from zero), as float32; the same rounding as the
-    kernels' _round_tf32. NaN stays NaN."""
-    bits = t.contiguous().view(torch.int32)
-    rounded = ((bits + 0x1000) & -8192).view(torch.float32)
-    return torch.where(torch.isnan(t), t, rounded)
-
-
-def _fp32_dot(dtype: torch.dtype, device_type: str, cfg: "Config", B: int, H: int, backward: bool) -> str:
-    """How float32 dots run: "tf32" where torch allows TF32; otherwise float32 accuracy either as
-    "tf32x3" (Triton's three-pass TF32 split on tensor cores: 2.4-3.5e-7 relative vs float64 at the
-    benchmark shapes, no worse than FMA's 2.4-6.9e-7, and 1.1-4.7x faster in the forward) or "ieee"
-    (FMA), which the backward keeps below 64x256 outputs per step, where it measured faster
-    (bench/NOTES.md)."""
-    if dtype != torch.float32:
-        return "ieee"  # unused: 16-bit operands
-    if allow_tf32(dtype, device_type):
-        return "tf32"
-    if cfg.fp32_dot:
-        return cfg.fp32_dot
-    if device_type != "cuda":
-        return "ieee"
-    return "ieee" if backward and B * H < 64 * 256 else "tf32x3"
-
-
-def dot_in_fp32(dtype: torch.dtype) -> bool:
-    """Under TRITON_INTERPRET, Triton's interpreter (3.9) multiplies the raw uint16 bits of bfloat16
-    dot operands; upcasting them to float32 first computes the same exact products."""
-    return dtype == torch.bfloat16 and _interpreting()
-
-
-def fast_tanh(dtype: torch.dtype, device_type: str = "cuda") -> bool:
-    """tanh.approx.f32 (relative error ~2^-11, under the 2^-8 of a bfloat16 and the 2^-11 of a
-    float16 output rounding) for 16-bit outputs on a GPU; float32 keeps the exact tanh."""
-    return dtype in (torch.bfloat16, torch.float16) and device_type == "cuda" and not _interpreting()
-
-
-def persistent_fits(H: int, dtype: torch.dtype, gates: int = 1) -> bool:
-    """Whether W_hh ([gates * H, H]) fits on chip for the persistent form: gates * Hp^2 elements
-    (Hp = H padded to a power of two) within the RNN's measured bound, 256^2 in 16-bit dtypes and
-    128^2 in float32 (see the module docstring). LSTM (4 gates): hidden <= 128 in 16-bit dtypes,
-    <= 64 in float32; GRU (3 gates) the same."""
-    hp = max(_MIN_DOT, triton.next_power_of_2(H))
-    return gates * hp * hp <= (128 * 128 if dtype == torch.float32 else 256 * 256)
-
-
-def choose_form(H: int, dtype: torch.dtype, form: str | None = None, gates: int = 1) -> str:
-    """auto: persistent wherever W_hh fits on chip (one program per batch tile runs the whole chain
-    with no grid barrier: faster than the cooperative form at every such size measured,
-    bench/NOTES.md), else cooperative. step only on request. gates: 1 (RNN), 4 (LSTM), 3 (GRU)."""
-    form = form or os.environ.get("MMRNN_TRITON_FORM", "auto")
-    if form not in FORMS:
-        raise ValueError(f"form: expected one of {FORMS} (or MMRNN_TRITON_FORM unset), got {form!r}")
-    if form == "auto":
-        return "persistent" if persistent_fits(H, dtype, gates) else "cooperative"
-    return form
-
-
-class Config(NamedTuple):
-    """Tile of a form: [block_b, block_n] outputs per program (persistent: block_n = the padded
-    hidden row), K loop of block_k; fast_tanh: None = by dtype and device (see fast_tanh)."""
-    block_b: int
-    block_n: int
-    block_k: int
-    num_warps: int = 4
-    num_stages: int = 3
-    fast_tanh: bool | None = None
-    fp32_dot: str | None = None  # float32 with TF32 off: None (by size, see _fp32_dot), "ieee" or "tf32x3"
-
-
-def _resident_programs(device: torch.device) -> int:
-    """How many programs of the cooperative form may run at once: one per SM on a GPU; one under
-    Triton's interpreter, which runs programs one after another (a grid barrier would never open)."""
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def default_config(B: int, H: int, dtype: torch.dtype, device: torch.device, form: str) -> Config:
-    """The tiles the sweep on an H100 chose (bench/NOTES.md, bench/results/gpu_h100_sweep.json)."""
-    hp = max(_MIN_DOT, triton.next_power_of_2(H))
-    if form == "persistent":  # 4 warps: faster than 8 at hidden 128 and 256 in both passes
-        return Config(_MIN_DOT, hp, hp, 4)
-    block_k = min(64 if dtype == torch.float32 else 128, hp)  # fewer, longer dots per step
-    if form == "step":
-        return Config(_MIN_DOT, min(64, hp), block_k)
-    # cooperative: the smallest tiles whose count still fits the resident programs
-    slots = _resident_programs(device)
-    block_b = max(_MIN_DOT, min(64, triton.next_power_of_2(B)))
-    n_tb = triton.cdiv(B, block_b)
-    block_n, widest = _MIN_DOT, min(128, hp)
-    while block_n < widest and n_tb * triton.cdiv(H, block_n) > slots:
-        block_n *= 2
-    return Config(block_b, block_n, block_k)
-
-
-@functools.lru_cache(maxsize=None)
-def _cooperative_launch_supported() -> bool:
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-    except ImportError:
-        return False
-    return "launch_cooperative_grid" in CUDAOptions.__dataclass_fields__
-
-
-def _launch_options(device: torch.device) -> dict:
-    """The cooperative form asks the driver for a cooperative launch where this Triton offers it: the
-    launch then fails, rather than hangs, if its programs could not all be resident at once."""
-    return {"launch_cooperative_grid": True} if device.type == "cuda" and _cooperative_launch_supported() else {}
-
-
-def _grid(cfg: Config, B: int, H: int, device: torch.device, form: str):
-    tiles_b, tiles_n = triton.cdiv(B, cfg.block_b), triton.cdiv(H, cfg.block_n)
-    if form == "step":
-        return (tiles_b, tiles_n)
-    return (min(tiles_b * tiles_n, _resident_programs(device)),)
-
-
-def _check_int32_offsets(t: torch.Tensor) -> None:
-    if t.numel() >= 2 ** 31:
-        raise ValueError(f"xp: the Triton kernels index with 32-bit offsets; got {t.numel()} elements (>= 2**31)")
-
+# --- launchers -----------------------------------------------------------------------------------
 
 def rnn_forward(xp, w_hh, h0, image_term, lengths, nonlinearity, form=None, config=None):
     """-> out [T, B, H]. Inputs contiguous, on one device, of one dtype (the op layer ensures it).
@@ -486,37 +274,23 @@ def rnn_forward(xp, w_hh, h0, image_term, lengths, nonlinearity, form=None, conf
     out = torch.empty_like(xp)
     if T == 0 or B == 0:
         return out
-    _check_int32_offsets(xp)
-    dev = xp.device.type
-    relu, dot32 = nonlinearity == "relu", dot_in_fp32(xp.dtype)
+    run = plan(xp, B, H, w_hh, form, config, backward=False)
     has_img, has_len = image_term is not None, lengths is not None
     per_step = has_img and image_term.dim() == 3
-    img = image_term if has_img else xp  # never read when absent
-    lens = lengths if has_len else xp
-    form = choose_form(H, xp.dtype, form)
-    cfg = config or default_config(B, H, xp.dtype, xp.device, form)
-    tanh_approx = fast_tanh(xp.dtype, dev) if cfg.fast_tanh is None else cfg.fast_tanh
-    fp32_dot = _fp32_dot(xp.dtype, dev, cfg, B, H, backward=False)
-    if fp32_dot == "tf32":
-        w_hh = round_tf32(w_hh)
-    flags = dict(HAS_IMG=has_img, HAS_LEN=has_len, RELU=relu, FP32_DOT=fp32_dot, DOT_FP32=dot32, FAST_TANH=tanh_approx)
-    if form == "persistent":
-        rnn_fwd_persistent_kernel[(triton.cdiv(B, cfg.block_b),)](
-            xp, w_hh, h0, img, lens, out, T, B, H, IMG_PER_STEP=per_step, **flags,
-            BLOCK_B=cfg.block_b, BLOCK_H=max(_MIN_DOT, triton.next_power_of_2(H)), num_warps=cfg.num_warps)
+    img, lens = (image_term if has_img else xp), (lengths if has_len else xp)  # never read when absent
+    tanh_approx = fast_tanh(xp.dtype, xp.device.type) if run.config.fast_tanh is None else run.config.fast_tanh
+    flags = dict(run.flags, HAS_IMG=has_img, HAS_LEN=has_len, RELU=nonlinearity == "relu", FAST_TANH=tanh_approx)
+    w, grid, blocks = run.w_hh, run.grid, run.blocks
+    if run.form == "persistent":
+        rnn_fwd_persistent_kernel[grid](xp, w, h0, img, lens, out, T, B, H, IMG_PER_STEP=per_step, **flags, **blocks)
         return out
-    grid = _grid(cfg, B, H, xp.device, form)
-    blocks = dict(BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
-    if form == "cooperative":
+    if run.form == "cooperative":
         count = torch.zeros(1, dtype=torch.int32, device=xp.device)
-        rnn_fwd_coop_kernel[grid](xp, w_hh, h0, img, lens, out, count, T, B, H, IMG_PER_STEP=per_step,
-                                  **flags, **blocks, **_launch_options(xp.device))
+        rnn_fwd_coop_kernel[grid](xp, w, h0, img, lens, out, count, T, B, H, IMG_PER_STEP=per_step, **flags, **blocks)
         return out
     for t in range(T):
-        rnn_fwd_step_kernel[grid](
-            h0 if t == 0 else out[t - 1], w_hh, xp[t], img[t] if per_step else img, lens, out[t], t, B, H,
-            **flags, **blocks)
+        rnn_fwd_step_kernel[grid](h0 if t == 0 else out[t - 1], w, xp[t], img[t] if per_step else img, lens, out[t],
+                                  t, B, H, **flags, **blocks)
     return out
 
 
@@ -529,34 +303,21 @@ def rnn_backward(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity, fo
         return dA, dh0
     if T == 0:
         return dA, grad_h_last.clone()
-    _check_int32_offsets(out)
-    relu, dot32 = nonlinearity == "relu", dot_in_fp32(out.dtype)
+    run = plan(out, B, H, w_hh, form, config, backward=True)
     has_len = lengths is not None
     lens = lengths if has_len else out
-    form = choose_form(H, out.dtype, form)
-    cfg = config or default_config(B, H, out.dtype, out.device, form)
-    fp32_dot = _fp32_dot(out.dtype, out.device.type, cfg, B, H, backward=True)
-    if fp32_dot == "tf32":
-        w_hh = round_tf32(w_hh)
-    flags = dict(HAS_LEN=has_len, RELU=relu, FP32_DOT=fp32_dot, DOT_FP32=dot32)
-    if form == "persistent":
-        rnn_bwd_persistent_kernel[(triton.cdiv(B, cfg.block_b),)](
-            grad_out, grad_h_last, out, w_hh, lens, dA, dh0, T, B, H, **flags,
-            BLOCK_B=cfg.block_b, BLOCK_H=max(_MIN_DOT, triton.next_power_of_2(H)), num_warps=cfg.num_warps)
+    flags = dict(run.flags, HAS_LEN=has_len, RELU=nonlinearity == "relu")
+    w, grid, blocks = run.w_hh, run.grid, run.blocks
+    if run.form == "persistent":
+        rnn_bwd_persistent_kernel[grid](grad_out, grad_h_last, out, w, lens, dA, dh0, T, B, H, **flags, **blocks)
         return dA, dh0
-    grid = _grid(cfg, B, H, out.device, form)
-    blocks = dict(BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
-    if form == "cooperative":
+    if run.form == "cooperative":
         count = torch.zeros(1, dtype=torch.int32, device=out.device)
-        rnn_bwd_coop_kernel[grid](grad_out, grad_h_last, out, w_hh, lens, dA, dh0, count, T, B, H,
-                                  **flags, **blocks, **_launch_options(out.device))
+        rnn_bwd_coop_kernel[grid](grad_out, grad_h_last, out, w, lens, dA, dh0, count, T, B, H, **flags, **blocks)
         return dA, dh0
     for t in range(T - 1, -1, -1):
-        rnn_bwd_step_kernel[grid](
-            dA[t + 1] if t + 1 < T else dA[t], w_hh, grad_out[t], grad_h_last, out[t], lens, dA[t], t, T, B, H,
-            HAS_NEXT=t + 1 < T, FINAL=False, **flags, **blocks)
-    rnn_bwd_step_kernel[grid](
-        dA[0], w_hh, grad_out[0], grad_h_last, out[0], lens, dh0, -1, T, B, H,
-        HAS_NEXT=True, FINAL=True, **flags, **blocks)
+        rnn_bwd_step_kernel[grid](dA[t + 1] if t + 1 < T else dA[t], w, grad_out[t], grad_h_last, out[t], lens, dA[t],
+                                  t, T, B, H, HAS_NEXT=t + 1 < T, FINAL=False, **flags, **blocks)
+    rnn_bwd_step_kernel[grid](dA[0], w, grad_out[0], grad_h_last, out[0], lens, dh0, -1, T, B, H,
+                              HAS_NEXT=True, FINAL=True, **flags, **blocks)
     return dA, dh0

@@ -73,14 +73,14 @@ def test_interpreted_tf32_rounding(form, monkeypatch):
     """The TF32 path (float32 operands rounded to TF32, then the tensor-core dot): under the
     interpreter the dot of rounded operands is exact, i.e. what the GPU computes; it must stay within
     the TF32 tolerance of float64 and visibly differ from full precision."""
-    from mmrnn_ext.kernels import rnn
+    from mmrnn_ext.kernels import launch, rnn
 
-    monkeypatch.setattr(rnn, "allow_tf32", lambda dtype, device_type="cuda": dtype == torch.float32)
+    monkeypatch.setattr(launch, "allow_tf32", lambda dtype, device_type="cuda": dtype == torch.float32)
     compare_with_reference("triton", 6, 17, 80, "step", torch.float32, "tanh", True,
                            tol=_relative_check(5e-4), ref_dtype=torch.float64)
     xp, w, h0, img, lens = [None if a is None else a.detach() for a in make_inputs(6, 17, 80, "step", torch.float32)]
     tf32_out = rnn.rnn_forward(xp, w, h0, img, None, "tanh")
-    monkeypatch.setattr(rnn, "allow_tf32", lambda dtype, device_type="cuda": False)
+    monkeypatch.setattr(launch, "allow_tf32", lambda dtype, device_type="cuda": False)
     full = rnn.rnn_forward(xp, w, h0, img, None, "tanh")
     rel = ((tf32_out - full).norm() / full.norm()).item()
     assert 1e-5 < rel < 5e-4, rel
@@ -114,21 +114,21 @@ def test_cooperative_tiles_fit_the_resident_programs(monkeypatch):
     grid barrier would never open otherwise), and its tiles cover [B, H]."""
     require("triton")
     from mmrnn_ext import kernels
-    from mmrnn_ext.kernels import rnn
+    from mmrnn_ext.kernels import launch
 
     cuda = torch.device("cuda")
-    monkeypatch.setattr(rnn, "_resident_programs", lambda device: 132 if device.type == "cuda" else 1)
+    monkeypatch.setattr(launch, "_resident_programs", lambda device: 132 if device.type == "cuda" else 1)
     for B, H in [(1, 256), (16, 128), (64, 256), (64, 512), (256, 1024), (1000, 4096), (3, 80)]:
         for dtype in (torch.float32, torch.bfloat16):
             cfg = kernels.default_config(B, H, dtype, cuda, "cooperative")
             tiles = -(-B // cfg.block_b) * -(-H // cfg.block_n)
-            (programs,) = rnn._grid(cfg, B, H, cuda, "cooperative")
+            (programs,) = launch._grid(cfg, B, H, cuda, "cooperative")
             assert 1 <= programs <= min(132, tiles), (B, H, cfg, programs)
             assert cfg.block_b >= 16 and cfg.block_n >= 16 and cfg.block_k >= 16
             if cfg.block_n < min(128, triton_next_pow2(H)):
                 assert tiles <= 132, (B, H, cfg)  # widened only as far as needed
             assert cfg.block_n <= max(16, triton_next_pow2(H))
-    assert rnn._grid(kernels.default_config(256, 1024, torch.float32, torch.device("cpu"), "cooperative"),
+    assert launch._grid(kernels.default_config(256, 1024, torch.float32, torch.device("cpu"), "cooperative"),
                      256, 1024, torch.device("cpu"), "cooperative") == (1,)
 
 
@@ -311,9 +311,9 @@ def test_tf32_rounding_host_and_kernel_agree():
     require("triton")
     import triton
     import triton.language as tl
-    from mmrnn_ext.kernels import rnn
+    from mmrnn_ext.kernels import common, launch
 
-    globals()["_round_tf32"] = rnn._round_tf32  # a jit function resolves names in its module's globals
+    globals()["_round_tf32"] = common._round_tf32  # a jit function resolves names in its module's globals
 
     @triton.jit
     def round_kernel(x_ptr, y_ptr, N: tl.constexpr):
@@ -323,7 +323,7 @@ def test_tf32_rounding_host_and_kernel_agree():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(256, generator=g) * torch.logspace(-30, 30, 256)
     x[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 1 + 2 ** -11, -(1 + 2 ** -11)])
-    host = rnn.round_tf32(x)
+    host = launch.round_tf32(x)
     dev = torch.empty_like(x)
     round_kernel[(1,)](x, dev, N=256)
     assert torch.equal(host.isnan(), x.isnan()) and torch.equal(dev.isnan(), x.isnan())
