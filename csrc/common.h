@@ -7,6 +7,8 @@
 // needed here and more than doubles the build time.
 #pragma once
 
+#include "platform.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/utils/pybind.h>
@@ -18,13 +20,6 @@
 #include <optional>
 #include <type_traits>
 
-// The x86 micro-kernels (per-function target attributes, intrinsics) exist only on x86; elsewhere
-// (aarch64 Linux, macOS arm64) the engine runs its portable 128-bit path (NEON on aarch64).
-#if defined(__x86_64__) || defined(__i386__)
-#define MMRNN_X86 1
-#else
-#define MMRNN_X86 0
-#endif
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -157,7 +152,7 @@ inline void check_arg(const at::Tensor& t, const char* name, const at::Tensor& r
   check_shape(t, name, expected);
 }
 
-// The leading [T, B, G*H] tensor of a call: float32/float64 on CPU, last dimension a multiple of G.
+// The leading [T, B, G*H] tensor of a call: float32, float64 or bfloat16 on CPU, last dimension a multiple of G.
 inline void check_sequence(const at::Tensor& t, const char* name, int64_t gates) {
   TORCH_CHECK(t.dim() == 3, name, ": expected a 3-D tensor [T, B, ", gates, "H], got ", t.dim(), "-D of shape ",
               t.sizes());

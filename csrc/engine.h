@@ -1,7 +1,7 @@
 // The recurrence engine shared by the three cells' CPU kernels: the per-step product
 // C[B, N] = A[B, K] @ W' run by our own register-blocked micro-kernels on W' packed once per call,
 // with each cell's elementwise pass (gates, state update, lengths mask) fused onto every output
-// tile while it is still in L1, and both cores of a step working at once (one barrier per step).
+// tile while it is still in L1, and every thread of a step working at once (one barrier per step).
 //
 // Why our own kernel: BLAS vendors dispatch small-batch GEMMs very differently. MKL's sgemm runs
 // [8,1024] x [1024,4096] at 9.4 GF/s on an AMD EPYC where oneDNN runs it at 67.5 (bench/NOTES.md);
@@ -14,9 +14,10 @@
 // that computed the tile. The forward packs W_hh^T with groups = G (the cell's gate count); BPTT
 // packs W_hh with groups = 1 (its product has H columns, K = G*H).
 //
-// ISA. AVX-512, AVX2+FMA and a portable 128-bit path are compiled into every build (GCC vector
-// extensions under per-function target attributes) and chosen at run time from the CPU's flags;
-// MMRNN_CPU_ISA=avx512|avx2|generic caps the choice (tests force each path on one machine).
+// ISA. AVX-512, AVX2+FMA and a portable 128-bit path are compiled into every build, one compile unit
+// per ISA (micro_<isa>.cpp: the GCC vector-extension templates of micro_kernels.h under that ISA's
+// target pragma; the interface is micro.h) and chosen at run time from the CPU's flags;
+// MMRNN_CPU_ISA=avx512_bf16|avx512|avx2|generic caps the choice (tests force each path on one machine).
 //
 // bfloat16. Storage S = bfloat16 computes in float32 (acc_t<S>): W' holds bf16 pairs (rows k and
 // k + 1 of a column side by side, each part's odd last row paired with a zero), so that one 32-bit
@@ -27,8 +28,8 @@
 #pragma once
 
 #include "common.h"
+#include "micro.h"
 
-#include <c10/util/BFloat16.h>
 #if MMRNN_X86
 #include <immintrin.h>
 #endif
@@ -41,9 +42,6 @@
 #include <utility>
 
 namespace mmrnn {
-
-// kAvx512Bf16 is kAvx512 plus the bf16 dot instruction (used by the bfloat16 kernels only).
-enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 inline const char* isa_name(Isa isa) {
   return isa == Isa::kAvx512Bf16 ? "avx512_bf16" : isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "generic";
@@ -73,289 +71,19 @@ inline Isa cpu_isa() {
   return static_cast<int>(want) < static_cast<int>(detected) ? want : detected;
 }
 
-// The accumulation type of a storage type: float for bfloat16, the type itself otherwise.
-template <typename S>
-struct AccType {
-  using type = S;
-};
-template <>
-struct AccType<c10::BFloat16> {
-  using type = float;
-};
-template <typename S>
-using acc_t = typename AccType<S>::type;
-template <typename S>
-constexpr bool kIsBf16 = std::is_same_v<S, c10::BFloat16>;
-
-// tile[r, c] = sum_k A[r, k] * w[k, c] for MR rows and one panel of NV vectors of VW values, where
-// A = [x | h]: its first K1 columns come from x (row stride ldx), the other K - K1 from h (row
-// stride ldh). K1 = 0 is a plain product with h; K1 > 0 fuses a step's input projection into its
-// recurrent product (W' holds W_ih's K1 rows above W_hh's). The body is shared by every ISA; each
-// instantiation is compiled for its own target.
-//
-// Small tiles (B = 1, 2: MR x NV < 8 accumulators) would wait on the multiply-add's latency (4-6
-// cycles) rather than its throughput, so KU = 8 / (MR x NV) sets of accumulators take consecutive
-// k in turn and are summed at the end. Measured on the 2-core EPYC, LSTM recurrence at
-// (1, 512, ., 256): float32 71 -> 85 GF/s, bfloat16 55 -> 146 (with the 6 x 4 tile; bench/NOTES.md).
-template <int MR, int NV>
-constexpr int k_unroll() {
-  return MR * NV >= 8 ? 1 : (8 + MR * NV - 1) / (MR * NV);
-}
-
-#define MMRNN_MICRO_BODY                                                                              \
-  typedef T vec __attribute__((vector_size(VW * sizeof(T))));                                        \
-  constexpr int KU = k_unroll<MR, NV>();                                                              \
-  vec acc[KU][MR][NV];                                                                                \
-  _Pragma("GCC unroll 8") for (int q = 0; q < KU; ++q)                                                \
-      _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)                                           \
-          _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[q][r][v] = vec{};                  \
-  for (int part = 0; part < 2; ++part) {                                                              \
-    const T* a = part == 0 ? x : h;                                                                   \
-    const int64_t lda = part == 0 ? ldx : ldh, k0 = part == 0 ? 0 : K1;                               \
-    const int64_t k1 = part == 0 ? K1 : K;                                                            \
-    int64_t k = k0;                                                                                   \
-    auto row = [&](int64_t kk, vec(*ac)[NV]) __attribute__((always_inline)) {                         \
-      const vec* wk = reinterpret_cast<const vec*>(w + kk * (NV * VW));                              \
-      vec wv[NV];                                                                                     \
-      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) wv[v] = wk[v];                             \
-      _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {                                         \
-        const vec s = vec{} + a[r * lda + kk - k0];                                                   \
-        _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) ac[r][v] += wv[v] * s;                   \
-      }                                                                                               \
-    };                                                                                                \
-    for (; k + KU <= k1; k += KU) {                                                                   \
-      _Pragma("GCC unroll 8") for (int q = 0; q < KU; ++q) row(k + q, acc[q]);                        \
-    }                                                                                                 \
-    for (; k < k1; ++k) row(k, acc[0]);                                                               \
-  }                                                                                                   \
-  _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)                                               \
-      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {                                          \
-    vec s = acc[0][r][v];                                                                             \
-    _Pragma("GCC unroll 8") for (int q = 1; q < KU; ++q) s += acc[q][r][v];                           \
-    *reinterpret_cast<vec*>(tile + r * (NV * VW) + v * VW) = s;                                       \
-  }
-
-#define MMRNN_MICRO_ARGS                                                                              \
-  const T *__restrict x, int64_t ldx, int64_t K1, const T *__restrict h, int64_t ldh, const T *__restrict w, \
-      int64_t K, T *__restrict tile
-
-#if MMRNN_X86
-template <typename T, int VW, int NV, int MR>
-__attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))) void micro_avx512(MMRNN_MICRO_ARGS) {
-  MMRNN_MICRO_BODY
-}
-template <typename T, int VW, int NV, int MR>
-__attribute__((target("avx2,fma"))) void micro_avx2(MMRNN_MICRO_ARGS) {
-  MMRNN_MICRO_BODY
-}
-#endif
-template <typename T, int VW, int NV, int MR>
-void micro_generic(MMRNN_MICRO_ARGS) {
-  MMRNN_MICRO_BODY
-}
-#undef MMRNN_MICRO_ARGS
-#undef MMRNN_MICRO_BODY
-
-inline float bf16_bits_to_float(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-// The bfloat16 form: w holds bf16 pairs (see the top of this file): pair row q of a panel is NV
-// vectors of VW 32-bit lanes, lane c holding column c's rows 2q (low half) and 2q + 1 (high half).
-// Part 0 (x, K1 rows) takes pair rows [0, ceil(K1/2)), part 1 (h) the ones after; a part's odd
-// last row is paired with a zero row (its A value with 0). PAIR(kk, ac, full) accumulates pair row
-// kk / 2 into the accumulator set ac: A's values at kk and kk + 1 (full), or at kk and a zero.
-// Widening path: a lane shifted left by 16 is the low bf16 as a float32, masked to its high half the
-// high one; two FMAs per lane.
-#define MMRNN_MICRO_BF16_LOOP(PAIR)                                                                   \
-  const int64_t kp1 = (K1 + 1) & ~int64_t(1);                                                         \
-  for (int part = 0; part < 2; ++part) {                                                              \
-    const uint16_t* a = part == 0 ? xs : hs;                                                          \
-    const int64_t lda = part == 0 ? ldx : ldh, n = part == 0 ? K1 : K - K1;                           \
-    const uint16_t* wp = ws + (part == 0 ? 0 : kp1) * (NV * VW);                                      \
-    int64_t k = 0;                                                                                    \
-    for (; k + 2 * KU <= n; k += 2 * KU) {                                                            \
-      _Pragma("GCC unroll 8") for (int q = 0; q < KU; ++q) PAIR(k + 2 * q, acc[q], true);             \
-    }                                                                                                 \
-    for (; k + 2 <= n; k += 2) PAIR(k, acc[0], true);                                                 \
-    if (k < n) PAIR(k, acc[0], false);                                                                \
-  }
-
-#define MMRNN_WIDEN_PAIR(kk, ac, full)                                                                \
-  {                                                                                                   \
-    const uvec* wk = reinterpret_cast<const uvec*>(wp + (kk) * (NV * VW));                            \
-    vec lo[NV], hi[NV];                                                                               \
-    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {                                            \
-      lo[v] = reinterpret_cast<vec>(wk[v] << 16);                                                     \
-      hi[v] = reinterpret_cast<vec>(wk[v] & 0xffff0000u);                                             \
-    }                                                                                                 \
-    _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {                                           \
-      const vec s0 = vec{} + bf16_bits_to_float(a[r * lda + (kk)]);                                   \
-      const vec s1 = vec{} + ((full) ? bf16_bits_to_float(a[r * lda + (kk) + 1]) : 0.f);              \
-      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) ac[r][v] += lo[v] * s0 + hi[v] * s1;       \
-    }                                                                                                 \
-  }
-
-#define MMRNN_MICRO_BF16_BODY                                                                         \
-  typedef float vec __attribute__((vector_size(VW * 4)));                                             \
-  typedef uint32_t uvec __attribute__((vector_size(VW * 4)));                                         \
-  constexpr int KU = k_unroll<MR, NV>();                                                              \
-  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x);                                          \
-  const uint16_t* hs = reinterpret_cast<const uint16_t*>(h);                                          \
-  const uint16_t* ws = reinterpret_cast<const uint16_t*>(w);                                          \
-  vec acc[KU][MR][NV];                                                                                \
-  _Pragma("GCC unroll 8") for (int q = 0; q < KU; ++q)                                                \
-      _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)                                           \
-          _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) acc[q][r][v] = vec{};                  \
-  MMRNN_MICRO_BF16_LOOP(MMRNN_WIDEN_PAIR)                                                             \
-  _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)                                               \
-      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {                                          \
-    vec s = acc[0][r][v];                                                                             \
-    _Pragma("GCC unroll 8") for (int q = 1; q < KU; ++q) s += acc[q][r][v];                           \
-    *reinterpret_cast<vec*>(tile + r * (NV * VW) + v * VW) = s;                                       \
-  }
-
-#define MMRNN_MICRO_BF16_ARGS                                                                         \
-  const c10::BFloat16 *__restrict x, int64_t ldx, int64_t K1, const c10::BFloat16 *__restrict h, int64_t ldh, \
-      const c10::BFloat16 *__restrict w, int64_t K, float *__restrict tile
-
-#if MMRNN_X86
-template <int VW, int NV, int MR>
-__attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))) void micro_bf16_avx512(MMRNN_MICRO_BF16_ARGS) {
-  MMRNN_MICRO_BF16_BODY
-}
-template <int VW, int NV, int MR>
-__attribute__((target("avx2,fma"))) void micro_bf16_avx2(MMRNN_MICRO_BF16_ARGS) {
-  MMRNN_MICRO_BF16_BODY
-}
-#endif  // MMRNN_X86
-template <int VW, int NV, int MR>
-void micro_bf16_generic(MMRNN_MICRO_BF16_ARGS) {
-  MMRNN_MICRO_BF16_BODY
-}
-
-#if MMRNN_X86
-
-// The same product on the bf16 dot instruction: per pair row, one broadcast of each row's two A
-// values (one 32-bit lane, straight from memory) and one vdpbf16ps per accumulator (32
-// multiply-adds).
-#define MMRNN_DOT_PAIR(kk, ac, full)                                                                  \
-  {                                                                                                   \
-    const __m512i* wk = reinterpret_cast<const __m512i*>(wp + (kk) * (NV * VW));                      \
-    __m512i wv[NV];                                                                                   \
-    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) wv[v] = _mm512_load_si512(wk + v);           \
-    _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {                                           \
-      int two;                                                                                        \
-      if (full) std::memcpy(&two, a + r * lda + (kk), sizeof(two));                                   \
-      else two = a[r * lda + (kk)];                                                                   \
-      const __m512i s = _mm512_set1_epi32(two);                                                       \
-      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) ac[r][v] =                                 \
-          _mm512_dpbf16_ps(ac[r][v], (__m512bh)wv[v], (__m512bh)s);                                   \
-    }                                                                                                 \
-  }
-
-template <int VW, int NV, int MR>
-__attribute__((target("avx512f,avx512vl,avx512dq,avx512bf16,avx2,fma"))) void micro_bf16_dot(MMRNN_MICRO_BF16_ARGS) {
-  static_assert(VW == 16, "the bf16 dot kernel runs 512-bit vectors");
-  constexpr int KU = k_unroll<MR, NV>();
-  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x);
-  const uint16_t* hs = reinterpret_cast<const uint16_t*>(h);
-  const uint16_t* ws = reinterpret_cast<const uint16_t*>(w);
-  __m512 acc[KU][MR][NV];
-#pragma GCC unroll 8
-  for (int q = 0; q < KU; ++q)
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[q][r][v] = _mm512_setzero_ps();
-  MMRNN_MICRO_BF16_LOOP(MMRNN_DOT_PAIR)
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      __m512 s = acc[0][r][v];
-#pragma GCC unroll 8
-      for (int q = 1; q < KU; ++q) s = _mm512_add_ps(s, acc[q][r][v]);
-      _mm512_store_ps(tile + r * (NV * VW) + v * VW, s);
-    }
-}
-#undef MMRNN_DOT_PAIR
-#endif  // MMRNN_X86
-#undef MMRNN_WIDEN_PAIR
-#undef MMRNN_MICRO_BF16_LOOP
-#undef MMRNN_MICRO_BF16_ARGS
-#undef MMRNN_MICRO_BF16_BODY
-
-template <typename S>
-using MicroFn = void (*)(const S*, int64_t, int64_t, const S*, int64_t, const S*, int64_t, acc_t<S>*);
-
-constexpr int kMaxRows = 8;  // the largest MR of any configuration
-
-// One ISA's kernel family for one panel shape: fns[r - 1] computes r rows (1 <= r <= mr).
-template <typename S>
-struct Kernels {
-  int vw = 0, nv = 0, mr = 0;
-  MicroFn<S> fns[kMaxRows] = {};
-};
-
-template <typename S, Isa I, int VW, int NV, int MR, int... R>
-void fill_kernels(Kernels<S>& k, std::integer_sequence<int, R...>) {
-  k.vw = VW;
-  k.nv = NV;
-  k.mr = MR;
-#if MMRNN_X86
-  if constexpr (kIsBf16<S>) {
-    if constexpr (I == Isa::kAvx512Bf16) ((k.fns[R] = &micro_bf16_dot<VW, NV, R + 1>), ...);
-    else if constexpr (I == Isa::kAvx512) ((k.fns[R] = &micro_bf16_avx512<VW, NV, R + 1>), ...);
-    else if constexpr (I == Isa::kAvx2) ((k.fns[R] = &micro_bf16_avx2<VW, NV, R + 1>), ...);
-    else ((k.fns[R] = &micro_bf16_generic<VW, NV, R + 1>), ...);
-  } else {
-    if constexpr (I == Isa::kAvx512 || I == Isa::kAvx512Bf16) ((k.fns[R] = &micro_avx512<S, VW, NV, R + 1>), ...);
-    else if constexpr (I == Isa::kAvx2) ((k.fns[R] = &micro_avx2<S, VW, NV, R + 1>), ...);
-    else ((k.fns[R] = &micro_generic<S, VW, NV, R + 1>), ...);
-  }
-#else
-  static_assert(I == Isa::kGeneric, "only the portable path exists off x86");
-  if constexpr (kIsBf16<S>) ((k.fns[R] = &micro_bf16_generic<VW, NV, R + 1>), ...);
-  else ((k.fns[R] = &micro_generic<S, VW, NV, R + 1>), ...);
-#endif
-}
-
-// The panel shape for `groups` gate blocks: NV vectors per K row and MR rows per tile, as many
-// accumulators as the register file holds with room for the panel's row (32 vector registers with
-// AVX-512, 16 otherwise). groups must divide NV*VW (units = NV*VW / groups). Four gates (or one)
-// with AVX-512: 6 rows x 4 vectors at every batch size. (A 12 x 2 tile for batches up to 12, one
-// pass over each panel a step, lost once small tiles got their split accumulators: on the 2-core
-// EPYC the LSTM forward at (8, 256, ., 1024) runs 188 GF/s with 6 x 4 against 167, at B = 12 199
-// against 135; in bfloat16 372 against 209 — bench/NOTES.md.) bfloat16 takes the same shapes
-// (float32 accumulators).
-template <typename S, Isa I>
-Kernels<S> kernels_for(int groups) {
-  constexpr bool wide = I == Isa::kAvx512 || I == Isa::kAvx512Bf16;
-  constexpr int VW = (wide ? 64 : I == Isa::kAvx2 ? 32 : 16) / static_cast<int>(sizeof(acc_t<S>));
-  Kernels<S> k;
-  if constexpr (wide) {
-    if (groups == 3) fill_kernels<S, I, VW, 3, 8>(k, std::make_integer_sequence<int, 8>{});
-    else fill_kernels<S, I, VW, 4, 6>(k, std::make_integer_sequence<int, 6>{});
-  } else {
-    if (groups == 3) fill_kernels<S, I, VW, 3, 4>(k, std::make_integer_sequence<int, 4>{});
-    else fill_kernels<S, I, VW, 2, 6>(k, std::make_integer_sequence<int, 6>{});
-  }
-  return k;
-}
-
+// The micro-kernel family of an ISA for panels of `groups` gate blocks, from that ISA's compile unit
+// (micro.h): the bf16 dot instruction serves bfloat16 only, float32/64 take the AVX-512 family there.
 template <typename S>
 Kernels<S> kernels_for(Isa isa, int groups) {
   switch (isa) {
 #if MMRNN_X86
-    case Isa::kAvx512Bf16: return kernels_for<S, Isa::kAvx512Bf16>(groups);
-    case Isa::kAvx512: return kernels_for<S, Isa::kAvx512>(groups);
-    case Isa::kAvx2: return kernels_for<S, Isa::kAvx2>(groups);
+    case Isa::kAvx512Bf16:
+      if constexpr (kIsBf16<S>) return avx512_bf16::kernels<S>(groups);
+      return avx512::kernels<S>(groups);
+    case Isa::kAvx512: return avx512::kernels<S>(groups);
+    case Isa::kAvx2: return avx2::kernels<S>(groups);
 #endif
-    default: return kernels_for<S, Isa::kGeneric>(groups);
+    default: return generic::kernels<S>(groups);
   }
 }
 
@@ -431,12 +159,17 @@ PackedWeight<S> pack_weight(const at::Tensor& w, int64_t groups, bool transpose,
 // may share the cores).
 class StepBarrier {
  public:
+  // Pause-spins before yielding. A step's wait for the other threads is usually a few microseconds;
+  // 4000 pauses outlast that on every CPU (a pause takes from a few to ~140 cycles, by vendor and
+  // generation), and past them the thread yields, so that a core shared with another call is given up.
+  static constexpr int kSpinsBeforeYield = 4000;
+
   explicit StepBarrier(int64_t workers) : workers_(workers) {}
   void arrive_and_wait(int64_t count, int64_t generation) {
     arrived_.fetch_add(count, std::memory_order_acq_rel);
     const int64_t target = workers_ * (generation + 1);
     for (int spins = 0; arrived_.load(std::memory_order_acquire) < target; ++spins) {
-      if (spins < 4000) {
+      if (spins < kSpinsBeforeYield) {
 #if MMRNN_X86
         __builtin_ia32_pause();
 #endif
@@ -451,11 +184,15 @@ class StepBarrier {
   const int64_t workers_;
 };
 
-// How many workers share a step: one per thread, fewer when a step is too small to repay a barrier
-// (~1-2 us), never more than there are panels.
+// The smallest step worth splitting over threads: 2^18 FLOPs are ~1-2 us on one core (100-200
+// GF/s), about what a barrier between the threads costs; a smaller step runs on one thread.
+constexpr int64_t kMinParallelStepFlops = int64_t(1) << 18;
+
+// How many workers share a step: one per thread, fewer when a step is too small to repay a barrier,
+// never more than there are panels.
 inline int64_t step_workers(int64_t flops_per_step, int64_t panels) {
   int64_t n = parallel_threads();
-  if (flops_per_step < (1 << 18)) n = 1;
+  if (flops_per_step < kMinParallelStepFlops) n = 1;
   return std::max<int64_t>(1, std::min(n, panels));
 }
 
@@ -484,7 +221,7 @@ void run_steps(const PackedWeight<T>& pw, int64_t steps, int64_t B, AOf a_of, Ep
   StepBarrier barrier(workers);
   auto run = [&](int64_t w0, int64_t w1) {
     using C = acc_t<T>;
-    alignas(64) C tile[kMaxRows * 64];
+    alignas(64) C tile[kMaxRows * kMaxPanelWidth];
     for (int64_t s = 0; s < steps; ++s) {
       const Operands<T> a = a_of(s);
       for (int64_t w = w0; w < w1; ++w) {
@@ -524,7 +261,7 @@ void linear(const PackedWeight<T>& pw, const T* a, int64_t M, T* out) {
   const int64_t chunk = std::max<int64_t>(mr, (48 / mr) * mr);
   const int64_t chunks = (M + chunk - 1) / chunk;
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    alignas(64) acc_t<T> tile[kMaxRows * 64];
+    alignas(64) acc_t<T> tile[kMaxRows * kMaxPanelWidth];
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t r_end = std::min(M, (c + 1) * chunk);
       for (int64_t p = 0; p < pw.panels; ++p) {

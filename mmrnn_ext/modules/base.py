@@ -163,6 +163,34 @@ class _Shared:
         raise InputError(f"hx: expected a tensor, got {type(hx).__name__}"
                          + (f" (only {lstm} takes a tuple (h_0, c_0))" if isinstance(hx, (tuple, list)) else ""))
 
+    # Which of the tensors forward returns, in order (a module: output, h_n[, c_n]; a cell: h[, c]),
+    # torch's own class returns in the parameters' dtype, not the autocast dtype, under CPU autocast
+    # (measured on torch 2.13: nn.GRU computes per step in bf16 but returns float32, GRUCell and
+    # LSTMCell return float32, nn.LSTM with proj_size keeps c_n in float32). Each cell says; None:
+    # every one in the autocast dtype. Under CUDA autocast every output stays in the autocast dtype
+    # (not checked against torch on a GPU).
+    AUTOCAST_FULL = None
+
+    def _autocast_full(self) -> tuple:
+        returned = self.STATES + (0 if isinstance(self, CellBase) else 1)
+        return self.AUTOCAST_FULL or (False,) * returned
+
+    REPR_CELL = ()  # a cell's own constructor arguments as (name, default), shown where they differ
+
+    def _repr_items(self):
+        """The (name, default) pairs extra_repr names where the value differs, in torch's order."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        """torch's extra_repr (the arguments that differ from their defaults, in torch's order), then
+        image_size and backend."""
+        parts = [f"{self.input_size}, {self.hidden_size}"]
+        for name, default in (*self._repr_items(), ("image_size", None), ("backend", "auto")):
+            value = getattr(self, name)
+            if (value is not default) if isinstance(default, bool) or default is None else value != default:
+                parts.append(f"{name}={value!r}" if name == "backend" else f"{name}={value}")
+        return ", ".join(parts)
+
 
 class RecurrentBase(TorchTwin, _Shared, nn.Module):
     """The shared multi-layer module. Subclasses set
@@ -240,30 +268,9 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
     def flatten_parameters(self) -> None:
         """No-op, kept for drop-in compatibility: the kernels read each weight where it lives."""
 
-    def _extra_repr_items(self):
-        return []
-
-    def extra_repr(self) -> str:
-        s = "{input_size}, {hidden_size}"
-        if self.proj_size != 0:
-            s += ", proj_size={proj_size}"
-        if self.num_layers != 1:
-            s += ", num_layers={num_layers}"
-        for item in self._extra_repr_items():
-            s += item
-        if self.bias is not True:
-            s += ", bias={bias}"
-        if self.batch_first is not False:
-            s += ", batch_first={batch_first}"
-        if self.dropout != 0:
-            s += ", dropout={dropout}"
-        if self.bidirectional is not False:
-            s += ", bidirectional={bidirectional}"
-        if self.image_size is not None:
-            s += ", image_size={image_size}"
-        if self.backend != "auto":
-            s += ", backend={backend!r}"
-        return s.format(**self.__dict__)
+    def _repr_items(self):
+        return (("proj_size", 0), ("num_layers", 1), *self.REPR_CELL, ("bias", True), ("batch_first", False),
+                ("dropout", 0), ("bidirectional", False))
 
     def _params(self, layer: int, direction: int) -> dict:
         names = self._all_weights[layer * (2 if self.bidirectional else 1) + direction]
@@ -286,15 +293,6 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
 
     def _recurrence(self, p, xp, image_term, states, lengths):
         raise NotImplementedError
-
-    # Which of (output, *states) torch's own module returns in the parameters' dtype, not the
-    # autocast dtype, under CPU autocast (measured on torch 2.13: nn.GRU computes per step in bf16
-    # but returns float32, and nn.LSTM with proj_size keeps c_n in float32). Each cell says. Under
-    # CUDA autocast every output stays in the autocast dtype (not checked against torch on a GPU).
-    AUTOCAST_FULL = (False, False)
-
-    def _autocast_full(self):
-        return self.AUTOCAST_FULL
 
     def _autocast_outputs(self, amp, full_dtype, output, states):
         """The outputs in the dtypes torch's module returns under the same autocast: computed as
@@ -505,7 +503,6 @@ class CellBase(TorchTwin, _Shared, nn.Module):
     CELL, GATES, STATES and implements ``_step(xp [1, B, G*H], image_term, states) -> states'``."""
 
     CELL, GATES, STATES = "rnn", 1, 1
-    AUTOCAST_FULL = (False,)  # which states torch's cell returns in the parameters' dtype under autocast
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, image_size=None, backend="auto"):
         super().__init__()
@@ -536,20 +533,8 @@ class CellBase(TorchTwin, _Shared, nn.Module):
         for weight in self.parameters():
             nn.init.uniform_(weight, -stdv, stdv)
 
-    def _extra_repr_items(self):
-        return []
-
-    def extra_repr(self) -> str:
-        s = "{input_size}, {hidden_size}"
-        if self.bias is not True:
-            s += ", bias={bias}"
-        for item in self._extra_repr_items():
-            s += item
-        if self.image_size is not None:
-            s += ", image_size={image_size}"
-        if self.backend != "auto":
-            s += ", backend={backend!r}"
-        return s.format(**self.__dict__)
+    def _repr_items(self):
+        return (("bias", True), *self.REPR_CELL)
 
     def _outer_bias(self):
         return None if self.bias_ih is None else self.bias_ih + self.bias_hh
@@ -654,6 +639,6 @@ class CellBase(TorchTwin, _Shared, nn.Module):
             xp, img_term = _project(x, img, self.weight_ih, self._outer_bias(), self.weight_img)
             new = self._step(_to(xp, amp).unsqueeze(0), _to(img_term, amp), [_to(s, amp) for s in states], amp)
         if amp is not None and x.device.type == "cpu":  # the dtypes torch's cell returns (AUTOCAST_FULL)
-            new = [s.to(self.weight_ih.dtype if f else amp) for s, f in zip(new, self.AUTOCAST_FULL)]
+            new = [s.to(self.weight_ih.dtype if f else amp) for s, f in zip(new, self._autocast_full())]
         new = [s if batched else s.squeeze(0) for s in new]
         return new[0] if self.STATES == 1 else tuple(new)

@@ -27,6 +27,7 @@ class RNN(RecurrentBase):
 
     TORCH = nn.RNN
     CELL, GATES, STATES = "rnn", 1, 1
+    REPR_CELL = (("nonlinearity", "tanh"),)
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None,
@@ -37,9 +38,6 @@ class RNN(RecurrentBase):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0, device, dtype,
                          image_size=image_size, backend=backend)
         self.mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
-
-    def _extra_repr_items(self):
-        return [", nonlinearity={nonlinearity}"] if self.nonlinearity != "tanh" else []
 
     def _recurrence(self, p, xp, image_term, states, lengths):
         out, h_last = rnn_recurrence(xp, p["weight_hh"], states[0], image_term, lengths, self.nonlinearity, self.backend)
@@ -65,6 +63,7 @@ class RNNCell(CellBase):
 
     TORCH = nn.RNNCell
     CELL, GATES, STATES = "rnn", 1, 1
+    REPR_CELL = (("nonlinearity", "tanh"),)
 
     def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None,
                  *, image_size=None, backend="auto"):
@@ -72,9 +71,6 @@ class RNNCell(CellBase):
             raise ValueError(f"Unknown nonlinearity: {nonlinearity}")
         self.nonlinearity = nonlinearity
         super().__init__(input_size, hidden_size, bias, device, dtype, image_size=image_size, backend=backend)
-
-    def _extra_repr_items(self):
-        return [", nonlinearity={nonlinearity}"] if self.nonlinearity != "tanh" else []
 
     def _step(self, xp, image_term, states, amp):
         w_hh = self.weight_hh if amp is None else self.weight_hh.to(amp)
