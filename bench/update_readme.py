@@ -1,5 +1,5 @@
-"""Regenerate the measured sections of README.md and docs/results.md (each section lives in one of
-them, between its markers) from the committed results:
+"""Regenerate the measured sections of README.md and docs/ (results.md, training.md, deploying.md;
+each section lives in one of them, between its markers) from the committed results:
 
     python bench/update_readme.py
 
@@ -512,7 +512,8 @@ def _replace(text: str, start: str, end: str, body: str) -> str:
 # Paths in generated bodies are relative to the repository root; docs/results.md rewrites its links.
 _LINKS = lambda body: body  # noqa: E731
 FILES = {"README.md": lambda body: body,
-         os.path.join("docs", "results.md"): lambda body: body.replace("](bench/", "](../bench/")}
+         **{os.path.join("docs", name): lambda body: body.replace("](bench/", "](../bench/")
+            for name in ("results.md", "training.md", "deploying.md")}}
 
 
 def main():

@@ -111,7 +111,7 @@ class MultimodalClassifier(nn.Module):
         1/sqrt(H)) gives each block a spectral radius near 1/sqrt(3) ~ 0.58, so what a state carries
         (the image, with fusion "init") and its gradient shrink about 0.58x per step; measured with
         --quick over seeds 0-9, the tanh RNN and the GRU with fusion "init" then sat at chance for
-        up to 24 epochs or ended below 0.95 (README, "Every cell on every seed"). Orthogonal blocks
+        up to 24 epochs or ended below 0.95 (docs/results.md, "Every cell on every seed"). Orthogonal blocks
         keep the norm."""
         H = self.rnn.hidden_size
         for name, w in self.rnn.named_parameters():

@@ -133,6 +133,7 @@ def test_serving_modes_bad_arguments(bad):
         bench.main(bad + ["--device", "cpu"])
 
 
+@pytest.mark.slow  # exports every cell to ONNX Runtime
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_onnx_runtime_providers(tmp_path, cell, capsys):
     """--onnx: both exported models timed in ONNX Runtime, inference only, checked against ours first."""

@@ -97,6 +97,7 @@ def test_compiled_model_matches_eager_forward_and_gradients(cell):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # torch.compile of every cell
 @pytest.mark.parametrize("cell", CELLS)
 def test_compiled_reference_and_cpp_agree(cell):
     require("cpp")
@@ -110,6 +111,7 @@ def test_compiled_reference_and_cpp_agree(cell):
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # torch.compile at many shapes
 @pytest.mark.parametrize("cell", CELLS)
 def test_dynamic_shapes_compile_once(cpu_backend, cell):
     from torch._dynamo.testing import CompileCounterWithBackend
@@ -214,6 +216,7 @@ def _ddp_worker(rank, world, port, path, backend, cell):
     os._exit(0)
 
 
+@pytest.mark.slow  # two processes per cell
 @pytest.mark.parametrize("cell", CELLS)
 def test_ddp_gloo_two_processes_match_single_process(cpu_backend, cell, tmp_path):
     path = str(tmp_path / "grads.pt")
@@ -312,6 +315,7 @@ def test_gpu_ddp_nccl(tmp_path):
         torch.testing.assert_close(grads[name], p.grad.cpu(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # torch.compile at many shapes
 @pytest.mark.parametrize("cell", CELLS)
 def test_dynamic_compile_specialises_only_size_one(cell):
     """The README's promise: with dynamic=True, batch 1 and length 1 each compile once more (torch

@@ -14,6 +14,8 @@ from torch.export import Dim
 import mmrnn_ext
 from mmrnn_ext import InputError
 
+pytestmark = pytest.mark.slow  # exports and compiles models (ONNX, AOTInductor): the quick lane leaves it out
+
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 

@@ -10,6 +10,8 @@ import torch
 from mmrnn_ext import data, train
 from mmrnn_ext.models import CELLS, FUSIONS, MultimodalClassifier
 
+pytestmark = pytest.mark.slow  # trains the model end to end (cells x gaps x fusions): the quick lane leaves it out
+
 
 @pytest.fixture(scope="module")
 def digits():

@@ -13,6 +13,8 @@ import mmrnn_ext
 from mmrnn_ext import InputError
 from mmrnn_ext.shipped import SPEC_KEY, input_spec
 
+pytestmark = pytest.mark.slow  # exports a model first (ONNX, AOTInductor): the quick lane leaves it out
+
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,6 +11,8 @@ import pytest
 
 from conftest import require
 
+pytestmark = pytest.mark.slow  # compiles every Triton kernel for sm_90 (minutes): the quick lane leaves it out
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

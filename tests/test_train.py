@@ -8,6 +8,8 @@ import torch
 
 from mmrnn_ext import data, train
 
+pytestmark = pytest.mark.slow  # runs mmrnn-train end to end: the quick lane leaves it out
+
 
 @pytest.fixture(scope="module")
 def task():

@@ -41,7 +41,7 @@ DEFAULT_CELL = "lstm"
 CELL_HELP = ("the recurrent cell (default %(default)s: with --quick at gap 0 over seeds 0-9 it reached the highest mean test "
              "accuracy of the three for every image fusion (add 0.9807, minimum 0.9751), and the LSTM and GRU keep the "
              "negation across long gaps where the tanh RNN fails; gru is the cheaper gated cell, rnn the cheapest: "
-             "README, 'Every cell on every seed')")
+             "docs/results.md, 'Every cell on every seed')")
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
