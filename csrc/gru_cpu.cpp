@@ -20,6 +20,7 @@ template <typename S, typename C, bool IMG, bool BIAS, bool SAVE>
 inline void gru_forward_units(const C* __restrict acc, int64_t U, const S* __restrict x, const S* __restrict im,
                               const S* __restrict bhn, C* __restrict hr, S* __restrict h, S* __restrict gates,
                               int64_t H, int64_t n) {
+  MMRNN_IVDEP
   for (int64_t u = 0; u < n; ++u) {
     const C xr = C(x[u]) + (IMG ? C(im[u]) : C(0));
     const C xz = C(x[H + u]) + (IMG ? C(im[H + u]) : C(0));
@@ -84,6 +85,7 @@ void gru_forward_loop(const PackedWeight<T>& pw, const T* xp, const T* b_hn, con
 template <typename S, typename C, typename HIn>
 inline void gru_backward_units(const S* __restrict gy, const HIn* hin, const S* __restrict g4, const S* __restrict hp,
                                S* __restrict dx, S* __restrict dhn, S* __restrict srow, C* hz, int64_t H, int64_t n) {
+  MMRNN_IVDEP
   for (int64_t u = 0; u < n; ++u) {
     const C r = g4[u], z = g4[H + u], nn = g4[2 * H + u], hn = g4[3 * H + u];
     const C dh = C(gy[u]) + C(hin[u]);

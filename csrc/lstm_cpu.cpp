@@ -22,6 +22,7 @@ template <typename S, typename C, bool XP, bool IMG, bool SAVE>
 inline void lstm_forward_units(const C* __restrict acc, int64_t U, const S* __restrict x, const S* __restrict im,
                                C* __restrict c, S* __restrict c_save, S* __restrict h, S* __restrict gates, int64_t H,
                                int64_t n) {
+  MMRNN_IVDEP
   for (int64_t u = 0; u < n; ++u) {
     C a[4];
     for (int k = 0; k < 4; ++k)
@@ -96,6 +97,7 @@ template <typename S, typename C, typename HIn, typename CIn>
 inline void lstm_backward_units(const S* __restrict gy, const HIn* hin, const CIn* cin, const S* __restrict g4,
                                 const S* __restrict c, const S* __restrict cp, S* __restrict d, C* cout, int64_t H,
                                 int64_t n) {
+  MMRNN_IVDEP
   for (int64_t u = 0; u < n; ++u) {
     const C i = g4[u], f = g4[H + u], g = g4[2 * H + u], o = g4[3 * H + u];
     const C tc = tanh_(C(c[u]));

@@ -65,7 +65,12 @@ void micro(const T* __restrict x, int64_t ldx, int64_t K1, const T* __restrict h
       for (int v = 0; v < NV; ++v) wv[v] = wk[v];
 #pragma GCC unroll 16
       for (int r = 0; r < MR; ++r) {
-        const vec s = vec{} + a[r * lda + kk - k0];
+        // a broadcast written x - 0: that is x for every x (-0 and NaN included), so the compiler
+        // broadcasts straight from memory (vbroadcastss [mem]). 0 + x, as it read before, is not x
+        // for x = -0: it kept a scalar add and a register broadcast per row and k, two more FP
+        // operations beside the row's FMAs (single core on the 2-core Zen 1 EPYC, AVX2 6 x 2
+        // tile, K = 256-512: 27 GF/s with them, 37-38 without; bench/NOTES.md, "Training")
+        const vec s = a[r * lda + kk - k0] - vec{};
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) ac[r][v] += wv[v] * s;
       }
@@ -165,8 +170,8 @@ void micro_bf16(const c10::BFloat16* __restrict x, int64_t ldx, int64_t K1, cons
     }
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const vec s0 = vec{} + bf16_bits_to_float(a[r * lda + kk]);
-      const vec s1 = vec{} + (full ? bf16_bits_to_float(a[r * lda + kk + 1]) : 0.f);
+      const vec s0 = bf16_bits_to_float(a[r * lda + kk]) - vec{};  // a broadcast (see micro)
+      const vec s1 = (full ? bf16_bits_to_float(a[r * lda + kk + 1]) : 0.f) - vec{};
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[q][r][v] += lo[v] * s0 + hi[v] * s1;
     }

@@ -35,6 +35,7 @@ inline T activation_grad_from_output(T h) {
 template <typename S, typename C, bool RELU, bool XP, bool IMG>
 inline void rnn_forward_units(const C* __restrict acc, const S* __restrict x, const S* __restrict im,
                               S* __restrict o, int64_t n) {
+  MMRNN_IVDEP
   for (int64_t u = 0; u < n; ++u)
     o[u] = activation<C, RELU>(acc[u] + (XP ? C(x[u]) : C(0)) + (IMG ? C(im[u]) : C(0)));
 }
@@ -101,6 +102,7 @@ void backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, const T
           const T* __restrict g = gy + t * step + b * H + j0;
           const T* __restrict h = out + t * step + b * H + j0;
           auto units = [&](const auto* __restrict gin) {  // the final state's gradient (T) or the tile's (C)
+            MMRNN_IVDEP
             for (int64_t u = 0; u < nu; ++u)
               d[u] = (C(g[u]) + C(gin[u])) * activation_grad_from_output<C, RELU>(C(h[u]));
           };
