@@ -57,8 +57,10 @@ def format_table(rows: list) -> str:
             lines.append(f"  {name:<{width}}{f['ms']:>12.3f}{mark(f)}{f['speedup_of_mmrnn_ext']:>7.2f}x{rate(f)}{train}"
                          f"{saved}{f['relative_difference']:>10.1e}")
     lines.append("\n  inference = the forward under torch.no_grad; x = that provider's time / mmrnn_ext's time (above 1:\n"
-                 "  mmrnn_ext is faster); GF/s = the pass's GEMM FLOPs (its own algorithm's) over its time; %ceil = that\n"
-                 "  rate over the machine's big-GEMM rate; ! = that measurement's repeats disagree (see below)")
+                 "  mmrnn_ext is faster); GF/s = the pass's GEMM FLOPs (its own algorithm's) over its time: in fwd+bwd the\n"
+                 "  forward's products, BPTT's, dW_hh and dW_ih (+ dW_img), about 3x the forward's (the input needs no\n"
+                 "  gradient here); %ceil = that rate over the machine's big-GEMM rate; ! = that measurement's repeats\n"
+                 "  disagree (see below)")
     note = noise_note(rows)
     if note:
         lines.append(note)

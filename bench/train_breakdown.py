@@ -1,0 +1,120 @@
+"""Where a training step's milliseconds go: mmrnn_ext.LSTM (float32, CPU) at a shape, the whole step
+(forward + backward, the input needing no gradient, as mmrnn-bench's training rows) beside each of
+its parts timed alone on the same tensors:
+
+    input product      x @ W_ih^T over all steps (torch's GEMM)
+    forward recurrence the engine's fused recurrence, saving what BPTT reads
+    BPTT recurrence    the engine's reverse loop -> dG
+    dW_ih              dG^T x over all steps (torch's GEMM)
+    dW_hh              sum_t dG_t^T h_{t-1} (torch's GEMM)
+    image and bias     the static image term's GEMM, dG summed over steps, its weight and bias grads
+    rest               the step's best less the parts' bests: autograd, Python, allocation, the
+                       gradient buffers, the final-state gathers
+
+Each part is the best of `repeats` calls (a part's floor), the step its median and best; parts are
+timed in turns (round robin) so a slow spell of a shared machine spreads over all of them. Shares
+are of the step's best.
+
+    python bench/train_breakdown.py [--shape B,T,I,V,H ...] [--repeats N] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import mmrnn_ext
+from mmrnn_ext import _backends
+from mmrnn_ext.bench import machine_info
+from mmrnn_ext.ops.common import weight_grad
+
+SHAPES = [(32, 128, 128, 64, 256), (24, 100, 96, 64, 320)]
+
+
+def parts(B, T, I, V, H):
+    torch.manual_seed(0)
+    G = 4 * H
+    ours = mmrnn_ext.LSTM(I, H, image_size=V)
+    x, v = torch.randn(T, B, I), torch.randn(B, V)
+    cpp = _backends.select("cpp", x.device, x.dtype, "lstm").cells["lstm"]
+    w_ih, w_hh = ours.weight_ih_l0.detach(), ours.weight_hh_l0.detach()
+    w_img, bias = ours.weight_img_l0.detach(), (ours.bias_ih_l0 + ours.bias_hh_l0).detach()
+    h0 = torch.zeros(B, H)
+    xp = F.linear(x, w_ih)
+    img = F.linear(v, w_img, bias)
+    out, c_all, gates = cpp.forward(xp, w_hh, h0, h0, img, None)
+    ones = torch.ones_like(out)
+    dG, _, _ = cpp.backward(ones, h0, h0, out, c_all, gates, h0, h0, w_hh, None)
+
+    def step():
+        y, _ = ours(x, image=v)
+        y.backward(torch.ones_like(y))
+
+    def image_and_bias():
+        d_img = dG.sum(0)
+        return d_img.t().mm(v), d_img.sum(0)
+
+    return {
+        "step": step,
+        "input product": lambda: F.linear(x, w_ih),
+        "forward recurrence": lambda: cpp.forward(xp, w_hh, h0, h0, img, None),
+        "BPTT recurrence": lambda: cpp.backward(ones, h0, h0, out, c_all, gates, h0, h0, w_hh, None),
+        "dW_ih": lambda: dG.flatten(0, 1).t().mm(x.flatten(0, 1)),
+        "dW_hh": lambda: weight_grad(dG, h0, out),
+        "image and bias": image_and_bias,
+    }, {"forward recurrence": 2.0 * T * B * G * H, "BPTT recurrence": 2.0 * T * B * G * H,
+        "input product": 2.0 * T * B * G * I, "dW_ih": 2.0 * T * B * G * I, "dW_hh": 2.0 * T * B * G * H,
+        "image and bias": 2.0 * B * V * G}
+
+
+def measure(shape, repeats):
+    fns, flops = parts(*shape)
+    times = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()  # warm
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    best = {k: min(v) for k, v in times.items()}
+    named = sum(best[k] for k in fns if k != "step")
+    rows = {k: {"ms_best": best[k], "ms_median": statistics.median(times[k]),
+                "gflops": flops[k] / best[k] / 1e6 if k in flops else None} for k in fns}
+    # the step's best less its parts' bests (both floors); negative when the machine's noise exceeds it
+    rows["rest"] = {"ms_best": rows["step"]["ms_best"] - named, "ms_median": None, "gflops": None}
+    return {"shape": list(shape), "parts": rows, "step_gemm_gflop": sum(flops.values()) / 1e9}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", action="append", help="B,T,I,V,H (repeatable)")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    shapes = [tuple(int(s) for s in sh.split(",")) for sh in args.shape] if args.shape else SHAPES
+    info = machine_info(torch.device("cpu"))
+    print(f"{info['device']} ({info['cpu_vendor']}, engine ISA {info.get('engine_isa')}), {torch.get_num_threads()} threads")
+    results = []
+    for shape in shapes:
+        r = measure(shape, args.repeats)
+        results.append(r)
+        step = r["parts"]["step"]
+        print(f"\nLSTM {shape}: step median {step['ms_median']:.1f} ms, best {step['ms_best']:.1f} ms "
+              f"({r['step_gemm_gflop']:.2f} GFLOP of GEMM)")
+        for k, p in r["parts"].items():
+            if k == "step":
+                continue
+            rate = "" if p["gflops"] is None else f"  {p['gflops']:.0f} GF/s"
+            print(f"  {k:20s} {p['ms_best']:7.1f} ms  {100 * p['ms_best'] / step['ms_best']:4.0f}%{rate}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "threads": torch.get_num_threads(), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
