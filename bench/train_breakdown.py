@@ -7,13 +7,13 @@ its parts timed alone on the same tensors:
     BPTT recurrence    the engine's reverse loop -> dG
     dW_ih              dG^T x over all steps (torch's GEMM)
     dW_hh              sum_t dG_t^T h_{t-1} (torch's GEMM)
-    image and bias     the static image term's GEMM, dG summed over steps, its weight and bias grads
+    image and bias     dG summed over steps, the image weight's and the bias's gradients
     rest               the step's best less the parts' bests: autograd, Python, allocation, the
                        gradient buffers, the final-state gathers
 
-Each part is the best of `repeats` calls (a part's floor), the step its median and best; parts are
-timed in turns (round robin) so a slow spell of a shared machine spreads over all of them. Shares
-are of the step's best.
+Each part and the step take turns (mmrnn-bench's side_by_side_stats: per round an untimed call,
+then a timed one), so a slow spell of a shared machine spreads over all of them; a part's figure is
+its best of `repeats` (its floor), shares are of the step's best.
 
     python bench/train_breakdown.py [--shape B,T,I,V,H ...] [--repeats N] [--json PATH]
 """
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 import mmrnn_ext
 from mmrnn_ext import _backends
 from mmrnn_ext.bench import machine_info
+from mmrnn_ext.bench.timing import side_by_side_stats
 from mmrnn_ext.ops.common import weight_grad
 
 SHAPES = [(32, 128, 128, 64, 256), (24, 100, 96, 64, 320)]
@@ -73,18 +72,10 @@ def parts(B, T, I, V, H):
 
 def measure(shape, repeats):
     fns, flops = parts(*shape)
-    times = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()  # warm
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    best = {k: min(v) for k, v in times.items()}
-    named = sum(best[k] for k in fns if k != "step")
-    rows = {k: {"ms_best": best[k], "ms_median": statistics.median(times[k]),
-                "gflops": flops[k] / best[k] / 1e6 if k in flops else None} for k in fns}
+    stats = side_by_side_stats(fns, torch.device("cpu"), repeats)
+    named = sum(stats[k]["min_ms"] for k in fns if k != "step")
+    rows = {k: {"ms_best": stats[k]["min_ms"], "ms_median": stats[k]["ms"],
+                "gflops": flops[k] / stats[k]["min_ms"] / 1e6 if k in flops else None} for k in fns}
     # the step's best less its parts' bests (both floors); negative when the machine's noise exceeds it
     rows["rest"] = {"ms_best": rows["step"]["ms_best"] - named, "ms_median": None, "gflops": None}
     return {"shape": list(shape), "parts": rows, "step_gemm_gflop": sum(flops.values()) / 1e9}

@@ -26,10 +26,10 @@
 #endif
 
 // Before a loop over a row's hidden units whose iteration u reads and writes index u only: it is
-// vectorised without the run-time alias checks the compiler otherwise adds per call. Those checks
-// (seven pointers pairwise in the LSTM's pass) cost more than the pass itself where a call covers
-// one vector of units (4 per panel: the AVX2 LSTM tile) — LSTM forward, one thread, 2-core Zen 1
-// EPYC: bench/NOTES.md, "Training".
+// vectorised without the run-time alias checks the compiler otherwise adds per call (seven
+// pointers pairwise in the LSTM's pass), which weigh where a call covers one vector of units (4 per
+// panel: the AVX2 LSTM tile): LSTM training forward at (32,128,.,.,256), one thread, 2-core Zen 1
+// EPYC, 91.8 -> 88.1 ms (bench/NOTES.md, "Training").
 #if defined(__clang__)
 #define MMRNN_IVDEP _Pragma("clang loop vectorize(assume_safety)")
 #else
