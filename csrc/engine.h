@@ -206,6 +206,11 @@ struct Operands {
   int64_t ldx = 0;
 };
 
+// A thread's L2 as run_steps' prefetch plans it (512 KB on Zen 1-3, 1-2 MB on Intel's server cores:
+// the smaller serves both), and the largest panel prefetched (two side by side fit in it).
+constexpr int64_t kL2Bytes = int64_t(512) << 10;
+constexpr int64_t kPrefetchMaxPanelBytes = kL2Bytes / 2;
+
 // Runs `steps` dependent products with the epilogue fused: for s in [0, steps), every tile of
 //   tile = [x_s | h_s] @ W'  (Operands a_of(s); a null h_s means a zero product)
 // is handed to epi(s, b0, rows, j0, units, tile, ld_tile) (tile in acc_t<T>) — rows [b0, b0 + rows) and hidden units
@@ -219,25 +224,39 @@ void run_steps(const PackedWeight<T>& pw, int64_t steps, int64_t B, AOf a_of, Ep
   const int mr = pw.kern.mr;
   const int64_t blocks = (B + mr - 1) / mr;
   StepBarrier barrier(workers);
+  // Weights that outgrow a thread's L2 (LSTM W_hh at H = 1024 is 16 MB) are read from L3 or memory
+  // every step; two habits keep that stream from stalling the kernels (LSTM at (8, 512, ., 1024),
+  // 2-core Zen 1 EPYC, AVX2: forward 795 -> 640 ms, BPTT 736 -> 636 ms; bench/NOTES.md, "Training"):
+  //  - a thread walks its panels in alternating directions (even steps up, odd steps down), so the
+  //    panels it read last in one step, still in its caches, are the first it reads in the next;
+  //  - during a panel's last row block the kernel prefetches the thread's next panel into L2
+  //    (row for row, at the pace of the product), so the next panel's first block finds it there.
+  //    Only where a thread's panels exceed L2 (512 KB: Zen's) and two panels fit in it.
+  const int64_t panel_bytes = pw.stride * static_cast<int64_t>(sizeof(T));
+  const bool prefetch = panel_bytes <= kPrefetchMaxPanelBytes && pw.panels / workers * panel_bytes > kL2Bytes;
   auto run = [&](int64_t w0, int64_t w1) {
     using C = acc_t<T>;
     alignas(64) C tile[kMaxRows * kMaxPanelWidth];
+    const int64_t pa = w0 * pw.panels / workers, pb = w1 * pw.panels / workers, np = pb - pa;
     for (int64_t s = 0; s < steps; ++s) {
       const Operands<T> a = a_of(s);
-      for (int64_t w = w0; w < w1; ++w) {
-        for (int64_t p = w * pw.panels / workers; p < (w + 1) * pw.panels / workers; ++p) {
-          const int64_t j0 = p * pw.units, nu = std::min(pw.units, pw.H - j0);
-          for (int64_t blk = 0; blk < blocks; ++blk) {
-            // rows spread evenly over the blocks (8 rows as 4 + 4, not 6 + 2)
-            const int64_t b0 = blk * B / blocks, rows = (blk + 1) * B / blocks - b0;
-            if (a.h != nullptr) {
-              pw.kern.fns[rows - 1](a.x == nullptr ? nullptr : a.x + b0 * a.ldx, a.ldx, pw.K1, a.h + b0 * a.ldh, a.ldh,
-                                    pw.panel(p), pw.K, tile);
-            } else {
-              std::fill(tile, tile + rows * pw.width, C(0));
-            }
-            epi(s, b0, rows, j0, nu, static_cast<const C*>(tile), pw.width);
+      const bool rev = (s & 1) != 0;
+      for (int64_t i = 0; i < np; ++i) {
+        const int64_t p = rev ? pb - 1 - i : pa + i;
+        // the panel this thread reads next: fetched during this one's last row block
+        const int64_t next = i + 1 < np ? (rev ? p - 1 : p + 1) : -1;
+        const int64_t j0 = p * pw.units, nu = std::min(pw.units, pw.H - j0);
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+          // rows spread evenly over the blocks (8 rows as 4 + 4, not 6 + 2)
+          const int64_t b0 = blk * B / blocks, rows = (blk + 1) * B / blocks - b0;
+          const T* pf = prefetch && blk == blocks - 1 && next >= 0 ? pw.panel(next) : nullptr;
+          if (a.h != nullptr) {
+            pw.kern.fns[rows - 1](a.x == nullptr ? nullptr : a.x + b0 * a.ldx, a.ldx, pw.K1, a.h + b0 * a.ldh, a.ldh,
+                                  pw.panel(p), pw.K, tile, pf);
+          } else {
+            std::fill(tile, tile + rows * pw.width, C(0));
           }
+          epi(s, b0, rows, j0, nu, static_cast<const C*>(tile), pw.width);
         }
       }
       if (workers > 1) barrier.arrive_and_wait(w1 - w0, s);
@@ -268,7 +287,7 @@ void linear(const PackedWeight<T>& pw, const T* a, int64_t M, T* out) {
         const int64_t j0 = p * pw.units, nu = std::min(pw.units, N - j0);
         for (int64_t r0 = c * chunk; r0 < r_end; r0 += mr) {
           const int64_t rows = std::min<int64_t>(mr, r_end - r0);
-          pw.kern.fns[rows - 1](nullptr, 0, 0, a + r0 * K, K, pw.panel(p), K, tile);
+          pw.kern.fns[rows - 1](nullptr, 0, 0, a + r0 * K, K, pw.panel(p), K, tile, nullptr);
           for (int64_t r = 0; r < rows; ++r) std::copy(tile + r * pw.width, tile + r * pw.width + nu, out + (r0 + r) * N + j0);
         }
       }

@@ -8,6 +8,7 @@
 
 #include <c10/util/BFloat16.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
@@ -41,9 +42,10 @@ using acc_t = typename AccType<S>::type;
 template <typename S>
 constexpr bool kIsBf16 = std::is_same_v<S, c10::BFloat16>;
 
-// tile[r, c] = sum_k [x | h][r, k] * w[k, c] for `rows` rows (see micro_kernels.h).
+// tile[r, c] = sum_k [x | h][r, k] * w[k, c] for `rows` rows (see micro_kernels.h); the last argument is
+// null, or a panel of w's shape to prefetch into L2 while w is read (run_steps in engine.h).
 template <typename S>
-using MicroFn = void (*)(const S*, int64_t, int64_t, const S*, int64_t, const S*, int64_t, acc_t<S>*);
+using MicroFn = void (*)(const S*, int64_t, int64_t, const S*, int64_t, const S*, int64_t, acc_t<S>*, const S*);
 
 // The bounds of every tile any ISA's family computes; the callers' tile buffers are
 // acc_t tile[kMaxRows * kMaxPanelWidth], and micro_kernels.h asserts each shape within them.

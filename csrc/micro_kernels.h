@@ -42,17 +42,27 @@ __attribute__((always_inline)) inline void store_acc(V (&acc)[KU][MR][NV], C* __
     }
 }
 
+// Asks for the ROW_BYTES bytes at p in L2 (one prefetch per 64-byte line): a row of the panel the
+// caller works on next, fetched while this one computes (see run_steps in engine.h).
+template <int ROW_BYTES>
+__attribute__((always_inline)) inline void prefetch_row(const void* p) {
+#pragma GCC unroll 8
+  for (int l = 0; l < ROW_BYTES; l += 64) __builtin_prefetch(static_cast<const char*>(p) + l, 0, 2);
+}
+
 // tile[r, c] = sum_k A[r, k] * w[k, c] for MR rows and one panel of NV vectors of VW values, where
 // A = [x | h]: its first K1 columns come from x (row stride ldx), the other K - K1 from h (row
 // stride ldh). K1 = 0 is a plain product with h; K1 > 0 fuses a step's input projection into its
-// recurrent product (W' holds W_ih's K1 rows above W_hh's).
+// recurrent product (W' holds W_ih's K1 rows above W_hh's). pf (or null): a panel laid out as w,
+// prefetched row for row as w's rows are read.
 template <typename T, int VW, int NV, int MR>
 void micro(const T* __restrict x, int64_t ldx, int64_t K1, const T* __restrict h, int64_t ldh, const T* __restrict w,
-           int64_t K, T* __restrict tile) {
+           int64_t K, T* __restrict tile, const T* pf) {
   typedef T vec __attribute__((vector_size(VW * sizeof(T))));
   constexpr int KU = k_unroll<MR, NV>();
   vec acc[KU][MR][NV];
   zero_acc(acc);
+  const std::ptrdiff_t pf_delta = pf == nullptr ? 0 : pf - w;
   for (int part = 0; part < 2; ++part) {
     const T* a = part == 0 ? x : h;
     const int64_t lda = part == 0 ? ldx : ldh, k0 = part == 0 ? 0 : K1;
@@ -60,6 +70,7 @@ void micro(const T* __restrict x, int64_t ldx, int64_t K1, const T* __restrict h
     int64_t k = k0;
     auto row = [&](int64_t kk, vec(*ac)[NV]) __attribute__((always_inline)) {
       const vec* wk = reinterpret_cast<const vec*>(w + kk * (NV * VW));
+      if (pf_delta != 0) prefetch_row<NV * VW * sizeof(T)>(w + kk * (NV * VW) + pf_delta);
       vec wv[NV];
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) wv[v] = wk[v];
@@ -122,7 +133,9 @@ __attribute__((always_inline)) inline void bf16_pair_rows(const uint16_t* xs, in
 // multiply-adds).
 template <int VW, int NV, int MR>
 void micro_bf16(const c10::BFloat16* __restrict x, int64_t ldx, int64_t K1, const c10::BFloat16* __restrict h,
-                int64_t ldh, const c10::BFloat16* __restrict w, int64_t K, float* __restrict tile) {
+                int64_t ldh, const c10::BFloat16* __restrict w, int64_t K, float* __restrict tile,
+                const c10::BFloat16* pf) {
+  const std::ptrdiff_t pf_delta = pf == nullptr ? 0 : pf - w;
   static_assert(VW == 16, "the bf16 dot kernel runs 512-bit vectors");
   constexpr int KU = k_unroll<MR, NV>();
   __m512 acc[KU][MR][NV];
@@ -130,6 +143,7 @@ void micro_bf16(const c10::BFloat16* __restrict x, int64_t ldx, int64_t K1, cons
   auto pair = [&](const uint16_t* a, int64_t lda, const uint16_t* wp, int64_t kk, int q, bool full)
                   __attribute__((always_inline)) {
     const __m512i* wk = reinterpret_cast<const __m512i*>(wp + kk * (NV * VW));
+    if (pf_delta != 0) prefetch_row<NV * VW * 4>(wp + kk * (NV * VW) + pf_delta);
     __m512i wv[NV];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) wv[v] = _mm512_load_si512(wk + v);
@@ -153,7 +167,9 @@ void micro_bf16(const c10::BFloat16* __restrict x, int64_t ldx, int64_t K1, cons
 // lane.
 template <int VW, int NV, int MR>
 void micro_bf16(const c10::BFloat16* __restrict x, int64_t ldx, int64_t K1, const c10::BFloat16* __restrict h,
-                int64_t ldh, const c10::BFloat16* __restrict w, int64_t K, float* __restrict tile) {
+                int64_t ldh, const c10::BFloat16* __restrict w, int64_t K, float* __restrict tile,
+                const c10::BFloat16* pf) {
+  const std::ptrdiff_t pf_delta = pf == nullptr ? 0 : pf - w;
   typedef float vec __attribute__((vector_size(VW * 4)));
   typedef uint32_t uvec __attribute__((vector_size(VW * 4)));
   constexpr int KU = k_unroll<MR, NV>();
@@ -162,6 +178,7 @@ void micro_bf16(const c10::BFloat16* __restrict x, int64_t ldx, int64_t K1, cons
   auto pair = [&](const uint16_t* a, int64_t lda, const uint16_t* wp, int64_t kk, int q, bool full)
                   __attribute__((always_inline)) {
     const uvec* wk = reinterpret_cast<const uvec*>(wp + kk * (NV * VW));
+    if (pf_delta != 0) prefetch_row<NV * VW * 4>(wp + kk * (NV * VW) + pf_delta);
     vec lo[NV], hi[NV];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {

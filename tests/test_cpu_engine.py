@@ -59,6 +59,27 @@ def test_gated_every_path(monkeypatch, isa, cell, T, B, H, dtype):
     compare_gated(cell, "cpp", T, B, H, "static", dtype, lengths=False, noncontig=True)
 
 
+# Weights larger than a thread's L2 (512 KB as the engine plans it, with two threads): the forward
+# and BPTT products then prefetch each thread's next panel and walk the panels in alternating
+# directions step by step (run_steps, csrc/engine.h). Float32 LSTM W_hh at H = 300 is 1.4 MB,
+# GRU 1.1 MB, the RNN's at H = 520 1.1 MB; float64 twice that. Odd B over two row blocks.
+@pytest.mark.parametrize("isa", ORDER)
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_streamed_weights_every_path(monkeypatch, isa, cell, dtype):
+    _force(monkeypatch, isa)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        if cell == "rnn":
+            compare_with_reference("cpp", 5, 7, 520, "step", dtype, "tanh", lengths=True)
+        else:
+            compare_gated(cell, "cpp", 5, 7, 300, "step", dtype, lengths=True)
+            compare_gated(cell, "cpp", 4, 13, 300, "static", dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("isa", ORDER)
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (7, 3, 65), (13, 33, 17), (97, 12, 64), (50, 128, 130)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
