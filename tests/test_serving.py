@@ -75,6 +75,22 @@ def test_bfloat16_forward_and_bptt_every_path(monkeypatch, isa, cell, T, B, H):
         assert torch.equal(a, b.detach())
 
 
+STREAMED_H = {"rnn": 1100, "lstm": 520, "gru": 600}  # bf16 W_hh of 2.2-2.4 MB: over 512 KB a thread on two
+
+
+@pytest.mark.parametrize("isa", ORDER)
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_bfloat16_streamed_weights_every_path(monkeypatch, isa, cell):
+    """As above with weights over a thread's L2 on two threads: the bf16 pair panels prefetched and
+    walked in alternating directions (run_steps, csrc/engine.h)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        test_bfloat16_forward_and_bptt_every_path(monkeypatch, isa, cell, 3, 5, STREAMED_H[cell])
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("isa", ["generic", "avx512", "avx512_bf16"])
 def test_bfloat16_paths_agree(monkeypatch, isa):
     """The dot-instruction path and the widening paths compute the same products up to float32
