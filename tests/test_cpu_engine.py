@@ -62,7 +62,8 @@ def test_gated_every_path(monkeypatch, isa, cell, T, B, H, dtype):
 # Weights larger than a thread's L2 (512 KB as the engine plans it, with two threads): the forward
 # and BPTT products then prefetch each thread's next panel and walk the panels in alternating
 # directions step by step (run_steps, csrc/engine.h). Float32 LSTM W_hh at H = 300 is 1.4 MB,
-# GRU 1.1 MB, the RNN's at H = 520 1.1 MB; float64 twice that. Odd B over two row blocks.
+# GRU 1.1 MB, the RNN's at H = 520 1.1 MB; float64 twice that. B = 7 and 13: two row blocks or more
+# (the prefetch's condition) on every path.
 @pytest.mark.parametrize("isa", ORDER)
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])

@@ -81,12 +81,13 @@ STREAMED_H = {"rnn": 1100, "lstm": 520, "gru": 600}  # bf16 W_hh of 2.2-2.4 MB: 
 @pytest.mark.parametrize("isa", ORDER)
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_bfloat16_streamed_weights_every_path(monkeypatch, isa, cell):
-    """As above with weights over a thread's L2 on two threads: the bf16 pair panels prefetched and
-    walked in alternating directions (run_steps, csrc/engine.h)."""
+    """As above with weights over a thread's L2 on two threads and B = 13 (two row blocks on every
+    path): the bf16 pair panels prefetched and walked in alternating directions (run_steps,
+    csrc/engine.h)."""
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        test_bfloat16_forward_and_bptt_every_path(monkeypatch, isa, cell, 3, 5, STREAMED_H[cell])
+        test_bfloat16_forward_and_bptt_every_path(monkeypatch, isa, cell, 3, 13, STREAMED_H[cell])
     finally:
         torch.set_num_threads(threads)
 
