@@ -235,16 +235,18 @@ void run_steps(const PackedWeight<T>& pw, int64_t steps, int64_t B, AOf a_of, Ep
   //    takes two row blocks or more: with one block (B <= 6 on AVX2) the product reads each panel
   //    once, the hardware's own stream prefetch already overlaps it, and a prefetch per row costs
   //    a load slot of a load-bound kernel (B = 1, (1, 512, 128, 64, 256) inference: 13.1 -> 16.3 ms).
+  //    The alternating walk too only where a thread's panels exceed L2: where they fit it gains
+  //    nothing and cost 1.5-3.5% (2-layer bidirectional LSTM (16,200,80,64,256) inference, two A/B runs).
   const int64_t panel_bytes = pw.stride * static_cast<int64_t>(sizeof(T));
-  const bool prefetch =
-      blocks >= 2 && panel_bytes <= kPrefetchMaxPanelBytes && pw.panels / workers * panel_bytes > kL2Bytes;
+  const bool streamed = pw.panels / workers * panel_bytes > kL2Bytes;
+  const bool prefetch = streamed && blocks >= 2 && panel_bytes <= kPrefetchMaxPanelBytes;
   auto run = [&](int64_t w0, int64_t w1) {
     using C = acc_t<T>;
     alignas(64) C tile[kMaxRows * kMaxPanelWidth];
     const int64_t pa = w0 * pw.panels / workers, pb = w1 * pw.panels / workers, np = pb - pa;
     for (int64_t s = 0; s < steps; ++s) {
       const Operands<T> a = a_of(s);
-      const bool rev = (s & 1) != 0;
+      const bool rev = streamed && (s & 1) != 0;
       for (int64_t i = 0; i < np; ++i) {
         const int64_t p = rev ? pb - 1 - i : pa + i;
         // the panel this thread reads next: fetched during this one's last row block
