@@ -2,7 +2,7 @@
 (forward + backward, the input needing no gradient, as mmrnn-bench's training rows) beside each of
 its parts timed alone on the same tensors:
 
-    input product      x @ W_ih^T over all steps (torch's GEMM)
+    input product      x @ W_ih^T over all steps (the engine's product, as the module's float32 step)
     forward recurrence the engine's fused recurrence, saving what BPTT reads
     BPTT recurrence    the engine's reverse loop -> dG
     dW_ih              dG^T x over all steps (torch's GEMM)
@@ -39,7 +39,8 @@ def parts(B, T, I, V, H):
     G = 4 * H
     ours = mmrnn_ext.LSTM(I, H, image_size=V)
     x, v = torch.randn(T, B, I), torch.randn(B, V)
-    cpp = _backends.select("cpp", x.device, x.dtype, "lstm").cells["lstm"]
+    be = _backends.select("cpp", x.device, x.dtype, "lstm")
+    cpp = be.cells["lstm"]
     w_ih, w_hh = ours.weight_ih_l0.detach(), ours.weight_hh_l0.detach()
     w_img, bias = ours.weight_img_l0.detach(), (ours.bias_ih_l0 + ours.bias_hh_l0).detach()
     h0 = torch.zeros(B, H)
@@ -59,7 +60,7 @@ def parts(B, T, I, V, H):
 
     return {
         "step": step,
-        "input product": lambda: F.linear(x, w_ih),
+        "input product": lambda: be.engine.linear(x, w_ih),
         "forward recurrence": lambda: cpp.forward(xp, w_hh, h0, h0, img, None),
         "BPTT recurrence": lambda: cpp.backward(ones, h0, h0, out, c_all, gates, h0, h0, w_hh, None),
         "dW_ih": lambda: dG.flatten(0, 1).t().mm(x.flatten(0, 1)),

@@ -52,9 +52,10 @@ class Engine:
     def __init__(self, mod: ModuleType):
         self._mod = mod
 
-    def linear(self, x, w):
-        """x [..., K] @ w [N, K]^T: the inference input product."""
-        return self._mod.linear(x, w)
+    def linear(self, x, w, transpose_w=True):
+        """x [..., K] @ w [N, K]^T: the modules' input product (float32); with transpose_w=False
+        x [..., K] @ w [K, N]: its input gradient."""
+        return self._mod.linear(x, w, transpose_w)
 
     def cell_step(self, *args):
         """One decoding step, no gradient (csrc/cell_step.cpp)."""

@@ -42,6 +42,20 @@ def assert_close(actual, expected, dtype, what=""):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
+@pytest.fixture
+def gemm_calls(monkeypatch):
+    """The input GEMMs a module runs, recorded instead of run: torch's F.linear and the engine's
+    input product (which float32 CPU calls take, with or without gradients)."""
+    called = []
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: called.append("F.linear"))
+    try:
+        from mmrnn_ext import _C
+    except ImportError:
+        return called
+    monkeypatch.setattr(_C, "linear", lambda *a, **k: called.append("engine"))
+    return called
+
+
 @pytest.fixture(params=["reference", "cpp"])
 def cpu_backend(request):
     require(request.param)

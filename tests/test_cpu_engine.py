@@ -97,6 +97,22 @@ def test_linear_every_path(monkeypatch, isa, M, K, N, dtype):
     assert_close(out, torch.nn.functional.linear(x, w).to(dtype), dtype, "linear")
 
 
+@pytest.mark.parametrize("isa", ORDER)
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (7, 65, 3), (13, 17, 33), (50, 130, 128)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_linear_untransposed_every_path(monkeypatch, isa, M, K, N, dtype):
+    """transpose_w=False: x [..., K] @ w [K, N] (the input gradient dA @ W_ih) against torch's."""
+    from mmrnn_ext import _C
+
+    _force(monkeypatch, isa)
+    g = torch.Generator().manual_seed(M * K + N + 1)
+    x = torch.randn(3, M, K, generator=g, dtype=torch.float64)
+    w = torch.randn(K, N, generator=g, dtype=torch.float64) / K ** 0.5
+    out = _C.linear(x.to(dtype), w.to(dtype), False)
+    assert out.shape == (3, M, N) and out.dtype == dtype
+    assert_close(out, x.matmul(w).to(dtype), dtype, "linear, w untransposed")
+
+
 def test_linear_edges():
     from mmrnn_ext import _C
 
@@ -104,6 +120,8 @@ def test_linear_edges():
     assert _C.linear(torch.randn(0, 4), torch.randn(5, 4)).shape == (0, 5)
     with pytest.raises(RuntimeError, match=r"w: expected shape \[N, 4\]"):
         _C.linear(torch.randn(3, 4), torch.randn(5, 3))
+    with pytest.raises(RuntimeError, match=r"w: expected shape \[4, N\]"):
+        _C.linear(torch.randn(3, 4), torch.randn(5, 4), False)
     with pytest.raises(RuntimeError, match="x: expected a float32, float64 or bfloat16 CPU tensor"):
         _C.linear(torch.randn(3, 4).half(), torch.randn(5, 4).half())
 
@@ -115,7 +133,8 @@ def test_modules_inference_paths(monkeypatch, cell, kw, fused):
     """Without gradients (float32, cpp) the RNN and LSTM run the input product inside the recurrence
     (the infer kernels given x and W_ih); the GRU (whose reset gate multiplies only the recurrent
     product) and the LSTM with proj_size take the engine's input product, then their recurrence.
-    With gradients, and in float64, neither; every path agrees with the differentiable forward."""
+    With gradients (float32) every cell takes the engine's input product, then its differentiable
+    recurrence; float64 takes torch's product; every path agrees with the differentiable forward."""
     from mmrnn_ext import _C
 
     calls = {"linear": 0, "fused": 0}
@@ -137,16 +156,16 @@ def test_modules_inference_paths(monkeypatch, cell, kw, fused):
     x, img = torch.randn(6, 3, 12), torch.randn(6, 3, 6)
     lengths = torch.tensor([6, 2, 4])
     ref = _flat(m(x, image=img, lengths=lengths))
-    assert calls == {"linear": 0, "fused": 0}
+    assert calls == {"linear": 4, "fused": 0}  # 2 layers x 2 directions, with gradients
     with torch.no_grad():
         got = _flat(m(x, image=img, lengths=lengths))
-    assert calls == ({"linear": 0, "fused": 4} if fused else {"linear": 4, "fused": 0})  # 2 layers x 2 directions
+    assert calls == ({"linear": 4, "fused": 4} if fused else {"linear": 8, "fused": 0})
     for a, b in zip(ref, got):
         assert_close(b, a.detach(), torch.float32, "inference")
     m.double()
     with torch.no_grad():
         m(x.double(), image=img.double(), lengths=lengths)
-    assert calls == ({"linear": 0, "fused": 4} if fused else {"linear": 4, "fused": 0})  # float64: torch's product
+    assert calls == ({"linear": 4, "fused": 4} if fused else {"linear": 8, "fused": 0})  # float64: torch's product
 
 
 @pytest.mark.parametrize("isa", ORDER)
@@ -207,6 +226,61 @@ def _module(cell, **kw):
 def _flat(result):
     out, states = result
     return [out, *(states if isinstance(states, tuple) else (states,))]
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("create_graph", [False, True], ids=["first-order", "create-graph"])
+def test_training_input_product_on_the_engine(monkeypatch, cell, create_graph):
+    """With gradients (float32) the modules run the input product on the engine and, first order,
+    its input gradient dA @ W_ih too: every gradient (the input's, through both layers and
+    directions, and every parameter's) against the same module in float64 on torch's products, at
+    odd sizes with batch_first (a non-contiguous time-major input), lengths and per-step images.
+    create_graph: the input gradient runs as torch ops, so a second-order gradient exists."""
+    from mmrnn_ext import _C
+
+    calls = {True: 0, False: 0}
+    real_linear = _C.linear
+
+    def linear(x, w, transpose_w=True):
+        calls[transpose_w] += 1
+        return real_linear(x, w, transpose_w)
+
+    monkeypatch.setattr(_C, "linear", linear)
+    m = _module(cell)
+    m.batch_first = True
+    ref = _module(cell).double()
+    ref.batch_first = True
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 7, 12, generator=g, dtype=torch.float64)
+    img = torch.randn(5, 7, 6, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([7, 3, 1, 6, 7])
+    weight = torch.randn(5, 7, 80, generator=g, dtype=torch.float64)
+
+    def grads(model, dtype):
+        xi = x.to(dtype).requires_grad_()
+        out, _ = model(xi, image=img.to(dtype), lengths=lengths)
+        loss = (out * weight.to(dtype)).sum()
+        params = list(model.parameters())
+        got = torch.autograd.grad(loss, [xi, *params], create_graph=create_graph)
+        first.update(calls)
+        second = None
+        if create_graph:
+            second = torch.autograd.grad(got[0].square().sum(), params[0])[0]  # d/dW_ih of |dL/dx|^2
+        return out, got, second
+
+    first = {}
+    out, got, second = grads(m, torch.float32)
+    # the products of 2 layers x 2 directions on the engine; their input gradients there too,
+    # except under create_graph (torch's matmul: differentiable)
+    assert first == {True: 4, False: 0 if create_graph else 4}
+    before = dict(calls)
+    r_out, r_got, r_second = grads(ref, torch.float64)
+    assert calls == before  # float64: torch's products only
+    assert_close(out, r_out.float(), torch.float32, "output")
+    for name, a, b in zip(["input", *(n for n, _ in m.named_parameters())], got, r_got):
+        assert_close(a, b.float(), torch.float32, f"grad of {name}")
+    if create_graph:
+        assert_close(second, r_second.float(), torch.float32, "second-order gradient")
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])

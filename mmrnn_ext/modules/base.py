@@ -69,13 +69,47 @@ def _contiguous(t):
     return None if t is None else t.contiguous()
 
 
+class _EngineProduct(torch.autograd.Function):
+    """x [..., K] @ w_ih [N, K]^T on the engine's kernels with its gradients: dX = dA @ W_ih on the
+    engine too, dW_ih = dA^T X on torch's GEMM (a reduction over all T*B rows). On the 2-core AMD
+    EPYC (Zen 4, AVX-512) the engine ran the grid's input products 20-38% and dA @ W_ih 10-22% faster
+    than torch's (MKL) GEMMs (bench/NOTES.md, "Training on AVX-512"). A double backward
+    (create_graph) runs the input gradient as torch ops, so it has a history."""
+
+    @staticmethod
+    def forward(x, w_ih, engine):
+        return engine.linear(x, w_ih)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w_ih, engine = inputs
+        need_x, need_w = ctx.needs_input_grad[:2]
+        ctx.engine = engine
+        ctx.save_for_backward(x if need_w else None, w_ih if need_x else None)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w_ih = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        dx = dw = None
+        if need_x:
+            dx = grad.matmul(w_ih) if torch.is_grad_enabled() else ctx.engine.linear(grad, w_ih.contiguous(), False)
+        if need_w:
+            dw = grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+        return dx, dw, None
+
+
 def _input_product(x, w_ih, engine):
     """x @ w_ih^T over all steps. engine (a backend's Engine, or None): on its kernels (the cpp
-    backend's, for a float32 CPU call that needs no gradient): MKL's sgemm runs these tall products
-    at 95-132 GF/s on an AMD EPYC where the engine reaches 150-190 (bench/NOTES.md)."""
-    if engine is not None:
+    backend's, float32 CPU, see RecurrentBase.forward), differentiable where a gradient may be asked
+    for; torch's F.linear otherwise. The engine runs these tall products faster than MKL's sgemm on
+    both CPUs measured: 150-190 against 95-132 GF/s on a Zen 1 EPYC, 20-38% on a Zen 4 EPYC
+    (bench/NOTES.md)."""
+    if engine is None:
+        return F.linear(x, w_ih)
+    if no_gradient_possible((x, w_ih)):
         return engine.linear(x, w_ih)
-    return F.linear(x, w_ih)
+    return _EngineProduct.apply(x, w_ih, engine)
 
 
 def _image_term(x, image, bias, w_img):
@@ -357,10 +391,10 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
     # (measured in bench/NOTES.md, "Per-step images"). False: the image-term form (for comparison).
     FOLD_STEP_IMAGE = True
 
-    def _direction(self, p, x, img, states, lengths, amp, engine, fuse, reverse):
+    def _direction(self, p, x, img, states, lengths, amp, product, fuse, reverse):
         """One layer and direction over the whole sequence x [T, B, K] -> (out [T, B, H] in time
         order, final states): the backend's fused inference where it offers one (fuse, an Engine),
-        else the input projection (on `engine`'s product when given) then the cell's recurrence.
+        else the input projection (on `product`, an Engine, when given) then the cell's recurrence.
         reverse: the backward direction (each row's valid steps reversed in, its outputs back)."""
         def flip(t):
             return _time_reverse(t, lengths) if reverse and t is not None and t.dim() == 3 else t
@@ -374,15 +408,15 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
             img_term = _to(_image_term(x_in, img, self._outer_bias(p), p.get("weight_img")), amp)
             out, last = fused(_to(x_in, amp).contiguous(), flip(img_term), [_to(s, amp) for s in states], lengths)
         else:
-            xp, img_term = _project(x, img, p["weight_ih"], self._outer_bias(p), p.get("weight_img"), engine)
+            xp, img_term = _project(x, img, p["weight_ih"], self._outer_bias(p), p.get("weight_img"), product)
             recurrent = {k: _to(v, amp) for k, v in p.items() if k in _RECURRENT_PARAMS}
             out, last = self._recurrence(recurrent, flip(_to(xp, amp)), flip(_to(img_term, amp)),
                                          [_to(s, amp) for s in states], lengths)
         return flip(out), last
 
-    def _run_layers(self, x, img, states0, lengths, amp, engine, fuse):
+    def _run_layers(self, x, img, states0, lengths, amp, engine, fuse, product):
         """The layer x direction loop on time-major x [T, B, I] -> (output [T, B, D * H], final
-        states, each [L * D, B, H]). engine / fuse: see forward."""
+        states, each [L * D, B, H]). engine / fuse / product: see forward."""
         num_directions = 2 if self.bidirectional else 1
         step_path = engine is not None and x.shape[0] == 1 and lengths is None and self._step_kind() is not None
         layer_input = x
@@ -404,7 +438,7 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
                     out, last = self._one_step(engine, p, layer_input, img, states)
                 else:
                     out, last = self._direction(p, joint if fold else layer_input, None if fold else img, states,
-                                                lengths, amp, engine, fuse, reverse=direction == 1)
+                                                lengths, amp, product, fuse, reverse=direction == 1)
                 outs.append(out)
                 for k, s in enumerate(last):
                     finals[k].append(s)
@@ -469,10 +503,15 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
             # reading them is a host sync that would break a compiled graph)
             check_lengths(lengths, B, T, check_values=not compiling)
             lengths = lengths.to(device=x.device, dtype=torch.int64).contiguous()
-        engine = fuse = None
+        engine = fuse = product = None
         if not compiling:
             # an unavailable backend fails before any GEMM
             chosen = _backends.select(self.backend, x.device, amp or x.dtype, self.CELL)
+            # product: the input products on the engine, with gradients too (float32; not under
+            # forward AD or a torch.func transform, which need torch's differentiable ops)
+            if (chosen.engine is not None and x.dtype == torch.float32 and amp is None
+                    and torch.autograd.forward_ad._current_level < 0 and not torch._C._are_functorch_transforms_active()):
+                product = chosen.engine
             if chosen.engine is not None and no_gradient_possible(itertools.chain((x,), self.parameters())):
                 # engine: float32 inference on the backend's engine (its input product, the decoding
                 # step); fuse: its input product inside the recurrence, float32 or bfloat16 (autocast)
@@ -482,7 +521,7 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
         if exporting_onnx:
             output, states = _export.onnx_layers(self, x, img, states0, lengths)
         else:
-            output, states = self._run_layers(x, img, states0, lengths, amp, engine, fuse)
+            output, states = self._run_layers(x, img, states0, lengths, amp, engine, fuse, product)
         if amp is not None and x.device.type == "cpu":
             output, states = self._autocast_outputs(amp, weight.dtype, output, states)
 
