@@ -86,11 +86,11 @@ def _extensions():
     ext = CppExtension(
         name="mmrnn_ext._C",
         sources=[os.path.relpath(os.path.join(ROOT, "csrc", name), ROOT)
-                 for name in ("module.cpp", "rnn_cpu.cpp", "lstm_cpu.cpp", "gru_cpu.cpp", "cell_step.cpp",
+                 for name in ("module.cpp", "buffers.cpp", "rnn_cpu.cpp", "lstm_cpu.cpp", "gru_cpu.cpp", "cell_step.cpp",
                               "cell_train.cpp", "micro_generic.cpp", "micro_avx2.cpp", "micro_avx512.cpp",
                               "micro_avx512_bf16.cpp")],
         depends=[os.path.relpath(os.path.join(ROOT, "csrc", name), ROOT)
-                 for name in ("common.h", "engine.h", "micro.h", "micro_kernels.h", "platform.h")],
+                 for name in ("buffers.h", "common.h", "engine.h", "micro.h", "micro_kernels.h", "platform.h")],
         extra_compile_args={"cxx": cxx},
         extra_link_args=link,
     )

@@ -7,11 +7,12 @@
 #   and (48,64,64,16,192) and a 2-layer bidirectional GRU (12,80,40,24,160)
 # each against torch's own module (oneDNN), inference and a training step side by side in one process,
 # with the machine's big-GEMM ceiling; bench/train_summary.py then prints mean and minimum per shape.
-#   bash bench/cpu_train.sh            (about 40 minutes on the 2-core VM)
+#   bash bench/cpu_train.sh            (about 40 minutes on the 2-core Zen 1 VM, 15 on the Zen 4)
+#   OUT=bench/results/train_zen4 bash bench/cpu_train.sh    (another folder: another CPU's runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-OUT=bench/results/train
+OUT=${OUT:-bench/results/train}
 mkdir -p $OUT
 for run in 1 2 3; do
   $PY -m mmrnn_ext.bench --cell lstm --grid serving --stock-only --json $OUT/lstm_serving_run${run}.json > /dev/null

@@ -1,5 +1,5 @@
 // What the three cells' CPU recurrences share: the vectorisable activations, argument checks,
-// huge-page advice and the lengths convention. The per-step product and its fused epilogue run on
+// the lengths convention (the buffers: buffers.h). The per-step product and its fused epilogue run on
 // the engine in engine.h; each cell's file (rnn_cpu.cpp, lstm_cpu.cpp, gru_cpu.cpp) adds its
 // forward, inference and BPTT passes on it.
 //
@@ -7,6 +7,7 @@
 // needed here and more than doubles the build time.
 #pragma once
 
+#include "buffers.h"
 #include "platform.h"
 
 #include <ATen/ATen.h>
@@ -20,10 +21,6 @@
 #include <optional>
 #include <type_traits>
 
-
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 // Before a loop over a row's hidden units whose iteration u reads and writes index u only: it is
 // vectorised without the run-time alias checks the compiler otherwise adds per call (seven
@@ -128,23 +125,6 @@ inline int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 16384 / st
 // is zero past that and its final state is the one at step lengths[b] - 1 (the initial state when
 // the length is 0), so BPTT lets the final state's gradient in at that step.
 inline int64_t row_length(const int64_t* lengths, int64_t b, int64_t T_) { return lengths == nullptr ? T_ : lengths[b]; }
-
-// The [T, B, .] buffers written here are fresh allocations; first-touch page faults on them cost as
-// much as a third of the forward at (64, 256, ., ., 512) on the 2-core VM (33.5 MB: 16.7 ms with
-// 4 KB pages, 4.5 ms with 2 MB pages). Ask for transparent huge pages before the first write, as
-// torch does for its own allocations under THP_MEM_ALLOC_ENABLE=1. Advisory only: failure is harmless.
-inline at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = 2u << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = begin + t.nbytes();
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = end & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
-  return t;
-}
 
 inline void check_float_cpu(const at::Tensor& t, const char* name, const at::Tensor& ref) {
   TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());

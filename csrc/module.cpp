@@ -44,6 +44,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   mmrnn::register_gru(m);
   mmrnn::register_cell_step(m);
   mmrnn::register_cell_train(m);
+  m.def(
+      "buffer_cache_stats",
+      [] {
+        const auto s = mmrnn::buffer_cache_stats();
+        return pybind11::make_tuple(s.cached, s.in_use, s.limit);
+      },
+      "(cached, in use, limit) bytes of the engine's block cache (csrc/buffers.h)");
+  m.def("buffer_cache_release", &mmrnn::buffer_cache_release, "frees every cached block of the engine's buffers");
   m.def("linear", &linear, "x @ w^T (transpose_w) or x @ w on the recurrences' kernels", pybind11::arg("x"),
         pybind11::arg("w"), pybind11::arg("transpose_w") = true);
 }

@@ -173,6 +173,26 @@ def backends() -> dict:
     }
 
 
+def cpu_cache(release: bool = False) -> dict:
+    """The C++ engine's block cache for its large CPU buffers (csrc/buffers.h): {"cached": bytes held
+    for reuse, "in_use": bytes in live tensors, "limit": the most it keeps (MMRNN_CPU_CACHE_MB; 0:
+    off)}; release=True first frees every cached block (as torch.cuda.empty_cache does for CUDA's).
+    All zeros where the extension is not built."""
+    mod = _cpp()[0]
+    if mod is None:
+        return {"cached": 0, "in_use": 0, "limit": 0}
+    if release:
+        mod.buffer_cache_release()
+    cached, in_use, limit = mod.buffer_cache_stats()
+    return {"cached": cached, "in_use": in_use, "limit": limit}
+
+
+def empty_cache() -> None:
+    """Frees every block the C++ engine keeps for reuse (its large CPU buffers: csrc/buffers.h).
+    Blocks in use are freed when their tensors die, as always."""
+    cpu_cache(release=True)
+
+
 # --- the backend objects -------------------------------------------------------------------------
 
 _REFERENCE = Backend("reference", {

@@ -136,3 +136,63 @@ def test_cpp_rejects_what_it_cannot_run():
         _C.rnn_forward(xp.half(), torch.randn(4, 4).half(), torch.zeros(2, 4).half(), None, None, False)
     with pytest.raises(RuntimeError, match="contiguous"):
         _C.rnn_forward(xp.transpose(0, 1), torch.randn(4, 4), torch.zeros(3, 4), None, None, False)
+
+
+def _big_lstm_step(m, x, img):
+    """One training step whose engine buffers (out, c, gates, the input product, BPTT's gradient)
+    are each 2 MB or more: the block cache's sizes."""
+    out, (h, c) = m(x, image=img)
+    (out.sum() + h.sum() + c.sum()).backward()
+    return out.detach().clone(), [p.grad.clone() for p in m.parameters()]
+
+
+def test_block_cache_reuses_and_frees():
+    """The engine's large buffers come from its block cache: after a step every block is back in the
+    cache (none in use), a second step reuses them (the cache does not grow) and gives the same
+    bits, release frees them all, and a tensor from it resizes like any other."""
+    torch.manual_seed(0)
+    m = mmrnn_ext.LSTM(48, 192, image_size=8, backend="cpp")
+    x, img = torch.randn(60, 48, 48), torch.randn(48, 8)  # [60, 48, 4 * 192] float32: 8.8 MB
+    mmrnn_ext.empty_cache()
+    first = _big_lstm_step(m, x, img)
+    stats = mmrnn_ext.cpu_cache()
+    assert stats["in_use"] == 0 and stats["cached"] >= 8 << 20 and stats["limit"] > 0
+    m.zero_grad(set_to_none=True)
+    second = _big_lstm_step(m, x, img)
+    assert mmrnn_ext.cpu_cache()["cached"] == stats["cached"]
+    assert torch.equal(first[0], second[0]) and all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+    assert mmrnn_ext.cpu_cache(release=True) == {"cached": 0, "in_use": 0, "limit": stats["limit"]}
+    with torch.no_grad():
+        y = m(x, image=img)[0]  # inference: its output from the cache
+    assert mmrnn_ext.cpu_cache()["in_use"] > 0
+    y.resize_(80, 48, 192)[60:] = 1.0
+    assert y.shape == (80, 48, 192) and bool(y[60:].eq(1).all())
+    del y
+    assert mmrnn_ext.cpu_cache()["in_use"] == 0
+
+
+@pytest.mark.parametrize("setting,expect", [("0", "off"), ("4", "limit"), ("lots", "error")])
+def test_block_cache_limit_setting(setting, expect):
+    """MMRNN_CPU_CACHE_MB: 0 turns the cache off (torch's allocator for every buffer), a number caps
+    what it keeps, anything else is refused by name (read once per process: a fresh one here)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, mmrnn_ext\n"
+            "m = mmrnn_ext.LSTM(48, 192, image_size=8, backend='cpp')\n"
+            "out, (h, c) = m(torch.randn(60, 48, 48), image=torch.randn(48, 8))\n"
+            "(out.sum() + h.sum()).backward()\n"
+            "del out, h, c\n"
+            "print(mmrnn_ext.cpu_cache())\n")
+    env = dict(os.environ, MMRNN_CPU_CACHE_MB=setting)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    if expect == "error":
+        assert proc.returncode != 0 and "MMRNN_CPU_CACHE_MB: expected a whole number of MB >= 0, got 'lots'" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr
+    stats = eval(proc.stdout.strip().splitlines()[-1])
+    if expect == "off":
+        assert stats == {"cached": 0, "in_use": 0, "limit": 0}
+    else:
+        assert stats["limit"] == 4 << 20 and 0 < stats["cached"] <= 4 << 20 and stats["in_use"] == 0
