@@ -507,16 +507,16 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
         if not compiling:
             # an unavailable backend fails before any GEMM
             chosen = _backends.select(self.backend, x.device, amp or x.dtype, self.CELL)
-            # product: the input products on the engine, with gradients too (float32; not under
-            # forward AD or a torch.func transform, which need torch's differentiable ops)
-            if (chosen.engine is not None and x.dtype == torch.float32 and amp is None
-                    and torch.autograd.forward_ad._current_level < 0 and not torch._C._are_functorch_transforms_active()):
-                product = chosen.engine
             if chosen.engine is not None and no_gradient_possible(itertools.chain((x,), self.parameters())):
                 # engine: float32 inference on the backend's engine (its input product, the decoding
                 # step); fuse: its input product inside the recurrence, float32 or bfloat16 (autocast)
-                engine = chosen.engine if x.dtype == torch.float32 and amp is None else None
+                engine = product = chosen.engine if x.dtype == torch.float32 and amp is None else None
                 fuse = chosen.engine if (amp or x.dtype) in (torch.float32, torch.bfloat16) else None
+            elif (chosen.engine is not None and x.dtype == torch.float32 and amp is None
+                    and torch.autograd.forward_ad._current_level < 0 and not torch._C._are_functorch_transforms_active()):
+                # product: with gradients, the input products on the engine too (float32; not under
+                # forward AD or a torch.func transform, which need torch's differentiable ops)
+                product = chosen.engine
 
         if exporting_onnx:
             output, states = _export.onnx_layers(self, x, img, states0, lengths)
