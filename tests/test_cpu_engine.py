@@ -412,3 +412,29 @@ def test_concurrent_calls_match_serial(cell):
         assert results[s] is not None
         for a, b in zip(serial[s], results[s]):
             assert torch.equal(a, b)
+
+
+def test_engine_product_takes_a_non_contiguous_weight():
+    """A weight_ih that is a transposed view (assigned by the user) reaches the engine's product as
+    a contiguous copy, with gradients and without: the same numbers as the float64 module."""
+    torch.manual_seed(3)
+    m = mmrnn_ext.GRU(5, 7, image_size=3, backend="cpp")
+    m.weight_ih_l0 = torch.nn.Parameter(torch.randn(5, 21).t())
+    x, img = torch.randn(4, 2, 5), torch.randn(2, 3)
+    out, _ = m(x, image=img)
+    out.square().sum().backward()
+    ref = _module_copy_double(m)
+    r_out, _ = ref(x.double(), image=img.double())
+    r_out.square().sum().backward()
+    assert_close(out, r_out.float(), torch.float32, "output")
+    assert_close(m.weight_ih_l0.grad, ref.weight_ih_l0.grad.float(), torch.float32, "grad of weight_ih_l0")
+    with torch.no_grad():
+        assert_close(m(x, image=img)[0], r_out.detach().float(), torch.float32, "inference output")
+
+
+def _module_copy_double(m):
+    import copy
+
+    ref = copy.deepcopy(m).double()
+    ref.zero_grad(set_to_none=True)
+    return ref

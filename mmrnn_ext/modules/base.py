@@ -78,7 +78,7 @@ class _EngineProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(x, w_ih, engine):
-        return engine.linear(x, w_ih)
+        return engine.linear(x, w_ih.contiguous())
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -108,7 +108,7 @@ def _input_product(x, w_ih, engine):
     if engine is None:
         return F.linear(x, w_ih)
     if no_gradient_possible((x, w_ih)):
-        return engine.linear(x, w_ih)
+        return engine.linear(x, w_ih.contiguous())
     return _EngineProduct.apply(x, w_ih, engine)
 
 
