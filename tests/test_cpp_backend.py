@@ -175,6 +175,7 @@ def test_block_cache_reuses_and_frees():
 def test_block_cache_limit_setting(setting, expect):
     """MMRNN_CPU_CACHE_MB: 0 turns the cache off (torch's allocator for every buffer), a number caps
     what it keeps, anything else is refused by name (read once per process: a fresh one here)."""
+    import ast
     import os
     import subprocess
     import sys
@@ -191,7 +192,7 @@ def test_block_cache_limit_setting(setting, expect):
         assert proc.returncode != 0 and "MMRNN_CPU_CACHE_MB: expected a whole number of MB >= 0, got 'lots'" in proc.stderr
         return
     assert proc.returncode == 0, proc.stderr
-    stats = eval(proc.stdout.strip().splitlines()[-1])
+    stats = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
     if expect == "off":
         assert stats == {"cached": 0, "in_use": 0, "limit": 0}
     else:

@@ -2,6 +2,7 @@
 (MMRNN_CPU_ISA), both tile shapes, odd sizes, the inference forwards (nothing saved, the same
 numbers as the training forward), one or two threads per call giving the same bits, and calls from
 several Python threads at once giving the serial results bit for bit."""
+import copy
 import threading
 
 import pytest
@@ -423,18 +424,11 @@ def test_engine_product_takes_a_non_contiguous_weight():
     x, img = torch.randn(4, 2, 5), torch.randn(2, 3)
     out, _ = m(x, image=img)
     out.square().sum().backward()
-    ref = _module_copy_double(m)
+    ref = copy.deepcopy(m).double()
+    ref.zero_grad(set_to_none=True)
     r_out, _ = ref(x.double(), image=img.double())
     r_out.square().sum().backward()
     assert_close(out, r_out.float(), torch.float32, "output")
     assert_close(m.weight_ih_l0.grad, ref.weight_ih_l0.grad.float(), torch.float32, "grad of weight_ih_l0")
     with torch.no_grad():
         assert_close(m(x, image=img)[0], r_out.detach().float(), torch.float32, "inference output")
-
-
-def _module_copy_double(m):
-    import copy
-
-    ref = copy.deepcopy(m).double()
-    ref.zero_grad(set_to_none=True)
-    return ref
