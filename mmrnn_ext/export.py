@@ -145,6 +145,15 @@ def onnx_cell(cell_module, x, image, states):
     return [s[0] for s in last]
 
 
+def refuse_tracing(module) -> None:
+    """torch.jit.trace records aten ops only: the engine's kernels (pybind calls) would leave a graph
+    that returns uninitialised memory, so a trace is refused with one clear error. Cheap (one C call):
+    every forward asks."""
+    if torch._C._get_tracing_state() is not None:
+        raise RuntimeError(f"{type(module).__name__} (mmrnn_ext) does not support torch.jit.trace: its kernels are C++ "
+                           f"and Triton calls that a trace cannot record; {SHIP_HINT}")
+
+
 def refuse_torchscript(module):
     """torch.jit.script's hook (__prepare_scriptable__): one clear error naming the supported ways."""
     raise RuntimeError(f"{type(module).__name__} (mmrnn_ext) does not support torch.jit.script: its recurrence is a "

@@ -240,6 +240,21 @@ def test_torchscript_refused_with_one_clear_error():
         assert "torch.jit.script" in msg and "torch.export" in msg and "torch.onnx.export" in msg
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_jit_trace_refused_with_one_clear_error(grad):
+    """torch.jit.trace cannot record the engine's kernels: a trace of a cell's fast step recorded an
+    aten::empty and returned uninitialised memory. Every module and cell refuses (with and without
+    gradients, one step or a sequence, inside a model) instead."""
+    cases = [(mmrnn_ext.RNNCell(4, 3), (torch.randn(2, 4),)), (mmrnn_ext.LSTMCell(4, 3), (torch.randn(4),)),
+             (mmrnn_ext.GRU(4, 3), (torch.randn(1, 2, 4),)), (mmrnn_ext.LSTM(4, 3), (torch.randn(5, 2, 4),)),
+             (_Plain(mmrnn_ext.RNN(4, 3, image_size=2)), (torch.randn(3, 2, 4),))]
+    for module, args in cases:
+        with torch.set_grad_enabled(grad), pytest.raises(RuntimeError) as info:
+            torch.jit.trace(module, args, check_trace=False)
+        msg = str(info.value)
+        assert "torch.jit.trace" in msg and "torch.export" in msg and "torch.onnx.export" in msg, msg
+
+
 # --- torch.export and AOTInductor ------------------------------------------------------------------------
 
 EXPORT_CASES = [

@@ -165,7 +165,8 @@ def _decode_possible(x, backend):
     autocast, forward AD, torch.func transform or compile). Cheap: this runs before every decoding step."""
     if not (type(x) is torch.Tensor and x.is_cpu and x.dtype in _STEP_DTYPES
             and not torch.is_autocast_enabled("cpu") and torch.autograd.forward_ad._current_level < 0
-            and not torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()):
+            and not torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
+            and torch._C._get_tracing_state() is None):
         return None
     return _backends.step_engine(backend)
 
@@ -454,6 +455,8 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
         exporting_onnx = _export.onnx_exporting()
         if exporting_onnx:
             _export.check_onnx_exportable(self, packed=packed, amp=_autocast_dtype(weight.device, weight.dtype))
+        else:
+            _export.refuse_tracing(self)
         if packed:
             if lengths is not None:
                 raise InputError("lengths: a PackedSequence carries its own lengths; pass lengths only with padded input")
@@ -638,6 +641,8 @@ class CellBase(TorchTwin, _Shared, nn.Module):
             if out is not None:
                 return out
         name = type(self).__name__
+        if not _export.onnx_exporting():
+            _export.refuse_tracing(self)
         if not isinstance(input, torch.Tensor):
             raise InputError(f"input: expected a tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
