@@ -285,3 +285,113 @@ def test_module_one_step_with_carried_state(cell, batch_first):
             for a, b in zip(state if isinstance(state, tuple) else (state,),
                             state_ref if isinstance(state_ref, tuple) else (state_ref,)):
                 assert_close(a, b, torch.float32, f"step {t} state")
+
+
+def _step_counter(monkeypatch):
+    """Counts the decoding kernel's calls (the modules' one-step path)."""
+    from mmrnn_ext import _C
+    calls, real = [], _C.cell_step
+
+    def counted(*args):
+        calls.append(args[0])
+        return real(*args)
+
+    monkeypatch.setattr(_C, "cell_step", counted)
+    return calls
+
+
+def _states(s):
+    return s if isinstance(s, tuple) else (s,)
+
+
+STEP_CASES = [  # (cell, kwargs, batched, image form, hx given)
+    ("rnn", dict(nonlinearity="relu", bias=False), True, None, False),
+    ("rnn", dict(num_layers=3, image_size=4), False, "static", True),
+    ("lstm", dict(num_layers=2, image_size=4, batch_first=True), True, "step", True),
+    ("lstm", dict(bidirectional=True), False, None, True),
+    ("gru", dict(num_layers=2, bidirectional=True, image_size=4, batch_first=True), True, "static", False),
+    ("gru", dict(image_size=4), False, "step", True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", range(len(STEP_CASES)))
+def test_module_one_step_fast_path(case, dtype, monkeypatch):
+    """A T = 1 call without gradients runs the decoding kernel once per layer and direction and
+    equals the reference backend: unbatched or batched (batch_first), hx given or not, no / static /
+    per-step image, relu, no bias, float64; h_n is its own tensor, not a view of the output."""
+    cell, kwargs, batched, image, given = STEP_CASES[case]
+    cls = {"rnn": mmrnn_ext.RNN, "lstm": mmrnn_ext.LSTM, "gru": mmrnn_ext.GRU}[cell]
+    torch.manual_seed(case)
+    m = cls(7, 9, dtype=dtype, **kwargs)
+    ref = cls(7, 9, dtype=dtype, backend="reference", **kwargs)
+    ref.load_state_dict(m.state_dict())
+    LD = m.num_layers * (2 if m.bidirectional else 1)
+    B, bf = 3, m.batch_first
+
+    def rnd(*shape):
+        return torch.randn(*shape, dtype=dtype)
+
+    x = (rnd(B, 1, 7) if bf else rnd(1, B, 7)) if batched else rnd(1, 7)
+    img = None
+    if image == "static":
+        img = rnd(B, 4) if batched else rnd(4)
+    elif image == "step":
+        img = (rnd(B, 1, 4) if bf else rnd(1, B, 4)) if batched else rnd(1, 4)
+    hx = None
+    if given:
+        hx = tuple(rnd(LD, B, 9) if batched else rnd(LD, 9) for _ in range(m.STATES))
+        hx = hx if m.STATES == 2 else hx[0]
+    calls = _step_counter(monkeypatch)
+    with torch.no_grad():
+        y, state = m(x, hx, image=img)
+    assert len(calls) == LD
+    with torch.no_grad():
+        y_ref, state_ref = ref(x, hx, image=img)
+    assert y.shape == y_ref.shape
+    assert_close(y, y_ref, dtype, "output")
+    for a, b in zip(_states(state), _states(state_ref)):
+        assert a.shape == b.shape
+        assert_close(a, b, dtype, "state")
+        assert a.untyped_storage().data_ptr() != y.untyped_storage().data_ptr()
+
+
+def test_module_one_step_dropout_and_gradients(monkeypatch):
+    """Dropout between layers in training mode draws the same mask as the sequence path (same seed);
+    with gradients possible the call takes the differentiable path (no decoding kernel)."""
+    torch.manual_seed(0)
+    m = mmrnn_ext.GRU(5, 8, num_layers=3, dropout=0.5, image_size=2)
+    ref = mmrnn_ext.GRU(5, 8, num_layers=3, dropout=0.5, image_size=2, backend="reference")
+    ref.load_state_dict(m.state_dict())
+    x, v, h = torch.randn(1, 4, 5), torch.randn(4, 2), torch.randn(3, 4, 8)
+    calls = _step_counter(monkeypatch)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        y, hn = m(x, h, image=v)
+        torch.manual_seed(1)
+        y_ref, hn_ref = ref(x, h, image=v)
+    assert len(calls) == 3
+    assert_close(y, y_ref, torch.float32, "output")
+    assert_close(hn, hn_ref, torch.float32, "h_n")
+    m.eval()
+    y, _ = m(x, h, image=v)
+    assert len(calls) == 3 and y.requires_grad
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(hx=torch.randn(3, 4, 8)), r"hx: Expected hidden size \(2, 4, 8\)"),
+    (dict(hx=torch.randn(2, 5, 8)), r"hx: Expected hidden size \(2, 4, 8\)"),
+    (dict(hx=torch.randn(2, 4, 8, dtype=torch.float64)), "hx: expected dtype torch.float32"),
+    (dict(hx=[torch.randn(2, 4, 8)]), "hx: expected a tensor, got list"),
+    (dict(image=torch.randn(4, 3)), r"image: expected shape \(4, 2\)"),
+    (dict(image=torch.randn(1, 5, 2)), r"image: expected shape \(4, 2\)"),
+    (dict(input=torch.randn(1, 4, 6)), "input_size"),
+    (dict(input=torch.randn(1, 4, 5, dtype=torch.float64)), "dtype"),
+])
+def test_module_one_step_bad_input(bad, match):
+    """Bad input on the one-step path gets the checked path's error, naming the argument."""
+    m = mmrnn_ext.RNN(5, 8, num_layers=2, image_size=2)
+    args = dict(input=torch.randn(1, 4, 5), hx=torch.randn(2, 4, 8), image=torch.randn(4, 2))
+    args.update(bad)
+    with torch.no_grad(), pytest.raises(mmrnn_ext.InputError, match=match):
+        m(args["input"], args["hx"], image=args["image"])

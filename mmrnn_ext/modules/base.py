@@ -343,15 +343,94 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
         runs in."""
         return None
 
-    def _one_step(self, engine, p, x, img, states):
-        """One step (T = 1) of one layer and direction on the decoding kernel: x [1, B, I], img
-        None | [B, V] | [1, B, V] -> (out [1, B, H], final states). No packing: the weights are
-        read once, where they are (see CellBase._fast)."""
-        v = None if img is None else (img[0] if img.dim() == 3 else img)
-        h, c = engine.cell_step(self._step_kind(), x[0], states[0], states[1] if self.STATES == 2 else None,
-                                v, p["weight_ih"], p["weight_hh"], p.get("weight_img") if v is not None else None,
-                                p.get("bias_ih"), p.get("bias_hh"))
-        return h.unsqueeze(0), ((h, c) if self.STATES == 2 else (h,))
+    def _step_names(self):
+        """Per layer and direction, the names of (weight_ih, weight_hh, bias_ih, bias_hh, weight_img)
+        (None where absent): fixed by the constructor, so worked out once (the decoding step reads
+        the parameters through them from self._parameters, so a replaced parameter is seen)."""
+        names = self.__dict__.get("_step_names_cache")
+        if names is None:
+            keys = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_img")
+            names = []
+            for layer_names in self._all_weights:
+                by_key = {name.split("_l")[0]: name for name in layer_names}
+                names.append(tuple(by_key.get(k) for k in keys))
+            self.__dict__["_step_names_cache"] = names = tuple(names)
+        return names
+
+    def _fast(self, input, hx, image):
+        """One step (T = 1, no lengths) with a carried state and no gradient possible, straight to
+        the decoding kernel (csrc/cell_step.cpp) per layer and direction, as the cells' _fast does:
+        the conditions of _decode_possible, float32/float64 CPU, the weights read where they are.
+        The kernel checks the shapes and dtypes of what it is given (hx's leading size here);
+        None where it refuses one, or the call is another case: forward's checked path then gives
+        the error, or runs the call."""
+        kind = self._step_kind()
+        if kind is None or type(input) is not torch.Tensor:
+            return None
+        dim, batch_first = input.dim(), self.batch_first
+        if dim == 3:
+            if input.shape[1 if batch_first else 0] != 1:
+                return None
+            x = input[:, 0] if batch_first else input[0]
+        elif dim == 2 and input.shape[0] == 1:
+            x = input  # unbatched: one step of [I] is a batch of one
+        else:
+            return None
+        engine = _decode_possible(input, self.backend)
+        if engine is None or _export._dynamo_exporter_flag():
+            return None
+        P = self._parameters
+        if torch.is_grad_enabled() and (input.requires_grad or any(p.requires_grad for p in P.values())):
+            return None
+        D = 2 if self.bidirectional else 1
+        LD, B, H = self.num_layers * D, x.shape[0], self.hidden_size
+        if hx is None:
+            h0 = c0 = x.new_zeros(LD, B, H)
+        else:
+            if self.STATES == 2:
+                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                    return None
+                h0, c0 = hx
+            else:
+                h0, c0 = hx, None
+            for s in (h0, c0)[:self.STATES]:
+                if not isinstance(s, torch.Tensor) or s.shape != ((LD, B, H) if dim == 3 else (LD, H)):
+                    return None
+            if dim == 2:
+                h0, c0 = h0.unsqueeze(1), None if c0 is None else c0.unsqueeze(1)
+        v = None
+        if image is not None:
+            if self.image_size is None or not isinstance(image, torch.Tensor):
+                return None
+            if image.dim() == dim - 1:  # static
+                v = image if dim == 3 else image.unsqueeze(0)
+            elif image.dim() == dim and image.shape[1 if batch_first and dim == 3 else 0] == 1:  # per step, T = 1
+                v = image[:, 0] if batch_first and dim == 3 else image[0] if dim == 3 else image
+            else:
+                return None
+        lstm = self.STATES == 2
+        layer_input, hs, cs = x, [], []
+        for layer in range(self.num_layers):
+            outs = []
+            for direction in range(D):
+                idx = layer * D + direction
+                w_ih, w_hh, b_ih, b_hh, w_img = (None if n is None else P[n] for n in self._step_names()[idx])
+                try:
+                    h, c = engine.cell_step(kind, layer_input, h0[idx], c0[idx] if lstm else None, v, w_ih, w_hh,
+                                            w_img if v is not None else None, b_ih, b_hh)
+                except (RuntimeError, TypeError):  # a refused argument: the checked path says what is wrong
+                    return None
+                outs.append(h)
+                hs.append(h)
+                if lstm:
+                    cs.append(c)
+            layer_input = outs[0] if D == 1 else torch.cat(outs, dim=1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, p=self.dropout, training=True)
+        finals = [torch.stack(hs, 0)] + ([torch.stack(cs, 0)] if lstm else [])
+        if dim == 2:
+            return layer_input, self._final_states(finals, False)
+        return layer_input.unsqueeze(1 if batch_first else 0), self._final_states(finals, True)
 
     # --- hx ----------------------------------------------------------------------------------------
 
@@ -415,14 +494,13 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
                                          [_to(s, amp) for s in states], lengths)
         return flip(out), last
 
-    def _run_layers(self, x, img, states0, lengths, amp, engine, fuse, product):
+    def _run_layers(self, x, img, states0, lengths, amp, fuse, product):
         """The layer x direction loop on time-major x [T, B, I] -> (output [T, B, D * H], final
-        states, each [L * D, B, H]). engine / fuse / product: see forward."""
+        states, each [L * D, B, H]). fuse / product: see forward."""
         num_directions = 2 if self.bidirectional else 1
-        step_path = engine is not None and x.shape[0] == 1 and lengths is None and self._step_kind() is not None
         layer_input = x
         finals = [[] for _ in range(self.STATES)]
-        fold = self.FOLD_STEP_IMAGE and img is not None and img.dim() == 3 and not step_path
+        fold = self.FOLD_STEP_IMAGE and img is not None and img.dim() == 3
         for layer in range(self.num_layers):
             outs = []
             # the layer's input with the per-step image as more columns (both directions read it)
@@ -433,13 +511,8 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
                 if fold:
                     p = dict(p, weight_ih=torch.cat([p["weight_ih"], p["weight_img"]], dim=1), weight_img=None)
                 states = [s[idx] for s in states0]
-                if step_path:
-                    # one step with a carried state (decoding through the module): the decoding
-                    # kernel (one step is its own time reversal)
-                    out, last = self._one_step(engine, p, layer_input, img, states)
-                else:
-                    out, last = self._direction(p, joint if fold else layer_input, None if fold else img, states,
-                                                lengths, amp, product, fuse, reverse=direction == 1)
+                out, last = self._direction(p, joint if fold else layer_input, None if fold else img, states,
+                                            lengths, amp, product, fuse, reverse=direction == 1)
                 outs.append(out)
                 for k, s in enumerate(last):
                     finals[k].append(s)
@@ -449,6 +522,10 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
         return layer_input, [torch.stack(f) for f in finals]
 
     def forward(self, input, hx=None, image=None, lengths=None):
+        if lengths is None:
+            out = self._fast(input, hx, image)  # one decoding step
+            if out is not None:
+                return out
         name = type(self).__name__
         weight = self.weight_ih_l0
         packed = isinstance(input, PackedSequence)
@@ -506,14 +583,14 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
             # reading them is a host sync that would break a compiled graph)
             check_lengths(lengths, B, T, check_values=not compiling)
             lengths = lengths.to(device=x.device, dtype=torch.int64).contiguous()
-        engine = fuse = product = None
+        fuse = product = None
         if not compiling:
             # an unavailable backend fails before any GEMM
             chosen = _backends.select(self.backend, x.device, amp or x.dtype, self.CELL)
             if chosen.engine is not None and no_gradient_possible(itertools.chain((x,), self.parameters())):
-                # engine: float32 inference on the backend's engine (its input product, the decoding
-                # step); fuse: its input product inside the recurrence, float32 or bfloat16 (autocast)
-                engine = product = chosen.engine if x.dtype == torch.float32 and amp is None else None
+                # product: float32 inference's input product on the backend's engine; fuse: its input
+                # product inside the recurrence, float32 or bfloat16 (autocast)
+                product = chosen.engine if x.dtype == torch.float32 and amp is None else None
                 fuse = chosen.engine if (amp or x.dtype) in (torch.float32, torch.bfloat16) else None
             elif (chosen.engine is not None and x.dtype == torch.float32 and amp is None
                     and torch.autograd.forward_ad._current_level < 0 and not torch._C._are_functorch_transforms_active()):
@@ -524,7 +601,7 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
         if exporting_onnx:
             output, states = _export.onnx_layers(self, x, img, states0, lengths)
         else:
-            output, states = self._run_layers(x, img, states0, lengths, amp, engine, fuse, product)
+            output, states = self._run_layers(x, img, states0, lengths, amp, fuse, product)
         if amp is not None and x.device.type == "cpu":
             output, states = self._autocast_outputs(amp, weight.dtype, output, states)
 
