@@ -189,7 +189,7 @@ class StepBarrier {
 constexpr int64_t kMinParallelStepFlops = int64_t(1) << 18;
 
 // How many workers share a step: one per thread, fewer when a step is too small to repay a barrier,
-// never more than there are panels.
+// never more than there are panels (the worker counts measured; run_steps splits the tiles).
 inline int64_t step_workers(int64_t flops_per_step, int64_t panels) {
   int64_t n = parallel_threads();
   if (flops_per_step < kMinParallelStepFlops) n = 1;
@@ -220,16 +220,16 @@ constexpr int64_t kPrefetchMaxPanelBytes = kL2Bytes / 2;
 template <typename T, class AOf, class Epi>
 void run_steps(const PackedWeight<T>& pw, int64_t steps, int64_t B, AOf a_of, Epi epi) {
   if (steps == 0 || B == 0 || pw.H == 0) return;
-  const int64_t workers = step_workers(2 * B * pw.K * pw.groups * pw.H, pw.panels);
   const int mr = pw.kern.mr;
-  const int64_t blocks = (B + mr - 1) / mr;
+  const int64_t blocks = (B + mr - 1) / mr, tiles = pw.panels * blocks;
+  const int64_t workers = step_workers(2 * B * pw.K * pw.groups * pw.H, pw.panels);
   StepBarrier barrier(workers);
   // Weights that outgrow a thread's L2 (LSTM W_hh at H = 1024 is 16 MB) are read from L3 or memory
   // every step; two habits keep that stream from stalling the kernels (LSTM at (8, 512, ., 1024),
   // 2-core Zen 1 EPYC, AVX2: forward 795 -> 640 ms, BPTT 736 -> 636 ms; bench/NOTES.md, "Training"):
-  //  - a thread walks its panels in alternating directions (even steps up, odd steps down), so the
+  //  - a thread walks its tiles in alternating directions (even steps up, odd steps down), so the
   //    panels it read last in one step, still in its caches, are the first it reads in the next;
-  //  - during a panel's last row block the kernel prefetches the thread's next panel into L2
+  //  - during a panel's last tile the kernel prefetches the thread's next panel into L2
   //    (row for row, at the pace of the product), so the next panel's first block finds it there.
   //    Only where a thread's panels exceed L2 (512 KB: Zen's), two panels fit in it and a panel
   //    takes two row blocks or more: with one block (B <= 6 on AVX2) the product reads each panel
@@ -240,30 +240,34 @@ void run_steps(const PackedWeight<T>& pw, int64_t steps, int64_t B, AOf a_of, Ep
   const int64_t panel_bytes = pw.stride * static_cast<int64_t>(sizeof(T));
   const bool streamed = pw.panels / workers * panel_bytes > kL2Bytes;
   const bool prefetch = streamed && blocks >= 2 && panel_bytes <= kPrefetchMaxPanelBytes;
+  // A worker takes a contiguous run of the step's tiles (panel-major: every row block of a panel,
+  // then the next panel), not whole panels, so that the work splits evenly where the panels do not:
+  // a BPTT at H = 320 has 5 panels of 64 columns (AVX-512), 2 + 3 between two threads, and at B = 24
+  // 20 tiles, 10 + 10 (LSTM BPTT at (24, 100, ., 320) 14.0 -> 11.7 ms, the RNN's training step
+  // 12.2 -> 11.2 ms, 2-core Zen 4 EPYC). A tile is computed whole by whichever worker takes it, so
+  // the results do not depend on the split (nor on the thread count).
   auto run = [&](int64_t w0, int64_t w1) {
     using C = acc_t<T>;
     alignas(64) C tile[kMaxRows * kMaxPanelWidth];
-    const int64_t pa = w0 * pw.panels / workers, pb = w1 * pw.panels / workers, np = pb - pa;
+    const int64_t ta = w0 * tiles / workers, tb = w1 * tiles / workers;
     for (int64_t s = 0; s < steps; ++s) {
       const Operands<T> a = a_of(s);
       const bool rev = streamed && (s & 1) != 0;
-      for (int64_t i = 0; i < np; ++i) {
-        const int64_t p = rev ? pb - 1 - i : pa + i;
-        // the panel this thread reads next: fetched during this one's last row block
-        const int64_t next = i + 1 < np ? (rev ? p - 1 : p + 1) : -1;
+      for (int64_t i = ta; i < tb; ++i) {
+        const int64_t it = rev ? ta + tb - 1 - i : i, p = it / blocks, blk = it % blocks;
+        // the panel this worker reads next: fetched during this panel's last tile (in walk order)
+        const int64_t nxt = rev ? it - 1 : it + 1;
+        const T* pf = prefetch && nxt >= ta && nxt < tb && nxt / blocks != p ? pw.panel(nxt / blocks) : nullptr;
         const int64_t j0 = p * pw.units, nu = std::min(pw.units, pw.H - j0);
-        for (int64_t blk = 0; blk < blocks; ++blk) {
-          // rows spread evenly over the blocks (8 rows as 4 + 4, not 6 + 2)
-          const int64_t b0 = blk * B / blocks, rows = (blk + 1) * B / blocks - b0;
-          const T* pf = prefetch && blk == blocks - 1 && next >= 0 ? pw.panel(next) : nullptr;
-          if (a.h != nullptr) {
-            pw.kern.fns[rows - 1](a.x == nullptr ? nullptr : a.x + b0 * a.ldx, a.ldx, pw.K1, a.h + b0 * a.ldh, a.ldh,
-                                  pw.panel(p), pw.K, tile, pf);
-          } else {
-            std::fill(tile, tile + rows * pw.width, C(0));
-          }
-          epi(s, b0, rows, j0, nu, static_cast<const C*>(tile), pw.width);
+        // rows spread evenly over the blocks (8 rows as 4 + 4, not 6 + 2)
+        const int64_t b0 = blk * B / blocks, rows = (blk + 1) * B / blocks - b0;
+        if (a.h != nullptr) {
+          pw.kern.fns[rows - 1](a.x == nullptr ? nullptr : a.x + b0 * a.ldx, a.ldx, pw.K1, a.h + b0 * a.ldh, a.ldh,
+                                pw.panel(p), pw.K, tile, pf);
+        } else {
+          std::fill(tile, tile + rows * pw.width, C(0));
         }
+        epi(s, b0, rows, j0, nu, static_cast<const C*>(tile), pw.width);
       }
       if (workers > 1) barrier.arrive_and_wait(w1 - w0, s);
     }

@@ -343,16 +343,16 @@ def _run(m, seed):
     return [o.detach() for o in outs] + list(grads)
 
 
-def _run_op(cell, seed):
+def _run_op(cell, seed, B=9, H=80):
     """The op alone (what the engine computes: outputs, and the gradients BPTT returns directly —
     the weight gradient is torch's GEMM, whose bits depend on its own thread count)."""
     if cell == "rnn":
         from op_cases import make_inputs
-        xp, w, h0, img, lens = make_inputs(6, 9, 80, "step", torch.float32, lengths=True, seed=seed)
+        xp, w, h0, img, lens = make_inputs(6, B, H, "step", torch.float32, lengths=True, seed=seed)
         outs = mmrnn_ext.rnn_recurrence(xp, w, h0, img, lens, backend="cpp")
         states = [xp, h0]
     else:
-        args, lens = make_gated_inputs(cell, 6, 9, 80, "step", torch.float32, lengths=True, seed=seed)
+        args, lens = make_gated_inputs(cell, 6, B, H, "step", torch.float32, lengths=True, seed=seed)
         op = mmrnn_ext.lstm_recurrence if cell == "lstm" else mmrnn_ext.gru_recurrence
         outs = op(*args, lengths=lens, backend="cpp")
         states = [args[0]] + ([args[2], args[3]] if cell == "lstm" else [args[3]])
@@ -362,19 +362,22 @@ def _run_op(cell, seed):
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
-def test_one_or_two_threads_same_bits(cell):
-    """A step's tiles are computed the same whichever thread takes them (B = 9, H = 80: the steps
-    are large enough to be split over two workers)."""
+@pytest.mark.parametrize("B,H", [(9, 80), (13, 300)])
+def test_one_or_more_threads_same_bits(cell, B, H):
+    """A step's tiles are computed the same whichever thread takes them. B = 9, H = 80: the steps are
+    large enough to be split over two workers; B = 13, H = 300: the workers' runs of tiles end
+    inside a panel (5 panels of 64 columns with AVX-512 in the BPTT, 3 row blocks: 15 tiles over 2
+    or 3 workers) and the weights outgrow a thread's L2 (the alternating walk, the prefetch)."""
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = _run_op(cell, 3)
-        torch.set_num_threads(2)
-        two = _run_op(cell, 3)
+        one = _run_op(cell, 3, B, H)
+        for n in (2, 3):
+            torch.set_num_threads(n)
+            for a, b in zip(one, _run_op(cell, 3, B, H)):
+                assert torch.equal(a, b), f"{n} threads"
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(one, two):
-        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
