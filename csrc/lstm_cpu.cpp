@@ -151,9 +151,9 @@ void lstm_backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, co
       });
 }
 
-// SAVE (training forward; `input` is xp, no w_ih) -> (out, c_all, gates). !SAVE (inference) ->
-// (out, h_last, c_last); with w_ih, `input` is x [T, B, I] and the input product is fused into
-// every step's tile, without it is xp [T, B, 4H].
+// SAVE (training forward) -> (out, c_all, gates). !SAVE (inference) -> (out, h_last, c_last).
+// With w_ih, `input` is x [T, B, I] and the input product is fused into every step's tile, without
+// it is xp [T, B, 4H].
 template <bool SAVE>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_run(const at::Tensor& input, const std::optional<at::Tensor>& w_ih,
                                                         const at::Tensor& w_hh, const at::Tensor& h0,
@@ -234,6 +234,10 @@ void register_lstm(pybind11::module& m) {
   m.def("lstm_forward", &lstm_forward, "LSTM forward over the whole sequence -> (out, c_all, gates)", pybind11::arg("xp"),
         pybind11::arg("w_hh"), pybind11::arg("h0"), pybind11::arg("c0"), pybind11::arg("image_term"),
         pybind11::arg("lengths"));
+  m.def("lstm_forward_fused", &lstm_run<true>,
+        "LSTM forward over the whole sequence, the input product of x [T, B, I] fused -> (out, c_all, gates)",
+        pybind11::arg("x"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("h0"), pybind11::arg("c0"),
+        pybind11::arg("image_term"), pybind11::arg("lengths"));
   m.def("lstm_infer", &lstm_run<false>,
         "LSTM forward for inference -> (out, h_last, c_last); with w_ih the input is x and its product is fused",
         pybind11::arg("input"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("h0"), pybind11::arg("c0"),

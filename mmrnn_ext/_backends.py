@@ -65,6 +65,12 @@ class Engine:
         """One step as one autograd node (csrc/cell_train.cpp)."""
         return self._mod.cell_train(*args)
 
+    def train_forward(self, cell: str):
+        """The training forward of `cell` with the input product fused into every step (x and w_ih
+        in, what BPTT reads out): the RNN's is its inference kernel (it saves only its outputs);
+        None where the cell has none (the GRU, as for infer)."""
+        return {"rnn": self._mod.rnn_infer, "lstm": self._mod.lstm_forward_fused}.get(cell)
+
     def infer(self, cell: str):
         """Inference of `cell` with the input product fused into every step (x and w_ih in), or None
         where the cell has no such kernel (the GRU: its reset gate scales the recurrent product only)."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mmrnn_ext
+from mmrnn_ext.modules.base import RecurrentBase
 from conftest import assert_close, require
 from op_cases import compare_with_reference
 from test_gated_ops import compare as compare_gated
@@ -134,9 +135,13 @@ def test_modules_inference_paths(monkeypatch, cell, kw, fused):
     """Without gradients (float32, cpp) the RNN and LSTM run the input product inside the recurrence
     (the infer kernels given x and W_ih); the GRU (whose reset gate multiplies only the recurrent
     product) and the LSTM with proj_size take the engine's input product, then their recurrence.
-    With gradients (float32) every cell takes the engine's input product, then its differentiable
-    recurrence; float64 takes torch's product; every path agrees with the differentiable forward."""
+    With gradients (float32; the fused training forward switched off here, so that inference is
+    checked against the separate product — test_training_input_product_on_the_engine covers it)
+    every cell takes the engine's input product, then its differentiable recurrence; float64 takes
+    torch's product; every path agrees with the differentiable forward."""
     from mmrnn_ext import _C
+
+    monkeypatch.setattr(RecurrentBase, "FUSE_TRAINING_PRODUCT", False)
 
     calls = {"linear": 0, "fused": 0}
     real_linear, infer_name = _C.linear, f"{cell}_infer"
@@ -229,24 +234,39 @@ def _flat(result):
     return [out, *(states if isinstance(states, tuple) else (states,))]
 
 
-@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
-@pytest.mark.parametrize("create_graph", [False, True], ids=["first-order", "create-graph"])
-def test_training_input_product_on_the_engine(monkeypatch, cell, create_graph):
-    """With gradients (float32) the modules run the input product on the engine and, first order,
-    its input gradient dA @ W_ih too: every gradient (the input's, through both layers and
-    directions, and every parameter's) against the same module in float64 on torch's products, at
-    odd sizes with batch_first (a non-contiguous time-major input), lengths and per-step images.
-    create_graph: the input gradient runs as torch ops, so a second-order gradient exists."""
+def _count_engine_calls(monkeypatch):
+    """Counts the engine's input products (linear, transposed W: the forward's; not: the input
+    gradient's) and its fused training forwards."""
     from mmrnn_ext import _C
 
-    calls = {True: 0, False: 0}
+    calls = {"product": 0, "input grad": 0, "fused": 0}
+
+    def counted(name, real):
+        def call(*args):
+            calls[name] += 1
+            return real(*args)
+        return call
+
     real_linear = _C.linear
+    monkeypatch.setattr(_C, "linear", lambda x, w, transpose_w=True: counted(
+        "product" if transpose_w else "input grad", real_linear)(x, w, transpose_w))
+    monkeypatch.setattr(_C, "rnn_infer", counted("fused", _C.rnn_infer))
+    monkeypatch.setattr(_C, "lstm_forward_fused", counted("fused", _C.lstm_forward_fused))
+    return calls
 
-    def linear(x, w, transpose_w=True):
-        calls[transpose_w] += 1
-        return real_linear(x, w, transpose_w)
 
-    monkeypatch.setattr(_C, "linear", linear)
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("create_graph", [False, True], ids=["first-order", "create-graph"])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "separate"])
+def test_training_input_product_on_the_engine(monkeypatch, cell, create_graph, fuse):
+    """With gradients (float32) the modules run the input product on the engine — the RNN's and
+    LSTM's inside the recurrence's tiles (fused; separate: FUSE_TRAINING_PRODUCT off, as the GRU's)
+    — and, first order, its input gradient dA @ W_ih too: every gradient (the input's, through both
+    layers and directions, and every parameter's) against the same module in float64 on torch's
+    products, at odd sizes with batch_first (a non-contiguous time-major input), lengths and per-step
+    images. create_graph: the input gradient runs as torch ops, so a second-order gradient exists."""
+    monkeypatch.setattr(RecurrentBase, "FUSE_TRAINING_PRODUCT", fuse)
+    calls = _count_engine_calls(monkeypatch)
     m = _module(cell)
     m.batch_first = True
     ref = _module(cell).double()
@@ -259,29 +279,58 @@ def test_training_input_product_on_the_engine(monkeypatch, cell, create_graph):
 
     def grads(model, dtype):
         xi = x.to(dtype).requires_grad_()
-        out, _ = model(xi, image=img.to(dtype), lengths=lengths)
-        loss = (out * weight.to(dtype)).sum()
+        out, states = model(xi, image=img.to(dtype), lengths=lengths)
+        loss = (out * weight.to(dtype)).sum() + sum(s.sin().sum() for s in _flat((out, states))[1:])
         params = list(model.parameters())
         got = torch.autograd.grad(loss, [xi, *params], create_graph=create_graph)
         first.update(calls)
         second = None
         if create_graph:
-            second = torch.autograd.grad(got[0].square().sum(), params[0])[0]  # d/dW_ih of |dL/dx|^2
+            # d/d(every parameter) of |dL/dx|^2
+            second = torch.autograd.grad(got[0].square().sum(), params)
         return out, got, second
 
     first = {}
     out, got, second = grads(m, torch.float32)
-    # the products of 2 layers x 2 directions on the engine; their input gradients there too,
-    # except under create_graph (torch's matmul: differentiable)
-    assert first == {True: 4, False: 0 if create_graph else 4}
+    # 2 layers x 2 directions: fused forwards or separate products on the engine; their input
+    # gradients there too, except under create_graph (torch's matmul: differentiable)
+    fused = fuse and cell != "gru"
+    assert first == {"product": 0 if fused else 4, "fused": 4 if fused else 0,
+                     "input grad": 0 if create_graph else 4}
     before = dict(calls)
     r_out, r_got, r_second = grads(ref, torch.float64)
     assert calls == before  # float64: torch's products only
     assert_close(out, r_out.float(), torch.float32, "output")
-    for name, a, b in zip(["input", *(n for n, _ in m.named_parameters())], got, r_got):
+    names = ["input", *(n for n, _ in m.named_parameters())]
+    for name, a, b in zip(names, got, r_got):
         assert_close(a, b.float(), torch.float32, f"grad of {name}")
     if create_graph:
-        assert_close(second, r_second.float(), torch.float32, "second-order gradient")
+        for name, a, b in zip(names[1:], second, r_second):
+            assert_close(a, b.float(), torch.float32, f"second-order gradient, {name}")
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_fused_training_forward_from_batch_two(monkeypatch, cell):
+    """The fused training forward is taken from B = 2 up; at B = 1 (a step bound by reading the
+    weights) the separate product. Both give the reference's gradients, h0 and c0 given too."""
+    calls = _count_engine_calls(monkeypatch)
+    for B, fused in ((1, 0), (2, 4), (3, 4)):
+        torch.manual_seed(B)
+        m = _module(cell, bias=False)
+        ref = _module(cell, bias=False).double()
+        x, v = torch.randn(4, B, 12), torch.randn(B, 6)
+        hx = tuple(torch.randn(4, B, 40) for _ in range(2 if cell == "lstm" else 1))
+        hx = hx if cell == "lstm" else hx[0]
+        results = []
+        for model, dtype in ((m, torch.float32), (ref, torch.float64)):
+            h = tuple(t.to(dtype).requires_grad_() for t in (hx if cell == "lstm" else (hx,)))
+            out, _ = model(x.to(dtype), h if cell == "lstm" else h[0], image=v.to(dtype))
+            results.append(torch.autograd.grad(out.square().sum(), [*h, *model.parameters()]))
+            if dtype == torch.float32:
+                assert calls["fused"] == fused and calls["product"] == 4 - fused, (B, calls)
+            calls.update({k: 0 for k in calls})
+        for a, b in zip(*results):
+            assert_close(a, b.float(), torch.float32, f"B={B}")
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])

@@ -343,6 +343,13 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
         runs in."""
         return None
 
+    def _fused_training(self, engine, p):
+        """A callable (x, image_term, states, lengths) -> (out, final states) running this layer and
+        direction's float32 training forward with the input product fused into the recurrence
+        (the engine's train_forward; differentiable, see ops.common.FusedInputOp), or None where the
+        cell has none. p holds weight_ih and weight_hh."""
+        return None
+
     def _step_names(self):
         """Per layer and direction, the names of (weight_ih, weight_hh, bias_ih, bias_hh, weight_img)
         (None where absent): fixed by the constructor, so worked out once (the decoding step reads
@@ -471,19 +478,31 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
     # (measured in bench/NOTES.md, "Per-step images"). False: the image-term form (for comparison).
     FOLD_STEP_IMAGE = True
 
+    # With gradients (float32 CPU), the RNN's and LSTM's input product inside the recurrence's
+    # tiles (K = I + H per step) instead of a separate product whose [T, B, G*H] result the
+    # recurrence reads back, from batch 2 up: a training step 3-11% faster at B >= 8, equal or
+    # better at B = 2-4, but 2-12% slower at B = 1, where a step is bound by reading the weights and
+    # the fused one reads W_ih every step too (bench/NOTES.md, "The input product inside the
+    # training forward"). False: the separate product (for comparison).
+    FUSE_TRAINING_PRODUCT = True
+
     def _direction(self, p, x, img, states, lengths, amp, product, fuse, reverse):
         """One layer and direction over the whole sequence x [T, B, K] -> (out [T, B, H] in time
         order, final states): the backend's fused inference where it offers one (fuse, an Engine),
-        else the input projection (on `product`, an Engine, when given) then the cell's recurrence.
+        or with gradients its fused training forward (on `product`, an Engine, when given: the RNN
+        and LSTM), else the input projection (on `product` when given) then the cell's recurrence.
         reverse: the backward direction (each row's valid steps reversed in, its outputs back)."""
         def flip(t):
             return _time_reverse(t, lengths) if reverse and t is not None and t.dim() == 3 else t
 
-        fused = None if fuse is None else self._fused_inference(
-            fuse, {k: _to(p[k], amp) for k in ("weight_ih", "weight_hh")})
+        if fuse is not None:
+            fused = self._fused_inference(fuse, {k: _to(p[k], amp) for k in ("weight_ih", "weight_hh")})
+        else:
+            fused = (self._fused_training(product, p)
+                     if product is not None and self.FUSE_TRAINING_PRODUCT and x.shape[1] > 1 else None)
         if fused is not None:
-            # the input product inside every step's tile (under autocast in its dtype: bf16
-            # operands, float32 accumulation and state)
+            # the input product inside every step's tile (inference under autocast in its dtype:
+            # bf16 operands, float32 accumulation and state)
             x_in = flip(x)
             img_term = _to(_image_term(x_in, img, self._outer_bias(p), p.get("weight_img")), amp)
             out, last = fused(_to(x_in, amp).contiguous(), flip(img_term), [_to(s, amp) for s in states], lengths)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..ops import InputError, InputTypeError, lstm_recurrence
+from ..ops.lstm import lstm_recurrence_fused
 from ..reference import lstm_recurrence_ref
 from .base import CellBase, RecurrentBase, _contiguous
 
@@ -68,6 +69,17 @@ class LSTM(RecurrentBase):
             out, h, c = infer(x, p["weight_ih"].contiguous(), p["weight_hh"].contiguous(),
                                        states[0].contiguous(), states[1].contiguous(), _contiguous(image_term),
                                        lengths)
+            return out, (h, c)
+
+        return run
+
+    def _fused_training(self, engine, p):
+        if self.proj_size > 0:  # the projected state: the reference step loop (see _recurrence)
+            return None
+
+        def run(x, image_term, states, lengths):
+            out, h, c = lstm_recurrence_fused(x, p["weight_ih"], p["weight_hh"], states[0], states[1], image_term,
+                                              lengths, self.backend, engine)
             return out, (h, c)
 
         return run

@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..ops import rnn_recurrence
+from ..ops.rnn import rnn_recurrence_fused
 from ..reference import NONLINEARITIES
 from .base import CellBase, RecurrentBase, _contiguous
 
@@ -50,6 +51,14 @@ class RNN(RecurrentBase):
             out, h_last = infer(x, p["weight_ih"].contiguous(), p["weight_hh"].contiguous(),
                                         states[0].contiguous(), _contiguous(image_term), lengths,
                                         self.nonlinearity == "relu")
+            return out, (h_last,)
+
+        return run
+
+    def _fused_training(self, engine, p):
+        def run(x, image_term, states, lengths):
+            out, h_last = rnn_recurrence_fused(x, p["weight_ih"], p["weight_hh"], states[0], image_term, lengths,
+                                               self.nonlinearity, self.backend, engine)
             return out, (h_last,)
 
         return run

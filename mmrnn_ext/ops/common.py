@@ -223,3 +223,78 @@ class EagerOp(torch.autograd.Function):
             results.append(EagerOp.apply(*sliced, cell))
         outputs = tuple(torch.stack(parts) for parts in zip(*results))
         return outputs, (0,) * len(outputs)
+
+
+class _SaveRecorder:
+    """What a cell's setup_context sees in FusedInputOp: the tensors it saves are recorded (the op
+    saves them with its own), every other attribute goes to the real context."""
+
+    def __init__(self, ctx):
+        object.__setattr__(self, "_ctx", ctx)
+        object.__setattr__(self, "saved", ())
+
+    def save_for_backward(self, *tensors):
+        object.__setattr__(self, "saved", tensors)
+
+    def save_for_forward(self, *tensors):
+        pass  # FusedInputOp has no forward-mode formula: the modules never take it under forward AD
+
+    def __setattr__(self, name, value):
+        setattr(self._ctx, name, value)
+
+
+class _OpView:
+    """A FusedInputOp context as the cell's input_grads reads it: the cell's own saved tensors and
+    needs_input_grad in its op's input order (xp first); anything else from the real context."""
+
+    def __init__(self, ctx, saved, needs):
+        self._ctx, self.saved_tensors, self.needs_input_grad = ctx, saved, needs
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+
+class FusedInputOp(torch.autograd.Function):
+    """EagerOp with the input product inside the recurrence: ``FusedInputOp.apply(x, w_ih, *inputs,
+    cell, engine)``, where the inputs are the <cell>_fwd op's after xp and ``engine`` the backend's
+    Engine, returns what EagerOp returns for xp = x @ w_ih^T. The forward is the engine's fused
+    training forward (cell.fused_forward: [x_t | h_{t-1}] @ [W_ih; W_hh] per step, K = I + H, saving
+    what BPTT reads; no projected input written or read back). Backward: the cell's input_grads
+    (the engine's BPTT) gives dL/dxp, then dx = dxp @ W_ih on the engine and dW_ih = dxp^T x.
+    Higher order as EagerOp: the BPTT as torch ops on the saved tensors, and the two products as
+    torch ops, so that the gradients have a history. Float32 CPU training only (the modules choose
+    it: not under forward AD, a torch.func transform or torch.compile)."""
+
+    @staticmethod
+    def forward(*args):
+        x, w_ih, *inputs, cell, engine = args
+        return cell.fused_forward(engine, x, w_ih, *inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w_ih, *inputs, cell, engine = inputs
+        recorder = _SaveRecorder(ctx)
+        cell.setup_context(recorder, (None, *inputs), output)
+        ctx.save_for_backward(*recorder.saved, x, w_ih)
+        ctx.cell, ctx.engine = cell, engine
+        ctx.be = _backends.select(inputs[-1], x.device, x.dtype, cell.CELL)
+        ctx.set_materialize_grads(False)  # as EagerOp
+
+    @staticmethod
+    def backward(ctx, *grads):
+        cell, be = ctx.cell, ctx.be
+        *saved, x, w_ih = ctx.saved_tensors
+        need_x, need_w_ih, *needs = ctx.needs_input_grad[:-2]
+
+        def bptt(*args):
+            return cell.bptt(be, *args[:-1])  # the last argument names the backend: already resolved
+
+        differentiable = (torch.is_grad_enabled() or any(g is not None for g in grads[cell.PUBLIC:])
+                          or any(g is not None and torch._C._functorch.is_functorch_wrapped_tensor(g) for g in grads))
+        d_xp, *rest = cell.input_grads(_OpView(ctx, saved, (need_x or need_w_ih, *needs)), grads, bptt, differentiable)
+        dx = dw = None
+        if need_x:
+            dx = d_xp.matmul(w_ih) if differentiable else ctx.engine.linear(d_xp, w_ih.contiguous(), False)
+        if need_w_ih:
+            dw = d_xp.reshape(-1, d_xp.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+        return (dx, dw, *rest, None, None)

@@ -20,7 +20,7 @@ import torch
 
 from .. import _backends
 from ..reference import lstm_reference_backward, lstm_reference_jvp
-from .common import (EagerOp, check_image_term, check_like, check_xp, image_grad, inference_forward, last_state,
+from .common import (EagerOp, FusedInputOp, check_image_term, check_like, check_xp, image_grad, inference_forward, last_state,
                      prepare_lengths, registered_backward, weight_grad, zeros_if_none)
 
 CELL, PUBLIC = "lstm", 3
@@ -38,6 +38,14 @@ def forward(be, xp, w_hh, h0, c0, image_term, lengths, backend):
     h0, c0 = h0.contiguous(), c0.contiguous()
     out, c_all, gates = be.cells[CELL].forward(xp.contiguous(), w_hh.contiguous(), h0, c0,
                                                None if image_term is None else image_term.contiguous(), lengths)
+    return out, last_state(out, h0, lengths), last_state(c_all, c0, lengths), c_all, gates
+
+
+def fused_forward(engine, x, w_ih, w_hh, h0, c0, image_term, lengths, backend):
+    """forward's outputs for xp = x @ w_ih^T, the input product inside each step's tile."""
+    h0, c0 = h0.contiguous(), c0.contiguous()
+    out, c_all, gates = engine.train_forward(CELL)(x.contiguous(), w_ih.contiguous(), w_hh.contiguous(), h0, c0,
+                                                   None if image_term is None else image_term.contiguous(), lengths)
     return out, last_state(out, h0, lengths), last_state(c_all, c0, lengths), c_all, gates
 
 
@@ -134,3 +142,10 @@ def lstm_recurrence(xp, w_hh, h0=None, c0=None, image_term=None, lengths=None, b
         return infer(xp.contiguous(), w_hh.contiguous(), h0.contiguous(), c0.contiguous(),
                      None if image_term is None else image_term.contiguous(), lengths)
     return EagerOp.apply(xp, w_hh, h0, c0, image_term, lengths, backend, sys.modules[__name__])[:PUBLIC]
+
+
+def lstm_recurrence_fused(x, w_ih, w_hh, h0, c0, image_term, lengths, backend, engine):
+    """lstm_recurrence(x @ w_ih^T, ...) with the input product inside the recurrence, for the
+    modules (their float32 CPU training; arguments already checked, lengths prepared)."""
+    return FusedInputOp.apply(x, w_ih, w_hh, h0, c0, image_term, lengths, backend, sys.modules[__name__],
+                              engine)[:PUBLIC]

@@ -19,7 +19,7 @@ import torch
 
 from .. import _backends
 from ..reference import NONLINEARITIES, reference_backward, rnn_reference_jvp
-from .common import (EagerOp, InputError, check_image_term, check_like, check_xp, image_grad, inference_forward,
+from .common import (EagerOp, FusedInputOp, InputError, check_image_term, check_like, check_xp, image_grad, inference_forward,
                      last_state, prepare_lengths, registered_backward, weight_grad, zeros_if_none)
 
 CELL, PUBLIC = "rnn", 2
@@ -39,6 +39,16 @@ def forward(be, xp, w_hh, h0, image_term, lengths, nonlinearity, backend):
     out = be.cells[CELL].forward(xp.contiguous(), w_hh.contiguous(), h0,
                                  None if image_term is None else image_term.contiguous(), lengths, nonlinearity)
     return out, last_state(out, h0, lengths)
+
+
+def fused_forward(engine, x, w_ih, w_hh, h0, image_term, lengths, nonlinearity, backend):
+    """forward's outputs for xp = x @ w_ih^T, the input product inside each step's tile (the RNN
+    saves only its outputs, so the inference kernel serves training too; its h_last is the state at
+    each row's last step, as last_state's)."""
+    out, h_last = engine.train_forward(CELL)(x.contiguous(), w_ih.contiguous(), w_hh.contiguous(), h0.contiguous(),
+                                             None if image_term is None else image_term.contiguous(), lengths,
+                                             nonlinearity == "relu")
+    return out, h_last
 
 
 def bptt(be, grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity):
@@ -127,3 +137,10 @@ def rnn_recurrence(xp, w_hh, h0=None, image_term=None, lengths=None, nonlinearit
         return infer(xp.contiguous(), w_hh.contiguous(), h0.contiguous(),
                      None if image_term is None else image_term.contiguous(), lengths, nonlinearity)
     return EagerOp.apply(xp, w_hh, h0, image_term, lengths, nonlinearity, backend, sys.modules[__name__])[:PUBLIC]
+
+
+def rnn_recurrence_fused(x, w_ih, w_hh, h0, image_term, lengths, nonlinearity, backend, engine):
+    """rnn_recurrence(x @ w_ih^T, ...) with the input product inside the recurrence, for the modules
+    (their float32 CPU training; arguments already checked, lengths prepared)."""
+    return FusedInputOp.apply(x, w_ih, w_hh, h0, image_term, lengths, nonlinearity, backend, sys.modules[__name__],
+                              engine)[:PUBLIC]
