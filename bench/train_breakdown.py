@@ -2,14 +2,20 @@
 (forward + backward, the input needing no gradient, as mmrnn-bench's training rows) beside each of
 its parts timed alone on the same tensors:
 
-    input product      x @ W_ih^T over all steps (the engine's product, as the module's float32 step)
-    forward recurrence the engine's fused recurrence, saving what BPTT reads
+    forward            the engine's training forward with the input product inside each step's
+                       tile ([x_t | h_{t-1}] @ [W_ih; W_hh]), saving what BPTT reads (the module's
+                       float32 step from batch 2 up)
     BPTT recurrence    the engine's reverse loop -> dG
     dW_ih              dG^T x over all steps (torch's GEMM)
     dW_hh              sum_t dG_t^T h_{t-1} (torch's GEMM)
     image and bias     dG summed over steps, the image weight's and the bias's gradients
     rest               the step's best less the parts' bests: autograd, Python, allocation, the
                        gradient buffers, the final-state gathers
+
+and, for comparison (not parts of the step; batch 1's forward is these two):
+
+    separate: input product       x @ W_ih^T over all steps on the engine's kernels
+    separate: forward recurrence  the recurrence on that projected input
 
 Each part and the step take turns (mmrnn-bench's side_by_side_stats: per round an untimed call,
 then a timed one), so a slow spell of a shared machine spreads over all of them; a part's figure is
@@ -60,26 +66,32 @@ def parts(B, T, I, V, H):
 
     return {
         "step": step,
-        "input product": lambda: be.engine.linear(x, w_ih),
-        "forward recurrence": lambda: cpp.forward(xp, w_hh, h0, h0, img, None),
+        "forward": lambda: be.engine.train_forward("lstm")(x, w_ih, w_hh, h0, h0, img, None),
+        "separate: input product": lambda: be.engine.linear(x, w_ih),
+        "separate: forward recurrence": lambda: cpp.forward(xp, w_hh, h0, h0, img, None),
         "BPTT recurrence": lambda: cpp.backward(ones, h0, h0, out, c_all, gates, h0, h0, w_hh, None),
         "dW_ih": lambda: dG.flatten(0, 1).t().mm(x.flatten(0, 1)),
         "dW_hh": lambda: weight_grad(dG, h0, out),
         "image and bias": image_and_bias,
-    }, {"forward recurrence": 2.0 * T * B * G * H, "BPTT recurrence": 2.0 * T * B * G * H,
-        "input product": 2.0 * T * B * G * I, "dW_ih": 2.0 * T * B * G * I, "dW_hh": 2.0 * T * B * G * H,
-        "image and bias": 2.0 * B * V * G}
+    }, {"forward": 2.0 * T * B * G * (I + H), "BPTT recurrence": 2.0 * T * B * G * H, "dW_ih": 2.0 * T * B * G * I,
+        "dW_hh": 2.0 * T * B * G * H, "image and bias": 2.0 * B * V * G,
+        "separate: input product": 2.0 * T * B * G * I, "separate: forward recurrence": 2.0 * T * B * G * H}
+
+
+def _in_step(name):
+    """Whether a part is one of the step's (not the step itself, nor a comparison)."""
+    return name != "step" and not name.startswith("separate:")
 
 
 def measure(shape, repeats):
     fns, flops = parts(*shape)
     stats = side_by_side_stats(fns, torch.device("cpu"), repeats)
-    named = sum(stats[k]["min_ms"] for k in fns if k != "step")
+    named = sum(stats[k]["min_ms"] for k in fns if _in_step(k))
     rows = {k: {"ms_best": stats[k]["min_ms"], "ms_median": stats[k]["ms"],
                 "gflops": flops[k] / stats[k]["min_ms"] / 1e6 if k in flops else None} for k in fns}
     # the step's best less its parts' bests (both floors); negative when the machine's noise exceeds it
     rows["rest"] = {"ms_best": rows["step"]["ms_best"] - named, "ms_median": None, "gflops": None}
-    return {"shape": list(shape), "parts": rows, "step_gemm_gflop": sum(flops.values()) / 1e9}
+    return {"shape": list(shape), "parts": rows, "step_gemm_gflop": sum(f for k, f in flops.items() if _in_step(k)) / 1e9}
 
 
 def main():
@@ -102,7 +114,7 @@ def main():
             if k == "step":
                 continue
             rate = "" if p["gflops"] is None else f"  {p['gflops']:.0f} GF/s"
-            print(f"  {k:20s} {p['ms_best']:7.1f} ms  {100 * p['ms_best'] / step['ms_best']:4.0f}%{rate}")
+            print(f"  {k:30s} {p['ms_best']:7.1f} ms  {100 * p['ms_best'] / step['ms_best']:4.0f}%{rate}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "threads": torch.get_num_threads(), "results": results}, f, indent=1)

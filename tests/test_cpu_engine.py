@@ -312,7 +312,8 @@ def test_training_input_product_on_the_engine(monkeypatch, cell, create_graph, f
 @pytest.mark.parametrize("cell", ["rnn", "lstm"])
 def test_fused_training_forward_from_batch_two(monkeypatch, cell):
     """The fused training forward is taken from B = 2 up; at B = 1 (a step bound by reading the
-    weights) the separate product. Both give the reference's gradients, h0 and c0 given too."""
+    weights) the separate product. Both give the reference's gradients, h0 and c0 given too, and
+    the same bits on a repeated call."""
     calls = _count_engine_calls(monkeypatch)
     for B, fused in ((1, 0), (2, 4), (3, 4)):
         torch.manual_seed(B)
@@ -331,6 +332,10 @@ def test_fused_training_forward_from_batch_two(monkeypatch, cell):
             calls.update({k: 0 for k in calls})
         for a, b in zip(*results):
             assert_close(a, b.float(), torch.float32, f"B={B}")
+        h = tuple(t.clone().requires_grad_() for t in (hx if cell == "lstm" else (hx,)))
+        again = torch.autograd.grad(m(x, h if cell == "lstm" else h[0], image=v)[0].square().sum(), [*h, *m.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(results[0], again))  # the same bits, call to call
+        calls.update({k: 0 for k in calls})
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])

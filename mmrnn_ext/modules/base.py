@@ -198,6 +198,15 @@ class _Shared:
         raise InputError(f"hx: expected a tensor, got {type(hx).__name__}"
                          + (f" (only {lstm} takes a tuple (h_0, c_0))" if isinstance(hx, (tuple, list)) else ""))
 
+    def _fast_states(self, hx):
+        """A given hx as (h, c) for a fast step ((hx, None) with one state), or None where its form
+        is not one (the checked path then says what is wrong)."""
+        if self.STATES == 1:
+            return hx, None
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            return None
+        return tuple(hx)
+
     # Which of the tensors forward returns, in order (a module: output, h_n[, c_n]; a cell: h[, c]),
     # torch's own class returns in the parameters' dtype, not the autocast dtype, under CPU autocast
     # (measured on torch 2.13: nn.GRU computes per step in bf16 but returns float32, GRUCell and
@@ -394,12 +403,10 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
         if hx is None:
             h0 = c0 = x.new_zeros(LD, B, H)
         else:
-            if self.STATES == 2:
-                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                    return None
-                h0, c0 = hx
-            else:
-                h0, c0 = hx, None
+            pair = self._fast_states(hx)
+            if pair is None:
+                return None
+            h0, c0 = pair
             for s in (h0, c0)[:self.STATES]:
                 if not isinstance(s, torch.Tensor) or s.shape != ((LD, B, H) if dim == 3 else (LD, H)):
                     return None
@@ -701,12 +708,11 @@ class CellBase(TorchTwin, _Shared, nn.Module):
             return None
         if hx is None:
             h = c = input.new_zeros(input.shape[0], self.hidden_size)
-        elif self.STATES == 2:
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                return None
-            h, c = hx
         else:
-            h, c = hx, None
+            pair = self._fast_states(hx)
+            if pair is None:
+                return None
+            h, c = pair
         if unbatched and hx is not None:
             if not (isinstance(h, torch.Tensor) and isinstance(c, (torch.Tensor, type(None)))):
                 return None

@@ -20,8 +20,8 @@ import torch
 
 from .. import _backends
 from ..reference import lstm_reference_backward, lstm_reference_jvp
-from .common import (EagerOp, FusedInputOp, check_image_term, check_like, check_xp, image_grad, inference_forward, last_state,
-                     prepare_lengths, registered_backward, weight_grad, zeros_if_none)
+from .common import (EagerOp, FusedInputOp, check_image_term, check_like, check_xp, image_grad, inference_forward,
+                     last_state, prepare_lengths, registered_backward, weight_grad, zeros_if_none)
 
 CELL, PUBLIC = "lstm", 3
 

@@ -19,8 +19,8 @@ import torch
 
 from .. import _backends
 from ..reference import NONLINEARITIES, reference_backward, rnn_reference_jvp
-from .common import (EagerOp, FusedInputOp, InputError, check_image_term, check_like, check_xp, image_grad, inference_forward,
-                     last_state, prepare_lengths, registered_backward, weight_grad, zeros_if_none)
+from .common import (EagerOp, FusedInputOp, InputError, check_image_term, check_like, check_xp, image_grad,
+                     inference_forward, last_state, prepare_lengths, registered_backward, weight_grad, zeros_if_none)
 
 CELL, PUBLIC = "rnn", 2
 
