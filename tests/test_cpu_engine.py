@@ -250,7 +250,12 @@ def _count_engine_calls(monkeypatch):
     real_linear = _C.linear
     monkeypatch.setattr(_C, "linear", lambda x, w, transpose_w=True: counted(
         "product" if transpose_w else "input grad", real_linear)(x, w, transpose_w))
-    monkeypatch.setattr(_C, "rnn_infer", counted("fused", _C.rnn_infer))
+    def fused_or_not(real):  # the infer kernels: fused when given W_ih (their second argument)
+        return lambda *args: counted("fused" if args[1] is not None else "unfused", real)(*args)
+
+    calls["unfused"] = 0
+    monkeypatch.setattr(_C, "rnn_infer", fused_or_not(_C.rnn_infer))
+    monkeypatch.setattr(_C, "lstm_infer", fused_or_not(_C.lstm_infer))
     monkeypatch.setattr(_C, "lstm_forward_fused", counted("fused", _C.lstm_forward_fused))
     return calls
 
@@ -296,7 +301,7 @@ def test_training_input_product_on_the_engine(monkeypatch, cell, create_graph, f
     # gradients there too, except under create_graph (torch's matmul: differentiable)
     fused = fuse and cell != "gru"
     assert first == {"product": 0 if fused else 4, "fused": 4 if fused else 0,
-                     "input grad": 0 if create_graph else 4}
+                     "input grad": 0 if create_graph else 4, "unfused": 0}
     before = dict(calls)
     r_out, r_got, r_second = grads(ref, torch.float64)
     assert calls == before  # float64: torch's products only
@@ -311,9 +316,9 @@ def test_training_input_product_on_the_engine(monkeypatch, cell, create_graph, f
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm"])
 def test_fused_training_forward_from_batch_two(monkeypatch, cell):
-    """The fused training forward is taken from B = 2 up; at B = 1 (a step bound by reading the
-    weights) the separate product. Both give the reference's gradients, h0 and c0 given too, and
-    the same bits on a repeated call."""
+    """The fused training forward (and float32 inference's fused kernel) is taken from B = 2 up; at
+    B = 1 (a step bound by reading the weights) the separate product. Both give the reference's
+    gradients, h0 and c0 given too, and the same bits on a repeated call; inference equals training."""
     calls = _count_engine_calls(monkeypatch)
     for B, fused in ((1, 0), (2, 4), (3, 4)):
         torch.manual_seed(B)
@@ -335,6 +340,11 @@ def test_fused_training_forward_from_batch_two(monkeypatch, cell):
         h = tuple(t.clone().requires_grad_() for t in (hx if cell == "lstm" else (hx,)))
         again = torch.autograd.grad(m(x, h if cell == "lstm" else h[0], image=v)[0].square().sum(), [*h, *m.parameters()])
         assert all(torch.equal(a, b) for a, b in zip(results[0], again))  # the same bits, call to call
+        calls.update({k: 0 for k in calls})
+        with torch.no_grad():
+            y = m(x, hx, image=v)[0]
+        assert calls["fused"] == fused and calls["product"] == 4 - fused, (B, calls)
+        assert_close(y, m(x, hx, image=v)[0].detach(), torch.float32, f"B={B}: inference")
         calls.update({k: 0 for k in calls})
 
 

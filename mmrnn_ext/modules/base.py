@@ -490,7 +490,9 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
     # recurrence reads back, from batch 2 up: a training step 3-11% faster at B >= 8, equal or
     # better at B = 2-4, but 2-12% slower at B = 1, where a step is bound by reading the weights and
     # the fused one reads W_ih every step too (bench/NOTES.md, "The input product inside the
-    # training forward"). False: the separate product (for comparison).
+    # training forward"). Float32 inference takes the same rule (fused inference at B = 1 was 5-31%
+    # slower, both cells; bfloat16 inference keeps its fused kernel: mixed there). False: the
+    # separate product in training (for comparison).
     FUSE_TRAINING_PRODUCT = True
 
     def _direction(self, p, x, img, states, lengths, amp, product, fuse, reverse):
@@ -502,11 +504,14 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
         def flip(t):
             return _time_reverse(t, lengths) if reverse and t is not None and t.dim() == 3 else t
 
-        if fuse is not None:
+        # float32 at batch 1: the separate product (a step there is bound by reading the weights,
+        # and a fused step reads W_ih every step too; see FUSE_TRAINING_PRODUCT)
+        separate = product is not None and x.shape[1] == 1
+        fused = None
+        if fuse is not None and not separate:
             fused = self._fused_inference(fuse, {k: _to(p[k], amp) for k in ("weight_ih", "weight_hh")})
-        else:
-            fused = (self._fused_training(product, p)
-                     if product is not None and self.FUSE_TRAINING_PRODUCT and x.shape[1] > 1 else None)
+        elif fuse is None and product is not None and self.FUSE_TRAINING_PRODUCT and not separate:
+            fused = self._fused_training(product, p)
         if fused is not None:
             # the input product inside every step's tile (inference under autocast in its dtype:
             # bf16 operands, float32 accumulation and state)
