@@ -179,10 +179,11 @@ def test_modules_inference_paths(monkeypatch, cell, kw, fused):
 @pytest.mark.parametrize("T,B,I,H", [(5, 1, 3, 7), (4, 13, 17, 33), (3, 12, 1, 65)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_fused_inference_kernels(monkeypatch, isa, cell, T, B, I, H, dtype):
-    """The fused-input inference kernels against the reference on x @ W_ih^T, every path, with
-    lengths and a per-step image term."""
+    """The fused-input inference kernels, and the LSTM's fused training forward (what it saves for
+    BPTT too: c at every step and the gate activations), against the reference on x @ W_ih^T, every
+    path, with lengths and a per-step image term. (The RNN's training forward is its infer kernel.)"""
     from mmrnn_ext import _C
-    from mmrnn_ext.reference import lstm_recurrence_ref, rnn_recurrence_ref
+    from mmrnn_ext.reference import lstm_recurrence_ref, lstm_reference_forward, rnn_recurrence_ref
 
     _force(monkeypatch, isa)
     G = 4 if cell == "lstm" else 1
@@ -199,6 +200,9 @@ def test_fused_inference_kernels(monkeypatch, isa, cell, T, B, I, H, dtype):
     else:
         got = _C.lstm_infer(cast(x), cast(w_ih), cast(w_hh), cast(h0), cast(c0), cast(img), lengths)
         ref = lstm_recurrence_ref(xp, w_hh, h0, c0, img, lengths)
+        saved = _C.lstm_forward_fused(cast(x), cast(w_ih), cast(w_hh), cast(h0), cast(c0), cast(img), lengths)
+        for name, a, b in zip(("out", "c_all", "gates"), saved, lstm_reference_forward(xp, w_hh, h0, c0, img, lengths)):
+            assert_close(a, b.to(dtype), dtype, f"training forward: {name}")
     for k, (a, b) in enumerate(zip(got, ref)):
         assert_close(a, b.to(dtype), dtype, f"output {k}")
 
