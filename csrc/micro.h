@@ -52,12 +52,22 @@ using MicroFn = void (*)(const S*, int64_t, int64_t, const S*, int64_t, const S*
 constexpr int kMaxRows = 8;         // rows: the 3-gate AVX-512 tile's 8
 constexpr int kMaxPanelWidth = 64;  // values in a panel row: 4 vectors of 16 float32 (AVX-512)
 
+// The weight gradient's tile (micro_kernels.h, wgrad_micro): tile[r, c] = sum_{k < K} a[k * lda + r] *
+// z[k * ldz + c] for r rows and nv vectors of columns, tile rows nv * vw apart; float32 and float64.
+template <typename S>
+using WgradFn = void (*)(const S*, int64_t, const S*, int64_t, int64_t, S*);
+constexpr int kMaxWgradVectors = 4;
+
 // One ISA's kernel family for one panel shape (vw values per vector, nv vectors per panel row, mr
-// rows per tile): fns[r - 1] computes r rows (1 <= r <= mr).
+// rows per tile): fns[r - 1] computes r rows (1 <= r <= mr). Beside it the weight gradient's
+// family (float32 and float64; none for bfloat16): wg[r - 1][n - 1] computes r rows of n vectors
+// (1 <= r <= wg_mr, 1 <= n <= wg_nv).
 template <typename S>
 struct Kernels {
   int vw = 0, nv = 0, mr = 0;
   MicroFn<S> fns[kMaxRows] = {};
+  int wg_mr = 0, wg_nv = 0;
+  WgradFn<S> wg[kMaxRows][kMaxWgradVectors] = {};
 };
 
 // Each ISA's compile unit defines its `kernels<S>(groups)` for S = float, double, c10::BFloat16: the

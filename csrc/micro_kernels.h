@@ -95,6 +95,54 @@ void micro(const T* __restrict x, int64_t ldx, int64_t K1, const T* __restrict h
   store_acc<VW>(acc, tile);
 }
 
+// The weight gradient's tile: tile[r, c] = sum_{k < K} a[k * lda + r] * z[k * ldz + c] for MR rows
+// (gate units: MR adjacent columns of dA, row k of dA holding step-and-row k's gate gradients) and
+// NV vectors of columns (features of x or of h_{t-1}, row k of z). Both operands are read where they
+// lie, one contiguous run of each per k: MR broadcasts from dA's row, NV vector loads (unaligned)
+// from z's. The tile's rows are NV * VW apart.
+template <typename T, int VW, int NV, int MR>
+void wgrad_micro(const T* __restrict a, int64_t lda, const T* __restrict z, int64_t ldz, int64_t K,
+                 T* __restrict tile) {
+  typedef T vec __attribute__((vector_size(VW * sizeof(T))));
+  constexpr int KU = k_unroll<MR, NV>();
+  vec acc[KU][MR][NV];
+  zero_acc(acc);
+  auto row = [&](int64_t k, vec(*ac)[NV]) __attribute__((always_inline)) {
+    const T* zk = z + k * ldz;
+    vec zv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) std::memcpy(&zv[v], zk + v * VW, sizeof(vec));
+    const T* ak = a + k * lda;
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const vec s = ak[r] - vec{};  // a broadcast (see micro)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) ac[r][v] += zv[v] * s;
+    }
+  };
+  int64_t k = 0;
+  for (; k + KU <= K; k += KU) {
+#pragma GCC unroll 8
+    for (int q = 0; q < KU; ++q) row(k + q, acc[q]);
+  }
+  for (; k < K; ++k) row(k, acc[0]);
+  store_acc<VW>(acc, tile);
+}
+
+// The weight-gradient family: wg[r - 1][n - 1] = the kernel for r rows and n vectors.
+template <typename S, int VW, int MR, int... N>
+void wgrad_row(Kernels<S>& k, std::integer_sequence<int, N...>) {
+  ((k.wg[MR - 1][N] = &wgrad_micro<S, VW, N + 1, MR>), ...);
+}
+template <typename S, int VW, int NV, int... R>
+void wgrad_table(Kernels<S>& k, std::integer_sequence<int, R...>) {
+  static_assert(sizeof...(R) <= kMaxRows && NV <= kMaxWgradVectors && NV * VW <= kMaxPanelWidth,
+                "a weight-gradient tile must fit the callers' tile buffers (micro.h)");
+  k.wg_mr = static_cast<int>(sizeof...(R));
+  k.wg_nv = NV;
+  (wgrad_row<S, VW, R + 1>(k, std::make_integer_sequence<int, NV>{}), ...);
+}
+
 inline float bf16_bits_to_float(uint16_t b) {
   const uint32_t u = static_cast<uint32_t>(b) << 16;
   float f;
@@ -221,16 +269,22 @@ Kernels<S> table(std::integer_sequence<int, R...>) {
 // EPYC the LSTM forward at (8, 256, ., 1024) runs 188 GF/s with 6 x 4 against 167, at B = 12 199
 // against 135; in bfloat16 372 against 209 — bench/NOTES.md.) bfloat16 takes the same shapes
 // (float32 accumulators).
+//
+// The weight gradient's tile (float32, float64): 6 rows x 4 vectors with AVX-512, 6 x 2 otherwise,
+// the recurrent product's own register budget.
 template <typename S>
 Kernels<S> kernels(int groups) {
   constexpr int VW = kVectorBytes / static_cast<int>(sizeof(acc_t<S>));
+  Kernels<S> k;
   if constexpr (kVectorBytes == 64) {
-    if (groups == 3) return table<S, VW, 3, 8>(std::make_integer_sequence<int, 8>{});
-    return table<S, VW, 4, 6>(std::make_integer_sequence<int, 6>{});
+    k = groups == 3 ? table<S, VW, 3, 8>(std::make_integer_sequence<int, 8>{})
+                    : table<S, VW, 4, 6>(std::make_integer_sequence<int, 6>{});
   } else {
-    if (groups == 3) return table<S, VW, 3, 4>(std::make_integer_sequence<int, 4>{});
-    return table<S, VW, 2, 6>(std::make_integer_sequence<int, 6>{});
+    k = groups == 3 ? table<S, VW, 3, 4>(std::make_integer_sequence<int, 4>{})
+                    : table<S, VW, 2, 6>(std::make_integer_sequence<int, 6>{});
   }
+  if constexpr (!kIsBf16<S>) wgrad_table<S, VW, kVectorBytes == 64 ? 4 : 2>(k, std::make_integer_sequence<int, 6>{});
+  return k;
 }
 
 #if MMRNN_BF16_DOT

@@ -35,6 +35,59 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, bool transpose_w) {
   return out;
 }
 
+// The weight gradients of a layer from its step gradients dA [T, B, M] (float32 or float64; the last
+// dimension contiguous and rows evenly strided, so a column slice of a wider tensor needs no copy):
+// dW_x = sum_t dA_t^T x_t [M, I] with x [T, B, I], and dW_h = sum_t dA_t^T h_{t-1} [M, H] with
+// h_{-1} = h0 [B, H], h_t = out[t] [T, B, H] — one pass over dA for both (engine.h, weight_grad).
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> weight_grad(const at::Tensor& dA,
+                                                                             const std::optional<at::Tensor>& x,
+                                                                             const std::optional<at::Tensor>& h0,
+                                                                             const std::optional<at::Tensor>& out) {
+  TORCH_CHECK(dA.device().is_cpu() && (dA.scalar_type() == at::kFloat || dA.scalar_type() == at::kDouble),
+              "dA: expected a float32 or float64 CPU tensor, got ", dA.scalar_type(), " on ", dA.device());
+  TORCH_CHECK(dA.dim() == 3, "dA: expected a 3-D tensor [T, B, M], got shape ", dA.sizes());
+  TORCH_CHECK(h0.has_value() == out.has_value(), "h0 and out: expected both (dW_h) or neither, got ",
+              h0.has_value() ? "h0 only" : "out only");
+  const int64_t T_ = dA.size(0), B = dA.size(1), M = dA.size(2);
+  if (x.has_value()) {
+    mmrnn::check_float_cpu(*x, "x", dA);
+    TORCH_CHECK(x->dim() == 3 && x->size(0) == T_ && x->size(1) == B, "x: expected shape [", T_, ", ", B,
+                ", I], got ", x->sizes());
+  }
+  if (out.has_value()) {
+    mmrnn::check_float_cpu(*out, "out", dA);
+    TORCH_CHECK(out->dim() == 3 && out->size(0) == T_ && out->size(1) == B, "out: expected shape [", T_, ", ", B,
+                ", H], got ", out->sizes());
+    mmrnn::check_arg(*h0, "h0", dA, {B, out->size(2)});
+  }
+  // rows k = t * B + b of dA at k * lda: the last dimension contiguous, rows evenly strided
+  const int64_t lda = B > 1 ? dA.stride(1) : dA.stride(0);
+  const bool even = M <= 1 || dA.stride(2) == 1;
+  const at::Tensor a = even && (T_ <= 1 || dA.stride(0) == B * lda) && lda >= M ? dA : dA.contiguous();
+  const int64_t ld = a.is_same(dA) ? lda : M;
+  std::optional<at::Tensor> dw_x, dw_h;
+  if (x.has_value()) dw_x = at::empty({M, x->size(2)}, dA.options());
+  if (out.has_value()) dw_h = at::empty({M, out->size(2)}, dA.options());
+  const mmrnn::Isa isa = mmrnn::cpu_isa();
+  {
+    pybind11::gil_scoped_release no_gil;
+    AT_DISPATCH_FLOATING_TYPES(dA.scalar_type(), "mmrnn_weight_grad", [&] {
+      std::vector<mmrnn::WgradPart<scalar_t>> parts;
+      if (x.has_value()) {
+        const scalar_t* xs = x->data_ptr<scalar_t>();
+        parts.push_back({xs, xs, 0, x->size(2), x->size(2), dw_x->data_ptr<scalar_t>()});
+      }
+      if (out.has_value()) {
+        parts.push_back({h0->data_ptr<scalar_t>(), out->data_ptr<scalar_t>(), B, out->size(2), out->size(2),
+                         dw_h->data_ptr<scalar_t>()});
+      }
+      mmrnn::weight_grad<scalar_t>(mmrnn::kernels_for<scalar_t>(isa, 1), a.data_ptr<scalar_t>(), ld, M, T_ * B,
+                                   parts);
+    });
+  }
+  return {dw_x, dw_h};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -54,4 +107,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("buffer_cache_release", &mmrnn::buffer_cache_release, "frees every cached block of the engine's buffers");
   m.def("linear", &linear, "x @ w^T (transpose_w) or x @ w on the recurrences' kernels", pybind11::arg("x"),
         pybind11::arg("w"), pybind11::arg("transpose_w") = true);
+  m.def("weight_grad", &weight_grad,
+        "(dW_x, dW_h) = (sum_t dA_t^T x_t, sum_t dA_t^T h_{t-1}) on the engine's kernels, each None where its "
+        "operands are", pybind11::arg("dA"), pybind11::arg("x"), pybind11::arg("h0"), pybind11::arg("out"));
 }

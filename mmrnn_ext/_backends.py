@@ -57,6 +57,13 @@ class Engine:
         x [..., K] @ w [K, N]: its input gradient."""
         return self._mod.linear(x, w, transpose_w)
 
+    def weight_grad(self, dA, x, h0, out):
+        """(sum_t dA_t^T x_t, sum_t dA_t^T h_{t-1}) for dA [T, B, M] (a column slice is read in place),
+        x [T, B, I], h_{-1} = h0 [B, H], h_t = out[t]: the weight gradients of a layer in one pass over
+        dA (float32, float64); None for a product whose operands are None."""
+        c = lambda t: None if t is None else t.contiguous()  # noqa: E731
+        return self._mod.weight_grad(dA, c(x), c(h0), c(out))
+
     def cell_step(self, *args):
         """One decoding step, no gradient (csrc/cell_step.cpp)."""
         return self._mod.cell_step(*args)

@@ -128,6 +128,100 @@ def test_linear_edges():
         _C.linear(torch.randn(3, 4).half(), torch.randn(5, 4).half())
 
 
+def _weight_grad_reference(dA, x, h0, out):
+    """(sum_t dA_t^T x_t, sum_t dA_t^T h_{t-1}) in float64 on torch's products."""
+    T, B, M = dA.shape
+    a = dA.double().reshape(T * B, M).t()
+    dw_x = None if x is None else a.mm(x.double().reshape(T * B, -1))
+    dw_h = None
+    if out is not None:
+        h_prev = torch.cat([h0.double().unsqueeze(0), out.double()[:-1]]).reshape(T * B, -1)
+        dw_h = a.mm(h_prev)
+    return dw_x, dw_h
+
+
+# (T, B, I, M, H): single values; M not a multiple of the tile's 6 rows; I and H not multiples of
+# any vector width (the padded last columns), below one vector, over one panel; K = T * B over
+# several of the kernel's chunks of rows (128 at least), with the h0 / out boundary inside a chunk
+WGRAD_SIZES = [(1, 1, 1, 1, 1), (3, 1, 5, 7, 3), (7, 3, 17, 65, 33), (5, 13, 70, 97, 40), (2, 5, 200, 30, 19),
+               (100, 3, 500, 13, 300)]
+
+
+@pytest.mark.parametrize("isa", ORDER)
+@pytest.mark.parametrize("T,B,I,M,H", WGRAD_SIZES, ids=[f"T{t}-B{b}-I{i}-M{m}-H{h}" for t, b, i, m, h in WGRAD_SIZES])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_weight_grad_every_path(monkeypatch, isa, T, B, I, M, H, dtype):
+    """The engine's weight gradients (dW_ih and dW_hh in one pass over dA) against torch's products
+    in float64: both at once, each alone (the chunks of K follow the row width, so the bits may
+    differ from the joint pass's), and dA as a column slice of a wider tensor (the GRU's), read in
+    place."""
+    from mmrnn_ext import _C
+
+    _force(monkeypatch, isa)
+    g = torch.Generator().manual_seed(T * B + I + M + H)
+    # dA scaled so that the sums over K = T * B rows are O(1), as the fp32 tolerance assumes
+    dA, x, h0, out = (torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+                      for shape in ((T, B, M), (T, B, I), (B, H), (T, B, H)))
+    dA = dA / (T * B) ** 0.5
+    ref_x, ref_h = _weight_grad_reference(dA, x, h0, out)
+    dw_x, dw_h = _C.weight_grad(dA, x, h0, out)
+    assert dw_x.shape == (M, I) and dw_h.shape == (M, H) and dw_x.dtype == dw_h.dtype == dtype
+    assert_close(dw_x, ref_x.to(dtype), dtype, "dW_x")
+    assert_close(dw_h, ref_h.to(dtype), dtype, "dW_h")
+    only_x, none = _C.weight_grad(dA, x, None, None)
+    assert none is None
+    assert_close(only_x, ref_x.to(dtype), dtype, "dW_x alone")
+    none, only_h = _C.weight_grad(dA, None, h0, out)
+    assert none is None
+    assert_close(only_h, ref_h.to(dtype), dtype, "dW_h alone")
+    wide = (torch.randn(T, B, M + 5, generator=g, dtype=torch.float64) / (T * B) ** 0.5).to(dtype)
+    sliced = wide[..., 2:M + 2]
+    ref_x, ref_h = _weight_grad_reference(sliced, x, h0, out)
+    dw_x, dw_h = _C.weight_grad(sliced, x, h0, out)
+    assert_close(dw_x, ref_x.to(dtype), dtype, "dW_x of a column slice")
+    assert_close(dw_h, ref_h.to(dtype), dtype, "dW_h of a column slice")
+
+
+def test_weight_grad_threads_same_bits():
+    """A thread owns whole row blocks of dW and adds the chunks of K in order: 1, 2 or 3 threads give
+    the same bits."""
+    from mmrnn_ext import _C
+
+    g = torch.Generator().manual_seed(3)
+    args = (torch.randn(60, 7, 97, generator=g), torch.randn(60, 7, 130, generator=g), torch.randn(7, 300, generator=g),
+            torch.randn(60, 7, 300, generator=g))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _C.weight_grad(*args)
+        for n in (2, 3):
+            torch.set_num_threads(n)
+            for a, b in zip(one, _C.weight_grad(*args)):
+                assert torch.equal(a, b), f"{n} threads"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_weight_grad_edges_and_bad_input():
+    from mmrnn_ext import _C
+
+    dw_x, dw_h = _C.weight_grad(torch.randn(0, 3, 5), torch.randn(0, 3, 4), torch.randn(3, 2), torch.randn(0, 3, 2))
+    assert dw_x.shape == (5, 4) and dw_h.shape == (5, 2) and dw_x.eq(0).all() and dw_h.eq(0).all()
+    assert _C.weight_grad(torch.randn(2, 3, 0), torch.randn(2, 3, 4), None, None)[0].shape == (0, 4)
+    with pytest.raises(RuntimeError, match="dA: expected a float32 or float64 CPU tensor, got BFloat16"):
+        _C.weight_grad(torch.randn(2, 3, 5).bfloat16(), None, None, None)
+    with pytest.raises(RuntimeError, match=r"dA: expected a 3-D tensor \[T, B, M\]"):
+        _C.weight_grad(torch.randn(6, 5), None, None, None)
+    with pytest.raises(RuntimeError, match="h0 and out: expected both"):
+        _C.weight_grad(torch.randn(2, 3, 5), None, torch.randn(3, 4), None)
+    with pytest.raises(RuntimeError, match=r"x: expected shape \[2, 3, I\]"):
+        _C.weight_grad(torch.randn(2, 3, 5), torch.randn(2, 4, 4), None, None)
+    with pytest.raises(RuntimeError, match=r"h0: expected shape \[3, 4\]"):
+        _C.weight_grad(torch.randn(2, 3, 5), None, torch.randn(3, 5), torch.randn(2, 3, 4))
+    with pytest.raises(RuntimeError, match="x: expected dtype Double"):
+        _C.weight_grad(torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 3, 4), None, None)
+
+
 @pytest.mark.parametrize("cell,kw,fused", [("rnn", {}, True), ("rnn", {"nonlinearity": "relu"}, True),
                                            ("lstm", {}, True), ("lstm", {"proj_size": 5}, False), ("gru", {}, False)],
                          ids=["rnn", "rnn-relu", "lstm", "lstm-proj", "gru"])
@@ -240,7 +334,7 @@ def _flat(result):
 
 def _count_engine_calls(monkeypatch):
     """Counts the engine's input products (linear, transposed W: the forward's; not: the input
-    gradient's) and its fused training forwards."""
+    gradient's), its fused training forwards and its weight-gradient passes."""
     from mmrnn_ext import _C
 
     calls = {"product": 0, "input grad": 0, "fused": 0}
@@ -258,6 +352,8 @@ def _count_engine_calls(monkeypatch):
         return lambda *args: counted("fused" if args[1] is not None else "unfused", real)(*args)
 
     calls["unfused"] = 0
+    calls["weight grad"] = 0
+    monkeypatch.setattr(_C, "weight_grad", counted("weight grad", _C.weight_grad))
     monkeypatch.setattr(_C, "rnn_infer", fused_or_not(_C.rnn_infer))
     monkeypatch.setattr(_C, "lstm_infer", fused_or_not(_C.lstm_infer))
     monkeypatch.setattr(_C, "lstm_forward_fused", counted("fused", _C.lstm_forward_fused))
@@ -270,7 +366,7 @@ def _count_engine_calls(monkeypatch):
 def test_training_input_product_on_the_engine(monkeypatch, cell, create_graph, fuse):
     """With gradients (float32) the modules run the input product on the engine — the RNN's and
     LSTM's inside the recurrence's tiles (fused; separate: FUSE_TRAINING_PRODUCT off, as the GRU's)
-    — and, first order, its input gradient dA @ W_ih too: every gradient (the input's, through both
+    — and, first order, its input gradient dA @ W_ih and the weight gradients too: every gradient (the input's, through both
     layers and directions, and every parameter's) against the same module in float64 on torch's
     products, at odd sizes with batch_first (a non-contiguous time-major input), lengths and per-step
     images. create_graph: the input gradient runs as torch ops, so a second-order gradient exists."""
@@ -304,8 +400,11 @@ def test_training_input_product_on_the_engine(monkeypatch, cell, create_graph, f
     # 2 layers x 2 directions: fused forwards or separate products on the engine; their input
     # gradients there too, except under create_graph (torch's matmul: differentiable)
     fused = fuse and cell != "gru"
+    # first order, the weight gradients on the engine: fused, dW_ih and dW_hh in one pass per layer
+    # and direction; separate, dW_ih's and dW_hh's (the GRU's dW_hh in two: r and z, then n)
+    passes = 0 if create_graph else 4 if fused else 12 if cell == "gru" else 8
     assert first == {"product": 0 if fused else 4, "fused": 4 if fused else 0,
-                     "input grad": 0 if create_graph else 4, "unfused": 0}
+                     "input grad": 0 if create_graph else 4, "unfused": 0, "weight grad": passes}
     before = dict(calls)
     r_out, r_got, r_second = grads(ref, torch.float64)
     assert calls == before  # float64: torch's products only

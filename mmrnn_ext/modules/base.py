@@ -70,11 +70,11 @@ def _contiguous(t):
 
 
 class _EngineProduct(torch.autograd.Function):
-    """x [..., K] @ w_ih [N, K]^T on the engine's kernels with its gradients: dX = dA @ W_ih on the
-    engine too, dW_ih = dA^T X on torch's GEMM (a reduction over all T*B rows). On the 2-core AMD
+    """x [..., K] @ w_ih [N, K]^T on the engine's kernels with its gradients: dX = dA @ W_ih and
+    dW_ih = dA^T X (a reduction over all T*B rows) on the engine too. On the 2-core AMD
     EPYC (Zen 4, AVX-512) the engine ran the grid's input products 20-38% and dA @ W_ih 10-22% faster
     than torch's (MKL) GEMMs (bench/NOTES.md, "Training on AVX-512"). A double backward
-    (create_graph) runs the input gradient as torch ops, so it has a history."""
+    (create_graph) runs both gradients as torch ops, so they have a history."""
 
     @staticmethod
     def forward(x, w_ih, engine):
@@ -95,7 +95,9 @@ class _EngineProduct(torch.autograd.Function):
         if need_x:
             dx = grad.matmul(w_ih) if torch.is_grad_enabled() else ctx.engine.linear(grad, w_ih.contiguous(), False)
         if need_w:
-            dw = grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+            dw = (grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])) if torch.is_grad_enabled()
+                  else ctx.engine.weight_grad(grad.reshape(-1, 1, grad.shape[-1]), x.reshape(-1, 1, x.shape[-1]),
+                                              None, None)[0])
         return dx, dw, None
 
 

@@ -115,10 +115,19 @@ def last_state(seq, init, lengths):
     return torch.where((lengths > 0).unsqueeze(1), seq.gather(0, idx).squeeze(0), init)
 
 
-def weight_grad(dG, h0, out):
-    """dW_hh = sum_t dG_t^T h_{t-1}: one GEMM over steps 1..T-1 (h_{t-1} = out[t-1]) plus h0's.
-    dG [T, B, R] may be a column slice of a wider tensor. Rows past their length have dG = 0, so the
-    zeros stored there never contribute."""
+def engine_of(ctx, differentiable: bool):
+    """The Engine of the backend that ran this op's forward (the cpp backend's; None for the others,
+    for the compiled path's registered backward, and where the gradients must have a history)."""
+    return None if differentiable else getattr(getattr(ctx, "be", None), "engine", None)
+
+
+def weight_grad(dG, h0, out, engine=None):
+    """dW_hh = sum_t dG_t^T h_{t-1}: with an engine (first order, float32) one pass on its kernels;
+    else one torch GEMM over steps 1..T-1 (h_{t-1} = out[t-1]) plus h0's (float64 stays on torch's:
+    the tests' reference). dG [T, B, R] may be a column slice of a wider tensor. Rows past their
+    length have dG = 0, so the zeros stored there never contribute."""
+    if engine is not None and dG.dtype == torch.float32:
+        return engine.weight_grad(dG, None, h0, out)[1]
     T, B, R = dG.shape
     d_w = dG[0].t().mm(h0) if T > 0 else h0.new_zeros(R, h0.shape[1])
     if T > 1:
@@ -260,7 +269,8 @@ class FusedInputOp(torch.autograd.Function):
     Engine, returns what EagerOp returns for xp = x @ w_ih^T. The forward is the engine's fused
     training forward (cell.fused_forward: [x_t | h_{t-1}] @ [W_ih; W_hh] per step, K = I + H, saving
     what BPTT reads; no projected input written or read back). Backward: the cell's input_grads
-    (the engine's BPTT) gives dL/dxp, then dx = dxp @ W_ih on the engine and dW_ih = dxp^T x.
+    (the engine's BPTT) gives dL/dxp, then dx = dxp @ W_ih and [dW_ih | dW_hh] = dxp^T [x | h_{t-1}]
+    in one pass on the engine (cell.recurrent_operands(saved) names h0 and out).
     Higher order as EagerOp: the BPTT as torch ops on the saved tensors, and the two products as
     torch ops, so that the gradients have a history. Float32 CPU training only (the modules choose
     it: not under forward AD, a torch.func transform or torch.compile)."""
@@ -291,10 +301,16 @@ class FusedInputOp(torch.autograd.Function):
 
         differentiable = (torch.is_grad_enabled() or any(g is not None for g in grads[cell.PUBLIC:])
                           or any(g is not None and torch._C._functorch.is_functorch_wrapped_tensor(g) for g in grads))
-        d_xp, *rest = cell.input_grads(_OpView(ctx, saved, (need_x or need_w_ih, *needs)), grads, bptt, differentiable)
+        # dW_ih and dW_hh in one pass over dA on the engine (first order): input_grads leaves dW_hh
+        joint = not differentiable and need_w_ih and needs[0]
+        d_xp, d_w_hh, *rest = cell.input_grads(_OpView(ctx, saved, (need_x or need_w_ih, needs[0] and not joint,
+                                                                    *needs[1:])), grads, bptt, differentiable)
         dx = dw = None
         if need_x:
             dx = d_xp.matmul(w_ih) if differentiable else ctx.engine.linear(d_xp, w_ih.contiguous(), False)
-        if need_w_ih:
-            dw = d_xp.reshape(-1, d_xp.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
-        return (dx, dw, *rest, None, None)
+        if joint:
+            dw, d_w_hh = ctx.engine.weight_grad(d_xp, x, *cell.recurrent_operands(saved))
+        elif need_w_ih:
+            dw = (d_xp.reshape(-1, d_xp.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])) if differentiable
+                  else ctx.engine.weight_grad(d_xp, x, None, None)[0])
+        return (dx, dw, d_w_hh, *rest, None, None)

@@ -21,8 +21,8 @@ import torch
 
 from .. import _backends
 from ..reference import gru_reference_backward, gru_reference_jvp
-from .common import (EagerOp, check_image_term, check_like, check_xp, image_grad, inference_forward, last_state,
-                     prepare_lengths, registered_backward, weight_grad, zeros_if_none)
+from .common import (EagerOp, check_image_term, check_like, check_xp, engine_of, image_grad, inference_forward,
+                     last_state, prepare_lengths, registered_backward, weight_grad, zeros_if_none)
 
 CELL, PUBLIC = "gru", 2
 
@@ -102,7 +102,8 @@ def input_grads(ctx, grads, bptt, differentiable):
     need_xp, need_w, need_bhn, need_h0, need_img = ctx.needs_input_grad[:5]
     d_w = None
     if need_w:
-        d_w = torch.cat([weight_grad(dGx[..., :2 * H], h0, out), weight_grad(dhn, h0, out)])
+        engine = engine_of(ctx, differentiable)
+        d_w = torch.cat([weight_grad(dGx[..., :2 * H], h0, out, engine), weight_grad(dhn, h0, out, engine)])
     return (dGx if need_xp else None, d_w, dhn.sum((0, 1)) if need_bhn else None, dh0 if need_h0 else None,
             image_grad(dGx, ctx.image_static) if need_img else None, None, None)
 

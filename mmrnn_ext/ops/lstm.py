@@ -20,8 +20,8 @@ import torch
 
 from .. import _backends
 from ..reference import lstm_reference_backward, lstm_reference_jvp
-from .common import (EagerOp, FusedInputOp, check_image_term, check_like, check_xp, image_grad, inference_forward,
-                     last_state, prepare_lengths, registered_backward, weight_grad, zeros_if_none)
+from .common import (EagerOp, FusedInputOp, check_image_term, check_like, check_xp, engine_of, image_grad,
+                     inference_forward, last_state, prepare_lengths, registered_backward, weight_grad, zeros_if_none)
 
 CELL, PUBLIC = "lstm", 3
 
@@ -109,8 +109,15 @@ def input_grads(ctx, grads, bptt, differentiable):
         dG, dh0, dc0 = bptt(grad_out, grad_h, grad_c, out, c_all, gates, h0.contiguous(), c0.contiguous(),
                             w_hh.contiguous(), lengths, ctx.backend)
     need_xp, need_w, need_h0, need_c0, need_img = ctx.needs_input_grad[:5]
-    return (dG if need_xp else None, weight_grad(dG, h0, out) if need_w else None, dh0 if need_h0 else None,
+    d_w = weight_grad(dG, h0, out, engine_of(ctx, differentiable)) if need_w else None
+    return (dG if need_xp else None, d_w, dh0 if need_h0 else None,
             dc0 if need_c0 else None, image_grad(dG, ctx.image_static) if need_img else None, None, None)
+
+
+def recurrent_operands(saved):
+    """(h0, out) among the tensors setup_context saves: the h_{t-1} of the weight gradient."""
+    out, c_all, gates, w_hh, h0, c0, lengths = saved
+    return h0, out
 
 
 def tangents(ctx, tangents):

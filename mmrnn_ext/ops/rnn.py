@@ -19,8 +19,9 @@ import torch
 
 from .. import _backends
 from ..reference import NONLINEARITIES, reference_backward, rnn_reference_jvp
-from .common import (EagerOp, FusedInputOp, InputError, check_image_term, check_like, check_xp, image_grad,
-                     inference_forward, last_state, prepare_lengths, registered_backward, weight_grad, zeros_if_none)
+from .common import (EagerOp, FusedInputOp, InputError, check_image_term, check_like, check_xp, engine_of,
+                     image_grad, inference_forward, last_state, prepare_lengths, registered_backward, weight_grad,
+                     zeros_if_none)
 
 CELL, PUBLIC = "rnn", 2
 
@@ -103,8 +104,15 @@ def input_grads(ctx, grads, bptt, differentiable):
         dA, dh0 = bptt(grad_out, grad_h_last, out, h0.contiguous(), w_hh.contiguous(), lengths, ctx.nonlinearity,
                        ctx.backend)
     need_xp, need_w, need_h0, need_img = ctx.needs_input_grad[:4]
-    return (dA if need_xp else None, weight_grad(dA, h0, out) if need_w else None, dh0 if need_h0 else None,
+    d_w = weight_grad(dA, h0, out, engine_of(ctx, differentiable)) if need_w else None
+    return (dA if need_xp else None, d_w, dh0 if need_h0 else None,
             image_grad(dA, ctx.image_static) if need_img else None, None, None, None)
+
+
+def recurrent_operands(saved):
+    """(h0, out) among the tensors setup_context saves: the h_{t-1} of the weight gradient."""
+    out, w_hh, h0, lengths = saved
+    return h0, out
 
 
 def tangents(ctx, tangents):
