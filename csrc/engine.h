@@ -90,10 +90,13 @@ Kernels<S> kernels_for(Isa isa, int groups) {
 
 // W' packed into panels (see the top of this file), with the kernels that read it. A panel holds
 // `stride` values: K rows of `width` (bfloat16: ceil(K1/2) + ceil((K - K1)/2) pair rows of 2 x width).
+// split: the tiles run the split kernels (Kernels::split; the GRU's fused input product), whose
+// last gate block's sum over x's rows follows the tile's rows (at tile + rows * width + r * units).
 template <typename S>
 struct PackedWeight {
   Kernels<S> kern;
   int64_t K = 0, K1 = 0, H = 0, groups = 1, units = 0, width = 0, panels = 0, stride = 0;  // K1: rows of W_ih (fused)
+  bool split = false;
   at::Tensor buf;
   const S* panel(int64_t p) const { return buf.template data_ptr<S>() + p * stride; }
 };
@@ -263,10 +266,10 @@ void run_steps(const PackedWeight<T>& pw, int64_t steps, int64_t B, AOf a_of, Ep
         // rows spread evenly over the blocks (8 rows as 4 + 4, not 6 + 2)
         const int64_t b0 = blk * B / blocks, rows = (blk + 1) * B / blocks - b0;
         if (a.h != nullptr) {
-          pw.kern.fns[rows - 1](a.x == nullptr ? nullptr : a.x + b0 * a.ldx, a.ldx, pw.K1, a.h + b0 * a.ldh, a.ldh,
-                                pw.panel(p), pw.K, tile, pf);
+          (pw.split ? pw.kern.split : pw.kern.fns)[rows - 1](a.x == nullptr ? nullptr : a.x + b0 * a.ldx, a.ldx, pw.K1,
+                                                             a.h + b0 * a.ldh, a.ldh, pw.panel(p), pw.K, tile, pf);
         } else {
-          std::fill(tile, tile + rows * pw.width, C(0));
+          std::fill(tile, tile + rows * (pw.width + (pw.split ? pw.units : 0)), C(0));
         }
         epi(s, b0, rows, j0, nu, static_cast<const C*>(tile), pw.width);
       }

@@ -15,16 +15,17 @@ namespace mmrnn {
 namespace {
 
 // Storage S, computed in C = acc_t<S>; hr is the running state h_{t-1} (C), replaced by h_t in
-// place (each unit reads its own state before writing it), h the output row (S).
-template <typename S, typename C, bool IMG, bool BIAS, bool SAVE>
-inline void gru_forward_units(const C* __restrict acc, int64_t U, const S* __restrict x, const S* __restrict im,
-                              const S* __restrict bhn, C* __restrict hr, S* __restrict h, S* __restrict gates,
-                              int64_t H, int64_t n) {
+// place (each unit reads its own state before writing it), h the output row (S). FUSED: the input
+// product is in the tile (r and z in acc, W_in x_t in xn_tile) and x is unused.
+template <typename S, typename C, bool IMG, bool BIAS, bool SAVE, bool FUSED>
+inline void gru_forward_units(const C* __restrict acc, int64_t U, const S* __restrict x, const C* __restrict xn_tile,
+                              const S* __restrict im, const S* __restrict bhn, C* __restrict hr, S* __restrict h,
+                              S* __restrict gates, int64_t H, int64_t n) {
   MMRNN_IVDEP
   for (int64_t u = 0; u < n; ++u) {
-    const C xr = C(x[u]) + (IMG ? C(im[u]) : C(0));
-    const C xz = C(x[H + u]) + (IMG ? C(im[H + u]) : C(0));
-    const C xn = C(x[2 * H + u]) + (IMG ? C(im[2 * H + u]) : C(0));
+    const C xr = (FUSED ? C(0) : C(x[u])) + (IMG ? C(im[u]) : C(0));
+    const C xz = (FUSED ? C(0) : C(x[H + u])) + (IMG ? C(im[H + u]) : C(0));
+    const C xn = (FUSED ? xn_tile[u] : C(x[2 * H + u])) + (IMG ? C(im[2 * H + u]) : C(0));
     const C hn = acc[2 * U + u] + (BIAS ? C(bhn[u]) : C(0));
     const C r = sigmoid_(acc[u] + xr);
     const C z = sigmoid_(acc[U + u] + xz);
@@ -43,14 +44,19 @@ inline void gru_forward_units(const C* __restrict acc, int64_t U, const S* __res
 
 // h_run [B, H] (C) carries the state (h0 on entry). SAVE (training): gates [T, B, 4H] is written
 // for backward. !SAVE (inference): h_last (h0 on entry) gets each row's state at its last valid step.
+// xp [T, B, 3H] (the projected input), or with the input product fused (pw.split, xp null) x
+// [T, B, I], I = pw.K1.
 template <typename T, bool SAVE>
-void gru_forward_loop(const PackedWeight<T>& pw, const T* xp, const T* b_hn, const T* h0, const T* img,
+void gru_forward_loop(const PackedWeight<T>& pw, const T* xp, const T* x_in, const T* b_hn, const T* h0, const T* img,
                       bool img_per_step, const int64_t* lengths, T* out, acc_t<T>* h_run, T* gates, T* h_last,
                       int64_t T_, int64_t B, int64_t H) {
   using C = acc_t<T>;
-  const int64_t step = B * H, G = 3 * H, W = 4 * H, U = pw.units;
+  const int64_t step = B * H, G = 3 * H, W = 4 * H, U = pw.units, I = pw.K1;
   run_steps<T>(
-      pw, T_, B, [&](int64_t t) { return Operands<T>{t == 0 ? h0 : out + (t - 1) * step, H}; },
+      pw, T_, B,
+      [&](int64_t t) {
+        return Operands<T>{t == 0 ? h0 : out + (t - 1) * step, H, x_in == nullptr ? nullptr : x_in + t * B * I, I};
+      },
       [&](int64_t t, int64_t b0, int64_t rows, int64_t j0, int64_t nu, const C* tile, int64_t ld) {
         const T* im = img == nullptr ? nullptr : (img_per_step ? img + t * B * G : img);
         const T* bias = b_hn == nullptr ? nullptr : b_hn + j0;
@@ -64,16 +70,20 @@ void gru_forward_loop(const PackedWeight<T>& pw, const T* xp, const T* b_hn, con
             continue;
           }
           const C* acc = tile + (b - b0) * ld;
-          const T* x = xp + t * B * G + b * G + j0;
           C* hr = h_run + bj;
           const T* i = im == nullptr ? nullptr : im + b * G + j0;
-          if (i != nullptr) {
-            if (bias != nullptr) gru_forward_units<T, C, true, true, SAVE>(acc, U, x, i, bias, hr, h, gt, H, nu);
-            else gru_forward_units<T, C, true, false, SAVE>(acc, U, x, i, bias, hr, h, gt, H, nu);
-          } else {
-            if (bias != nullptr) gru_forward_units<T, C, false, true, SAVE>(acc, U, x, i, bias, hr, h, gt, H, nu);
-            else gru_forward_units<T, C, false, false, SAVE>(acc, U, x, i, bias, hr, h, gt, H, nu);
-          }
+          auto units = [&](auto fused, const T* x, const C* xn) {
+            constexpr bool F = decltype(fused)::value;
+            if (i != nullptr) {
+              if (bias != nullptr) gru_forward_units<T, C, true, true, SAVE, F>(acc, U, x, xn, i, bias, hr, h, gt, H, nu);
+              else gru_forward_units<T, C, true, false, SAVE, F>(acc, U, x, xn, i, bias, hr, h, gt, H, nu);
+            } else {
+              if (bias != nullptr) gru_forward_units<T, C, false, true, SAVE, F>(acc, U, x, xn, i, bias, hr, h, gt, H, nu);
+              else gru_forward_units<T, C, false, false, SAVE, F>(acc, U, x, xn, i, bias, hr, h, gt, H, nu);
+            }
+          };
+          if (xp == nullptr) units(std::true_type{}, nullptr, tile + rows * ld + (b - b0) * U);
+          else units(std::false_type{}, xp + t * B * G + b * G + j0, nullptr);
           if (!SAVE && t == len - 1) std::copy(h, h + nu, h_last + bj);
         }
       });
@@ -150,41 +160,49 @@ void gru_backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, con
       });
 }
 
-void check_forward_args(const at::Tensor& xp, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hn,
-                        const at::Tensor& h0) {
-  check_sequence(xp, "xp", 3);
-  const int64_t B = xp.size(1), H = xp.size(2) / 3;
-  check_arg(w_hh, "w_hh", xp, {3 * H, H});
-  if (b_hn.has_value()) check_arg(*b_hn, "b_hn", xp, {H});
-  check_arg(h0, "h0", xp, {B, H});
-}
-
-// SAVE (training forward) -> (out, gates [T, B, 4H]); !SAVE (inference) -> (out, h_last).
+// SAVE (training forward) -> (out, gates [T, B, 4H]); !SAVE (inference) -> (out, h_last). With
+// w_ih [3H, I], `input` is x [T, B, I] and the input product is fused into every step's tile
+// (float32 and float64: the split kernels, micro_kernels.h); without, it is xp [T, B, 3H].
 template <bool SAVE>
-std::tuple<at::Tensor, at::Tensor> gru_run(const at::Tensor& xp, const at::Tensor& w_hh,
-                                           const std::optional<at::Tensor>& b_hn, const at::Tensor& h0,
-                                           const std::optional<at::Tensor>& image_term,
+std::tuple<at::Tensor, at::Tensor> gru_run(const at::Tensor& input, const std::optional<at::Tensor>& w_ih,
+                                           const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hn,
+                                           const at::Tensor& h0, const std::optional<at::Tensor>& image_term,
                                            const std::optional<at::Tensor>& lengths) {
-  check_forward_args(xp, w_hh, b_hn, h0);
-  const int64_t T_ = xp.size(0), B = xp.size(1), H = xp.size(2) / 3;
-  const bool per_step = check_image_term(image_term, xp, T_, B, 3 * H);
+  const int64_t H = check_infer_input(input, w_ih, w_hh, 3);
+  const int64_t T_ = input.size(0), B = input.size(1);
+  if (b_hn.has_value()) check_arg(*b_hn, "b_hn", input, {H});
+  check_arg(h0, "h0", input, {B, H});
+  TORCH_CHECK(!w_ih.has_value() || input.scalar_type() != at::kBFloat16,
+              "x: the GRU's fused input product computes float32 and float64, got BFloat16 (project the input first "
+              "and pass xp without w_ih)");
+  const bool per_step = check_image_term(image_term, input, T_, B, 3 * H);
   const int64_t* len = check_lengths(lengths, T_, B);
   const Isa isa = cpu_isa();
-  at::Tensor out = empty_huge({T_, B, H}, xp.options());
-  at::Tensor second = SAVE ? empty_huge({T_, B, 4 * H}, xp.options()) : h0.clone();
+  at::Tensor out = empty_huge({T_, B, H}, input.options());
+  at::Tensor second = SAVE ? empty_huge({T_, B, 4 * H}, input.options()) : h0.clone();
   at::Tensor h_run = h0.to(carry_type(h0.scalar_type()), /*non_blocking=*/false, /*copy=*/true);
   {
     pybind11::gil_scoped_release no_gil;
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xp.scalar_type(), "mmrnn_gru_forward", [&] {
-      const auto pw = pack_weight<scalar_t>(w_hh, 3, /*transpose=*/true, isa);
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "mmrnn_gru_forward", [&] {
+      auto pw = pack_weight<scalar_t>(w_hh, 3, /*transpose=*/true, isa, w_ih.has_value() ? &*w_ih : nullptr);
+      pw.split = w_ih.has_value();
       scalar_t* extra = second.data_ptr<scalar_t>();
-      gru_forward_loop<scalar_t, SAVE>(pw, xp.data_ptr<scalar_t>(), data_or_null<scalar_t>(b_hn),
-                                       h0.data_ptr<scalar_t>(), data_or_null<scalar_t>(image_term), per_step, len,
-                                       out.data_ptr<scalar_t>(), h_run.data_ptr<acc_t<scalar_t>>(),
-                                       SAVE ? extra : nullptr, SAVE ? nullptr : extra, T_, B, H);
+      const scalar_t* data = input.data_ptr<scalar_t>();
+      gru_forward_loop<scalar_t, SAVE>(pw, w_ih.has_value() ? nullptr : data, w_ih.has_value() ? data : nullptr,
+                                       data_or_null<scalar_t>(b_hn), h0.data_ptr<scalar_t>(),
+                                       data_or_null<scalar_t>(image_term), per_step, len, out.data_ptr<scalar_t>(),
+                                       h_run.data_ptr<acc_t<scalar_t>>(), SAVE ? extra : nullptr,
+                                       SAVE ? nullptr : extra, T_, B, H);
     });
   }
   return {out, second};
+}
+
+std::tuple<at::Tensor, at::Tensor> gru_forward(const at::Tensor& xp, const at::Tensor& w_hh,
+                                               const std::optional<at::Tensor>& b_hn, const at::Tensor& h0,
+                                               const std::optional<at::Tensor>& image_term,
+                                               const std::optional<at::Tensor>& lengths) {
+  return gru_run<true>(xp, std::nullopt, w_hh, b_hn, h0, image_term, lengths);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_backward(const at::Tensor& grad_out, const at::Tensor& grad_h_last,
@@ -221,12 +239,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_backward(const at::Tensor& gr
 }  // namespace
 
 void register_gru(pybind11::module& m) {
-  m.def("gru_forward", &gru_run<true>, "GRU forward over the whole sequence -> (out, gates)", pybind11::arg("xp"),
+  m.def("gru_forward", &gru_forward, "GRU forward over the whole sequence -> (out, gates)", pybind11::arg("xp"),
         pybind11::arg("w_hh"), pybind11::arg("b_hn"), pybind11::arg("h0"), pybind11::arg("image_term"),
         pybind11::arg("lengths"));
-  m.def("gru_infer", &gru_run<false>, "GRU forward that saves nothing for backward -> (out, h_last)", pybind11::arg("xp"),
-        pybind11::arg("w_hh"), pybind11::arg("b_hn"), pybind11::arg("h0"), pybind11::arg("image_term"),
-        pybind11::arg("lengths"));
+  m.def("gru_forward_fused", &gru_run<true>,
+        "GRU training forward with the input product fused (x [T, B, I] and w_ih [3H, I]) -> (out, gates)",
+        pybind11::arg("x"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_hn"), pybind11::arg("h0"),
+        pybind11::arg("image_term"), pybind11::arg("lengths"));
+  m.def("gru_infer", &gru_run<false>,
+        "GRU forward that saves nothing for backward -> (out, h_last); with w_ih the input is x and its product is "
+        "fused", pybind11::arg("input"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_hn"),
+        pybind11::arg("h0"), pybind11::arg("image_term"), pybind11::arg("lengths"));
   m.def("gru_backward", &gru_backward, "GRU BPTT over the whole sequence -> (dGx [T, B, 3H], dhn [T, B, H], dh0)",
         pybind11::arg("grad_out"), pybind11::arg("grad_h_last"), pybind11::arg("out"), pybind11::arg("gates"),
         pybind11::arg("h0"), pybind11::arg("w_hh"), pybind11::arg("lengths"));

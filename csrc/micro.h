@@ -62,10 +62,13 @@ constexpr int kMaxWgradVectors = 4;
 // rows per tile): fns[r - 1] computes r rows (1 <= r <= mr). Beside it the weight gradient's
 // family (float32 and float64; none for bfloat16): wg[r - 1][n - 1] computes r rows of n vectors
 // (1 <= r <= wg_mr, 1 <= n <= wg_nv).
+// split[r - 1]: the same with the last gate block's sum over x's rows kept apart (the GRU's fused
+// input product; three-gate families in float32 and float64 only, null otherwise).
 template <typename S>
 struct Kernels {
   int vw = 0, nv = 0, mr = 0;
   MicroFn<S> fns[kMaxRows] = {};
+  MicroFn<S> split[kMaxRows] = {};
   int wg_mr = 0, wg_nv = 0;
   WgradFn<S> wg[kMaxRows][kMaxWgradVectors] = {};
 };

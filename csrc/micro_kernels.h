@@ -55,7 +55,10 @@ __attribute__((always_inline)) inline void prefetch_row(const void* p) {
 // stride ldh). K1 = 0 is a plain product with h; K1 > 0 fuses a step's input projection into its
 // recurrent product (W' holds W_ih's K1 rows above W_hh's). pf (or null): a panel laid out as w,
 // prefetched row for row as w's rows are read.
-template <typename T, int VW, int NV, int MR>
+// SPLIT (the GRU's fused input product, NV = 3 gate blocks of one vector each): the last vector's
+// sum over x's rows is stored apart, at tile + MR * NV * VW + r * VW, and that vector then sums h's
+// rows only (the reset gate scales W_hn h_{t-1} + b_hn, not W_in x_t).
+template <typename T, int VW, int NV, int MR, bool SPLIT = false>
 void micro(const T* __restrict x, int64_t ldx, int64_t K1, const T* __restrict h, int64_t ldh, const T* __restrict w,
            int64_t K, T* __restrict tile, const T* pf) {
   typedef T vec __attribute__((vector_size(VW * sizeof(T))));
@@ -91,6 +94,21 @@ void micro(const T* __restrict x, int64_t ldx, int64_t K1, const T* __restrict h
       for (int q = 0; q < KU; ++q) row(k + q, acc[q]);
     }
     for (; k < k1; ++k) row(k, acc[0]);
+    if constexpr (SPLIT) {
+      if (part == 0) {
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) {
+          vec s = acc[0][r][NV - 1];
+          acc[0][r][NV - 1] = vec{};
+#pragma GCC unroll 8
+          for (int q = 1; q < KU; ++q) {
+            s += acc[q][r][NV - 1];
+            acc[q][r][NV - 1] = vec{};
+          }
+          *reinterpret_cast<vec*>(tile + MR * (NV * VW) + r * VW) = s;
+        }
+      }
+    }
   }
   store_acc<VW>(acc, tile);
 }
@@ -256,8 +274,15 @@ Kernels<S> table(std::integer_sequence<int, R...>) {
   k.vw = VW;
   k.nv = NV;
   k.mr = MR;
-  if constexpr (kIsBf16<S>) ((k.fns[R] = &micro_bf16<VW, NV, R + 1>), ...);
-  else ((k.fns[R] = &micro<S, VW, NV, R + 1>), ...);
+  if constexpr (kIsBf16<S>) {
+    ((k.fns[R] = &micro_bf16<VW, NV, R + 1>), ...);
+  } else {
+    ((k.fns[R] = &micro<S, VW, NV, R + 1>), ...);
+    if constexpr (NV == 3) {
+      static_assert(MR * (NV + 1) * VW <= kMaxRows * kMaxPanelWidth, "a split tile must fit the callers' tile buffers");
+      ((k.split[R] = &micro<S, VW, NV, R + 1, true>), ...);
+    }
+  }
   return k;
 }
 

@@ -74,14 +74,14 @@ class Engine:
 
     def train_forward(self, cell: str):
         """The training forward of `cell` with the input product fused into every step (x and w_ih
-        in, what BPTT reads out): the RNN's is its inference kernel (it saves only its outputs);
-        None where the cell has none (the GRU, as for infer)."""
-        return {"rnn": self._mod.rnn_infer, "lstm": self._mod.lstm_forward_fused}.get(cell)
+        in, what BPTT reads out): the RNN's is its inference kernel (it saves only its outputs)."""
+        return {"rnn": self._mod.rnn_infer, "lstm": self._mod.lstm_forward_fused,
+                "gru": self._mod.gru_forward_fused}[cell]
 
     def infer(self, cell: str):
-        """Inference of `cell` with the input product fused into every step (x and w_ih in), or None
-        where the cell has no such kernel (the GRU: its reset gate scales the recurrent product only)."""
-        return getattr(self._mod, f"{cell}_infer") if cell in ("rnn", "lstm") else None
+        """Inference of `cell` with the input product fused into every step (x and w_ih in; the GRU's
+        float32 and float64 only: its tiles keep W_in x_t apart, which the reset gate does not scale)."""
+        return getattr(self._mod, f"{cell}_infer")
 
 
 @dataclass(frozen=True)
@@ -232,11 +232,13 @@ def _cpp_backend() -> Backend:
     def lstm_infer(xp, w_hh, h0, c0, image_term, lengths):
         return tuple(mod.lstm_infer(xp, None, w_hh, h0, c0, image_term, lengths))
 
+    def gru_infer(xp, w_hh, b_hn, h0, image_term, lengths):
+        return tuple(mod.gru_infer(xp, None, w_hh, b_hn, h0, image_term, lengths))
+
     be = Backend("cpp", {
         "rnn": CellImpl(rnn_forward, rnn_backward, rnn_infer),
         "lstm": CellImpl(lambda *a: tuple(mod.lstm_forward(*a)), lambda *a: tuple(mod.lstm_backward(*a)), lstm_infer),
-        "gru": CellImpl(lambda *a: tuple(mod.gru_forward(*a)), lambda *a: tuple(mod.gru_backward(*a)),
-                        lambda *a: tuple(mod.gru_infer(*a))),
+        "gru": CellImpl(lambda *a: tuple(mod.gru_forward(*a)), lambda *a: tuple(mod.gru_backward(*a)), gru_infer),
     }, (torch.float64, torch.float32, torch.bfloat16), ("cpu",),
         Engine(mod))
     _cache["cpp_backend"] = be

@@ -223,8 +223,9 @@ def test_weight_grad_edges_and_bad_input():
 
 
 @pytest.mark.parametrize("cell,kw,fused", [("rnn", {}, True), ("rnn", {"nonlinearity": "relu"}, True),
-                                           ("lstm", {}, True), ("lstm", {"proj_size": 5}, False), ("gru", {}, False)],
-                         ids=["rnn", "rnn-relu", "lstm", "lstm-proj", "gru"])
+                                           ("lstm", {}, True), ("lstm", {"proj_size": 5}, False), ("gru", {}, True),
+                                           ("gru", {"bias": False}, True)],
+                         ids=["rnn", "rnn-relu", "lstm", "lstm-proj", "gru", "gru-no-bias"])
 def test_modules_inference_paths(monkeypatch, cell, kw, fused):
     """Without gradients (float32, cpp) the RNN and LSTM run the input product inside the recurrence
     (the infer kernels given x and W_ih); the GRU (whose reset gate multiplies only the recurrent
@@ -239,7 +240,7 @@ def test_modules_inference_paths(monkeypatch, cell, kw, fused):
 
     calls = {"linear": 0, "fused": 0}
     real_linear, infer_name = _C.linear, f"{cell}_infer"
-    real_infer = getattr(_C, infer_name) if cell != "gru" else None  # gru_infer takes xp only
+    real_infer = getattr(_C, infer_name)
 
     def linear(*a):
         calls["linear"] += 1
@@ -250,8 +251,7 @@ def test_modules_inference_paths(monkeypatch, cell, kw, fused):
         return real_infer(*a)
 
     monkeypatch.setattr(_C, "linear", linear)
-    if real_infer is not None:
-        monkeypatch.setattr(_C, infer_name, infer)
+    monkeypatch.setattr(_C, infer_name, infer)
     m = _module(cell, **kw)
     x, img = torch.randn(6, 3, 12), torch.randn(6, 3, 6)
     lengths = torch.tensor([6, 2, 4])
@@ -269,18 +269,20 @@ def test_modules_inference_paths(monkeypatch, cell, kw, fused):
 
 
 @pytest.mark.parametrize("isa", ORDER)
-@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 @pytest.mark.parametrize("T,B,I,H", [(5, 1, 3, 7), (4, 13, 17, 33), (3, 12, 1, 65)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_fused_inference_kernels(monkeypatch, isa, cell, T, B, I, H, dtype):
-    """The fused-input inference kernels, and the LSTM's fused training forward (what it saves for
-    BPTT too: c at every step and the gate activations), against the reference on x @ W_ih^T, every
-    path, with lengths and a per-step image term. (The RNN's training forward is its infer kernel.)"""
+    """The fused-input inference kernels, and the LSTM's and GRU's fused training forwards (what
+    they save for BPTT too: the LSTM's c at every step and gate activations, the GRU's r, z, n and
+    W_hn h + b_hn — its tiles keep W_in x_t apart), against the reference on x @ W_ih^T, every path,
+    with lengths and a per-step image term. (The RNN's training forward is its infer kernel.)"""
     from mmrnn_ext import _C
-    from mmrnn_ext.reference import lstm_recurrence_ref, lstm_reference_forward, rnn_recurrence_ref
+    from mmrnn_ext.reference import (gru_recurrence_ref, gru_reference_forward, lstm_recurrence_ref,
+                                     lstm_reference_forward, rnn_recurrence_ref)
 
     _force(monkeypatch, isa)
-    G = 4 if cell == "lstm" else 1
+    G = {"rnn": 1, "lstm": 4, "gru": 3}[cell]
     g = torch.Generator().manual_seed(T * B + H)
     rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * scale)  # noqa: E731
     x, w_ih, w_hh = rnd(T, B, I), rnd(G * H, I, scale=I ** -0.5), rnd(G * H, H, scale=H ** -0.5)
@@ -291,6 +293,16 @@ def test_fused_inference_kernels(monkeypatch, isa, cell, T, B, I, H, dtype):
     if cell == "rnn":
         got = _C.rnn_infer(cast(x), cast(w_ih), cast(w_hh), cast(h0), cast(img), lengths, False)
         ref = rnn_recurrence_ref(xp, w_hh, h0, img, lengths)
+    elif cell == "gru":
+        b_hn = rnd(H, scale=0.5)
+        got = _C.gru_infer(cast(x), cast(w_ih), cast(w_hh), cast(b_hn), cast(h0), cast(img), lengths)
+        ref = gru_recurrence_ref(xp, w_hh, h0, img, lengths, b_hn)
+        saved = _C.gru_forward_fused(cast(x), cast(w_ih), cast(w_hh), cast(b_hn), cast(h0), cast(img), lengths)
+        for name, a, b in zip(("out", "gates"), saved, gru_reference_forward(xp, w_hh, b_hn, h0, img, lengths)):
+            assert_close(a, b.to(dtype), dtype, f"training forward: {name}")
+        no_bias = _C.gru_infer(cast(x), cast(w_ih), cast(w_hh), None, cast(h0), cast(img), lengths)
+        for k, (a, b) in enumerate(zip(no_bias, gru_recurrence_ref(xp, w_hh, h0, img, lengths))):
+            assert_close(a, b.to(dtype), dtype, f"without b_hn: output {k}")
     else:
         got = _C.lstm_infer(cast(x), cast(w_ih), cast(w_hh), cast(h0), cast(c0), cast(img), lengths)
         ref = lstm_recurrence_ref(xp, w_hh, h0, c0, img, lengths)
@@ -309,6 +321,11 @@ def test_fused_inference_rejects_mismatched_weights():
         _C.lstm_infer(x, torch.randn(8, 4), torch.randn(8, 2), torch.zeros(2, 2), torch.zeros(2, 2), None, None)
     with pytest.raises(RuntimeError, match=r"w_hh: expected shape \[4H, H\]"):
         _C.lstm_infer(x, torch.randn(8, 5), torch.randn(8, 3), torch.zeros(2, 2), torch.zeros(2, 2), None, None)
+    with pytest.raises(RuntimeError, match=r"w_ih: expected shape \[6, 5\]"):
+        _C.gru_infer(x, torch.randn(6, 4), torch.randn(6, 2), None, torch.zeros(2, 2), None, None)
+    with pytest.raises(RuntimeError, match="the GRU's fused input product computes float32 and float64, got BFloat16"):
+        _C.gru_forward_fused(x.bfloat16(), torch.randn(6, 5).bfloat16(), torch.randn(6, 2).bfloat16(), None,
+                             torch.zeros(2, 2).bfloat16(), None, None)
 
 
 def test_bad_isa_switch_is_an_error(monkeypatch):
@@ -356,7 +373,9 @@ def _count_engine_calls(monkeypatch):
     monkeypatch.setattr(_C, "weight_grad", counted("weight grad", _C.weight_grad))
     monkeypatch.setattr(_C, "rnn_infer", fused_or_not(_C.rnn_infer))
     monkeypatch.setattr(_C, "lstm_infer", fused_or_not(_C.lstm_infer))
+    monkeypatch.setattr(_C, "gru_infer", fused_or_not(_C.gru_infer))
     monkeypatch.setattr(_C, "lstm_forward_fused", counted("fused", _C.lstm_forward_fused))
+    monkeypatch.setattr(_C, "gru_forward_fused", counted("fused", _C.gru_forward_fused))
     return calls
 
 
@@ -364,8 +383,8 @@ def _count_engine_calls(monkeypatch):
 @pytest.mark.parametrize("create_graph", [False, True], ids=["first-order", "create-graph"])
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "separate"])
 def test_training_input_product_on_the_engine(monkeypatch, cell, create_graph, fuse):
-    """With gradients (float32) the modules run the input product on the engine — the RNN's and
-    LSTM's inside the recurrence's tiles (fused; separate: FUSE_TRAINING_PRODUCT off, as the GRU's)
+    """With gradients (float32) the modules run the input product on the engine — inside the
+    recurrence's tiles (fused; separate: FUSE_TRAINING_PRODUCT off)
     — and, first order, its input gradient dA @ W_ih and the weight gradients too: every gradient (the input's, through both
     layers and directions, and every parameter's) against the same module in float64 on torch's
     products, at odd sizes with batch_first (a non-contiguous time-major input), lengths and per-step
@@ -399,10 +418,10 @@ def test_training_input_product_on_the_engine(monkeypatch, cell, create_graph, f
     out, got, second = grads(m, torch.float32)
     # 2 layers x 2 directions: fused forwards or separate products on the engine; their input
     # gradients there too, except under create_graph (torch's matmul: differentiable)
-    fused = fuse and cell != "gru"
-    # first order, the weight gradients on the engine: fused, dW_ih and dW_hh in one pass per layer
-    # and direction; separate, dW_ih's and dW_hh's (the GRU's dW_hh in two: r and z, then n)
-    passes = 0 if create_graph else 4 if fused else 12 if cell == "gru" else 8
+    fused = fuse
+    # first order, the weight gradients on the engine: RNN and LSTM fused, dW_ih and dW_hh in one
+    # pass per layer and direction; else dW_ih's and dW_hh's (the GRU's dW_hh in two: r and z, then n)
+    passes = 0 if create_graph else 12 if cell == "gru" else 4 if fused else 8
     assert first == {"product": 0 if fused else 4, "fused": 4 if fused else 0,
                      "input grad": 0 if create_graph else 4, "unfused": 0, "weight grad": passes}
     before = dict(calls)
@@ -417,7 +436,7 @@ def test_training_input_product_on_the_engine(monkeypatch, cell, create_graph, f
             assert_close(a, b.float(), torch.float32, f"second-order gradient, {name}")
 
 
-@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_fused_training_forward_from_batch_two(monkeypatch, cell):
     """The fused training forward (and float32 inference's fused kernel) is taken from B = 2 up; at
     B = 1 (a step bound by reading the weights) the separate product. Both give the reference's
@@ -511,18 +530,18 @@ def _run(m, seed):
 
 
 def _run_op(cell, seed, B=9, H=80):
-    """The op alone (what the engine computes: outputs, and the gradients BPTT returns directly —
-    the weight gradient is torch's GEMM, whose bits depend on its own thread count)."""
+    """The op alone (what the engine computes: outputs, the gradients BPTT returns directly and the
+    weight gradient W_hh's)."""
     if cell == "rnn":
         from op_cases import make_inputs
         xp, w, h0, img, lens = make_inputs(6, B, H, "step", torch.float32, lengths=True, seed=seed)
         outs = mmrnn_ext.rnn_recurrence(xp, w, h0, img, lens, backend="cpp")
-        states = [xp, h0]
+        states = [xp, w, h0]
     else:
         args, lens = make_gated_inputs(cell, 6, B, H, "step", torch.float32, lengths=True, seed=seed)
         op = mmrnn_ext.lstm_recurrence if cell == "lstm" else mmrnn_ext.gru_recurrence
         outs = op(*args, lengths=lens, backend="cpp")
-        states = [args[0]] + ([args[2], args[3]] if cell == "lstm" else [args[3]])
+        states = [args[0], args[1]] + ([args[2], args[3]] if cell == "lstm" else [args[3]])
     g = torch.Generator().manual_seed(seed)
     loss = sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs)
     return [o.detach() for o in outs] + list(torch.autograd.grad(loss, states))

@@ -350,8 +350,8 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
     def _fused_inference(self, engine, p):
         """A callable (x, image_term, states, lengths) -> (out, final states) running this layer and
         direction's inference with the input product fused into the recurrence (engine.infer, the
-        backend's), or None where the cell has none. p holds weight_ih and weight_hh, in the dtype it
-        runs in."""
+        backend's), or None where the cell has none. p holds weight_ih, weight_hh and bias_hh (where the
+        layer has biases), in the dtype it runs in."""
         return None
 
     def _fused_training(self, engine, p):
@@ -511,7 +511,8 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
         separate = product is not None and x.shape[1] == 1
         fused = None
         if fuse is not None and not separate:
-            fused = self._fused_inference(fuse, {k: _to(p[k], amp) for k in ("weight_ih", "weight_hh")})
+            fused = self._fused_inference(fuse, {k: _to(p[k], amp) for k in ("weight_ih", "weight_hh", "bias_hh")
+                                                 if p.get(k) is not None})
         elif fuse is None and product is not None and self.FUSE_TRAINING_PRODUCT and not separate:
             fused = self._fused_training(product, p)
         if fused is not None:

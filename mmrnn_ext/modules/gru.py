@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ..ops import gru_recurrence
-from .base import CellBase, RecurrentBase
+from ..ops.gru import gru_recurrence_fused
+from .base import CellBase, RecurrentBase, _contiguous
 
 
 def _outer_bias(b_ih, b_hh):
@@ -50,6 +51,27 @@ class GRU(RecurrentBase):
         out, h = gru_recurrence(xp, p["weight_hh"], _b_hn(p.get("bias_hh")), states[0], image_term, lengths,
                                 self.backend)
         return out, (h,)
+
+    def _fused_inference(self, engine, p):
+        if p["weight_ih"].dtype == torch.bfloat16:  # the GRU's fused tiles run float32 and float64 only
+            return None
+        infer = engine.infer("gru")
+        b_hn = _b_hn(p.get("bias_hh"))
+
+        def run(x, image_term, states, lengths):
+            out, h = infer(x, p["weight_ih"].contiguous(), p["weight_hh"].contiguous(), _contiguous(b_hn),
+                           states[0].contiguous(), _contiguous(image_term), lengths)
+            return out, (h,)
+
+        return run
+
+    def _fused_training(self, engine, p):
+        def run(x, image_term, states, lengths):
+            out, h = gru_recurrence_fused(x, p["weight_ih"], p["weight_hh"], _b_hn(p.get("bias_hh")), states[0],
+                                          image_term, lengths, self.backend, engine)
+            return out, (h,)
+
+        return run
 
 
 class GRUCell(CellBase):

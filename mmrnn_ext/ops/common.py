@@ -270,7 +270,8 @@ class FusedInputOp(torch.autograd.Function):
     training forward (cell.fused_forward: [x_t | h_{t-1}] @ [W_ih; W_hh] per step, K = I + H, saving
     what BPTT reads; no projected input written or read back). Backward: the cell's input_grads
     (the engine's BPTT) gives dL/dxp, then dx = dxp @ W_ih and [dW_ih | dW_hh] = dxp^T [x | h_{t-1}]
-    in one pass on the engine (cell.recurrent_operands(saved) names h0 and out).
+    in one pass on the engine (cell.recurrent_operands(saved) names h0 and out; the GRU, without
+    one, takes dW_ih alone and its own dW_hh).
     Higher order as EagerOp: the BPTT as torch ops on the saved tensors, and the two products as
     torch ops, so that the gradients have a history. Float32 CPU training only (the modules choose
     it: not under forward AD, a torch.func transform or torch.compile)."""
@@ -301,8 +302,9 @@ class FusedInputOp(torch.autograd.Function):
 
         differentiable = (torch.is_grad_enabled() or any(g is not None for g in grads[cell.PUBLIC:])
                           or any(g is not None and torch._C._functorch.is_functorch_wrapped_tensor(g) for g in grads))
-        # dW_ih and dW_hh in one pass over dA on the engine (first order): input_grads leaves dW_hh
-        joint = not differentiable and need_w_ih and needs[0]
+        # dW_ih and dW_hh in one pass over dA on the engine (first order; not the GRU's, see
+        # ops/gru.py): input_grads leaves dW_hh
+        joint = not differentiable and need_w_ih and needs[0] and cell.recurrent_operands is not None
         d_xp, d_w_hh, *rest = cell.input_grads(_OpView(ctx, saved, (need_x or need_w_ih, needs[0] and not joint,
                                                                     *needs[1:])), grads, bptt, differentiable)
         dx = dw = None

@@ -21,8 +21,8 @@ import torch
 
 from .. import _backends
 from ..reference import gru_reference_backward, gru_reference_jvp
-from .common import (EagerOp, check_image_term, check_like, check_xp, engine_of, image_grad, inference_forward,
-                     last_state, prepare_lengths, registered_backward, weight_grad, zeros_if_none)
+from .common import (EagerOp, FusedInputOp, check_image_term, check_like, check_xp, engine_of, image_grad,
+                     inference_forward, last_state, prepare_lengths, registered_backward, weight_grad, zeros_if_none)
 
 CELL, PUBLIC = "gru", 2
 
@@ -40,6 +40,16 @@ def forward(be, xp, w_hh, b_hn, h0, image_term, lengths, backend):
     h0 = h0.contiguous()
     out, gates = be.cells[CELL].forward(xp.contiguous(), w_hh.contiguous(), None if b_hn is None else b_hn.contiguous(),
                                         h0, None if image_term is None else image_term.contiguous(), lengths)
+    return out, last_state(out, h0, lengths), gates
+
+
+def fused_forward(engine, x, w_ih, w_hh, b_hn, h0, image_term, lengths, backend):
+    """forward's outputs for xp = x @ w_ih^T, the input product inside each step's tile (W_in x_t
+    kept apart from W_hn h_{t-1}, which the reset gate scales)."""
+    h0 = h0.contiguous()
+    out, gates = engine.train_forward(CELL)(x.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
+                                            None if b_hn is None else b_hn.contiguous(), h0,
+                                            None if image_term is None else image_term.contiguous(), lengths)
     return out, last_state(out, h0, lengths), gates
 
 
@@ -108,6 +118,11 @@ def input_grads(ctx, grads, bptt, differentiable):
             image_grad(dGx, ctx.image_static) if need_img else None, None, None)
 
 
+# FusedInputOp's joint pass ([dW_ih | dW_hh] = dA^T [x | h_{t-1}]) does not serve the GRU: its dW_hh
+# reads [dr, dz, d(W_hn h + b_hn)], not dA = [dr, dz, dn]; input_grads computes it.
+recurrent_operands = None
+
+
 def tangents(ctx, tangents):
     """Forward mode: the tangents of (out, h_last, gates) from those of (xp, w_hh, b_hn, h0, image_term, ...)."""
     out, gates, w_hh, h0, lengths = ctx.saved_tensors
@@ -134,3 +149,10 @@ def gru_recurrence(xp, w_hh, b_hn=None, h0=None, image_term=None, lengths=None, 
         return infer(xp.contiguous(), w_hh.contiguous(), None if b_hn is None else b_hn.contiguous(), h0.contiguous(),
                      None if image_term is None else image_term.contiguous(), lengths)
     return EagerOp.apply(xp, w_hh, b_hn, h0, image_term, lengths, backend, sys.modules[__name__])[:PUBLIC]
+
+
+def gru_recurrence_fused(x, w_ih, w_hh, b_hn, h0, image_term, lengths, backend, engine):
+    """gru_recurrence(x @ w_ih^T, ...) with the input product inside the recurrence, for the modules
+    (their float32 CPU training; arguments already checked, lengths prepared)."""
+    return FusedInputOp.apply(x, w_ih, w_hh, b_hn, h0, image_term, lengths, backend, sys.modules[__name__],
+                              engine)[:PUBLIC]
