@@ -6,16 +6,17 @@ its parts timed alone on the same tensors:
                        tile ([x_t | h_{t-1}] @ [W_ih; W_hh]), saving what BPTT reads (the module's
                        float32 step from batch 2 up)
     BPTT recurrence    the engine's reverse loop -> dG
-    dW_ih              dG^T x over all steps (torch's GEMM)
-    dW_hh              sum_t dG_t^T h_{t-1} (torch's GEMM)
+    dW_ih and dW_hh    [dW_ih | dW_hh] = sum_t dG_t^T [x_t | h_{t-1}], one pass over dG on the engine
     image and bias     dG summed over steps, the image weight's and the bias's gradients
     rest               the step's best less the parts' bests: autograd, Python, allocation, the
                        gradient buffers, the final-state gathers
 
-and, for comparison (not parts of the step; batch 1's forward is these two):
+and, for comparison (not parts of the step; batch 1's forward is the first two):
 
     separate: input product       x @ W_ih^T over all steps on the engine's kernels
     separate: forward recurrence  the recurrence on that projected input
+    torch: dW_ih                  dG^T x over all steps on torch's GEMM (the step's before 2026-12-06)
+    torch: dW_hh                  sum_t dG_t^T h_{t-1} on torch's GEMM (likewise)
 
 Each part and the step take turns (mmrnn-bench's side_by_side_stats: per round an untimed call,
 then a timed one), so a slow spell of a shared machine spreads over all of them; a part's figure is
@@ -70,17 +71,19 @@ def parts(B, T, I, V, H):
         "separate: input product": lambda: be.engine.linear(x, w_ih),
         "separate: forward recurrence": lambda: cpp.forward(xp, w_hh, h0, h0, img, None),
         "BPTT recurrence": lambda: cpp.backward(ones, h0, h0, out, c_all, gates, h0, h0, w_hh, None),
-        "dW_ih": lambda: dG.flatten(0, 1).t().mm(x.flatten(0, 1)),
-        "dW_hh": lambda: weight_grad(dG, h0, out),
+        "dW_ih and dW_hh": lambda: be.engine.weight_grad(dG, x, h0, out),
         "image and bias": image_and_bias,
-    }, {"forward": 2.0 * T * B * G * (I + H), "BPTT recurrence": 2.0 * T * B * G * H, "dW_ih": 2.0 * T * B * G * I,
-        "dW_hh": 2.0 * T * B * G * H, "image and bias": 2.0 * B * V * G,
-        "separate: input product": 2.0 * T * B * G * I, "separate: forward recurrence": 2.0 * T * B * G * H}
+        "torch: dW_ih": lambda: dG.flatten(0, 1).t().mm(x.flatten(0, 1)),
+        "torch: dW_hh": lambda: weight_grad(dG, h0, out),
+    }, {"forward": 2.0 * T * B * G * (I + H), "BPTT recurrence": 2.0 * T * B * G * H,
+        "dW_ih and dW_hh": 2.0 * T * B * G * (I + H), "image and bias": 2.0 * B * V * G,
+        "separate: input product": 2.0 * T * B * G * I, "separate: forward recurrence": 2.0 * T * B * G * H,
+        "torch: dW_ih": 2.0 * T * B * G * I, "torch: dW_hh": 2.0 * T * B * G * H}
 
 
 def _in_step(name):
     """Whether a part is one of the step's (not the step itself, nor a comparison)."""
-    return name != "step" and not name.startswith("separate:")
+    return name != "step" and not name.startswith(("separate:", "torch:"))
 
 
 def measure(shape, repeats):
