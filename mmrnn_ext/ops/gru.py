@@ -9,8 +9,9 @@ Time-major shapes (see ``mmrnn_ext.reference`` for the full contract):
 
 Registered as the torch.library custom ops mmrnn::gru_fwd and mmrnn::gru_bwd. Backward saves the
 outputs and r, z, n, W_hn h + b_hn (5H per step and row with h: what nn.GRU's fused kernels keep),
-h0 and W_hh — never the projected input. dW_hh is two GEMMs over all steps after the reverse loop
-(the r, z rows and the n rows, whose gradient passes through the reset gate).
+h0 and W_hh — never the projected input. dW_hh is two passes over all steps after the reverse loop
+(the r, z rows and the n rows, whose gradient passes through the reset gate): on the CPU engine in
+float32 first-order backward (csrc/engine.h, weight_grad), torch's GEMMs otherwise.
 """
 from __future__ import annotations
 

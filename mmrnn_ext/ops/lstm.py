@@ -9,7 +9,9 @@ Time-major shapes (see ``mmrnn_ext.reference`` for the full contract):
 Registered as the torch.library custom ops mmrnn::lstm_fwd and mmrnn::lstm_bwd. Backward saves the
 outputs, the cell states and the activated gates (6H per step and row: what nn.LSTM's fused
 kernels keep, 4H gates + c + h), h0, c0 and W_hh — never the projected input; tanh(c_t) is
-recomputed in the backward pass. dW_hh is one GEMM over all steps after the reverse loop.
+recomputed in the backward pass. dW_hh is one pass over all steps after the reverse loop: on the CPU
+engine in float32 first-order backward (with dW_ih, in the modules' fused training), torch's GEMM
+otherwise.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ Time-major shapes (see ``mmrnn_ext.reference`` for the full contract):
 
 Registered as the torch.library custom ops mmrnn::rnn_fwd and mmrnn::rnn_bwd. Backward saves only
 the outputs, h0 and W_hh (f' comes from h: 1 - h^2 for tanh), never the projected input; dW_hh is
-one GEMM over all steps after the reverse loop.
+one pass over all steps after the reverse loop: on the CPU engine in float32 first-order backward
+(with dW_ih, in the modules' fused training), torch's GEMM otherwise.
 """
 from __future__ import annotations
 
