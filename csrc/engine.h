@@ -345,9 +345,15 @@ void weight_grad(const Kernels<T>& kern, const T* a, int64_t lda, int64_t M, int
   const int64_t share = (M + parallel_threads() - 1) / parallel_threads() * row_bytes;
   if (share > 4 * kL2Bytes) kc = std::max<int64_t>(kc, 384);
   const int64_t blocks = (M + mr - 1) / mr;
+  // a part's rows from row k0 on (a chunk never crosses a part's split)
+  auto rows_at = [](const WgradPart<T>& part, int64_t k0) {
+    return k0 < part.split ? part.first + k0 * part.ld : part.rest + (k0 - part.split) * part.ld;
+  };
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     alignas(64) T tile[kMaxRows * kMaxPanelWidth];
-    std::vector<T> tails(parts.size() * kc * pw);  // each part's columns past its last full vector, padded
+    // each part's columns past its last full vector, padded to one vector (room only where there are some)
+    const bool any_tail = std::any_of(parts.begin(), parts.end(), [&](const auto& p) { return p.width % vw != 0; });
+    std::vector<T> tails(any_tail ? parts.size() * kc * vw : 0);
     for (int64_t k0 = 0; k0 < K;) {
       int64_t k1 = std::min(K, k0 + kc);
       for (const auto& part : parts)
@@ -357,8 +363,8 @@ void weight_grad(const Kernels<T>& kern, const T* a, int64_t lda, int64_t M, int
         const auto& part = parts[q];
         const int64_t c0 = part.width / vw * vw, tw = part.width - c0;
         if (tw == 0) continue;
-        const T* z = k0 < part.split ? part.first + k0 * part.ld : part.rest + (k0 - part.split) * part.ld;
-        T* dst = tails.data() + q * kc * pw;
+        const T* z = rows_at(part, k0);
+        T* dst = tails.data() + q * kc * vw;
         for (int64_t k = 0; k < kn; ++k) {
           std::copy(z + k * part.ld + c0, z + k * part.ld + part.width, dst + k * vw);
           std::fill(dst + k * vw + tw, dst + (k + 1) * vw, T(0));
@@ -369,7 +375,7 @@ void weight_grad(const Kernels<T>& kern, const T* a, int64_t lda, int64_t M, int
         const T* ab = a + k0 * lda + m0;
         for (size_t q = 0; q < parts.size(); ++q) {
           const auto& part = parts[q];
-          const T* z = k0 < part.split ? part.first + k0 * part.ld : part.rest + (k0 - part.split) * part.ld;
+          const T* z = rows_at(part, k0);
           for (int64_t c = 0; c < part.width; c += pw) {
             const int64_t w = std::min<int64_t>(pw, part.width - c), full = w / vw * vw;
             int n = static_cast<int>(full / vw);
@@ -387,7 +393,7 @@ void weight_grad(const Kernels<T>& kern, const T* a, int64_t lda, int64_t M, int
               add(c, full, n * vw);
             }
             if (full < w) {  // the padded columns past the last full vector
-              kern.wg[rows - 1][0](ab, lda, tails.data() + q * kc * pw, vw, kn, tile);
+              kern.wg[rows - 1][0](ab, lda, tails.data() + q * kc * vw, vw, kn, tile);
               add(c + full, w - full, vw);
             }
           }

@@ -23,7 +23,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .. import _backends
 from ..ops import InputError, _describe, check_lengths
-from ..ops.common import no_gradient_possible, shape_is
+from ..ops.common import input_weight_grad, no_gradient_possible, shape_is
 from .. import export as _export
 from .twin import TorchTwin
 
@@ -95,9 +95,7 @@ class _EngineProduct(torch.autograd.Function):
         if need_x:
             dx = grad.matmul(w_ih) if torch.is_grad_enabled() else ctx.engine.linear(grad, w_ih.contiguous(), False)
         if need_w:
-            dw = (grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])) if torch.is_grad_enabled()
-                  else ctx.engine.weight_grad(grad.reshape(-1, 1, grad.shape[-1]), x.reshape(-1, 1, x.shape[-1]),
-                                              None, None)[0])
+            dw = input_weight_grad(grad, x, None if torch.is_grad_enabled() else ctx.engine)
         return dx, dw, None
 
 

@@ -141,6 +141,14 @@ def image_grad(dG, static: bool):
     return dG.sum(0) if static else dG
 
 
+def input_weight_grad(dA, x, engine=None):
+    """dW_ih = dA^T x over every leading dimension (dA [..., G], x [..., I]): on the engine's kernels
+    when given one (first order, float32), else torch's GEMM (a differentiable one under create_graph)."""
+    if engine is None:
+        return dA.reshape(-1, dA.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+    return engine.weight_grad(dA.reshape(-1, 1, dA.shape[-1]), x.reshape(-1, 1, x.shape[-1]), None, None)[0]
+
+
 def zeros_if_none(grad, like):
     return torch.zeros_like(like) if grad is None else grad
 
@@ -313,6 +321,5 @@ class FusedInputOp(torch.autograd.Function):
         if joint:
             dw, d_w_hh = ctx.engine.weight_grad(d_xp, x, *cell.recurrent_operands(saved))
         elif need_w_ih:
-            dw = (d_xp.reshape(-1, d_xp.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])) if differentiable
-                  else ctx.engine.weight_grad(d_xp, x, None, None)[0])
+            dw = input_weight_grad(d_xp, x, None if differentiable else ctx.engine)
         return (dx, dw, d_w_hh, *rest, None, None)
