@@ -1,12 +1,14 @@
-"""Where a training step's milliseconds go: mmrnn_ext.LSTM (float32, CPU) at a shape, the whole step
-(forward + backward, the input needing no gradient, as mmrnn-bench's training rows) beside each of
-its parts timed alone on the same tensors:
+"""Where a training step's milliseconds go: mmrnn_ext.LSTM, GRU or RNN (float32, CPU) at a shape, the
+whole step (forward + backward, the input needing no gradient, as mmrnn-bench's training rows)
+beside each of its parts timed alone on the same tensors:
 
     forward            the engine's training forward with the input product inside each step's
                        tile ([x_t | h_{t-1}] @ [W_ih; W_hh]), saving what BPTT reads (the module's
                        float32 step from batch 2 up)
     BPTT recurrence    the engine's reverse loop -> dG
     dW_ih and dW_hh    [dW_ih | dW_hh] = sum_t dG_t^T [x_t | h_{t-1}], one pass over dG on the engine
+                       (the GRU: dW_ih, then dW_hh's r, z rows and its n rows, which read
+                       d(W_hn h + b_hn): three passes)
     image and bias     dG summed over steps, the image weight's and the bias's gradients
     rest               the step's best less the parts' bests: autograd, Python, allocation, the
                        gradient buffers, the final-state gathers
@@ -22,11 +24,12 @@ Each part and the step take turns (mmrnn-bench's side_by_side_stats: per round a
 then a timed one), so a slow spell of a shared machine spreads over all of them; a part's figure is
 its best of `repeats` (its floor), shares are of the step's best.
 
-    python bench/train_breakdown.py [--shape B,T,I,V,H ...] [--repeats N] [--json PATH]
+    python bench/train_breakdown.py [--cell lstm|gru|rnn ...] [--shape B,T,I,V,H ...] [--repeats N] [--json PATH]
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 import torch
@@ -41,44 +44,73 @@ from mmrnn_ext.ops.common import weight_grad
 SHAPES = [(32, 128, 128, 64, 256), (24, 100, 96, 64, 320)]
 
 
-def parts(B, T, I, V, H):
+def parts(cell, B, T, I, V, H):
+    """({name: callable} for the step and each of its parts, {name: GEMM FLOPs}, the module)."""
     torch.manual_seed(0)
-    G = 4 * H
-    ours = mmrnn_ext.LSTM(I, H, image_size=V)
+    G = {"rnn": 1, "lstm": 4, "gru": 3}[cell] * H
+    ours = {"rnn": mmrnn_ext.RNN, "lstm": mmrnn_ext.LSTM, "gru": mmrnn_ext.GRU}[cell](I, H, image_size=V)
     x, v = torch.randn(T, B, I), torch.randn(B, V)
-    be = _backends.select("cpp", x.device, x.dtype, "lstm")
-    cpp = be.cells["lstm"]
+    be = _backends.select("cpp", x.device, x.dtype, cell)
+    eng, mod = be.engine, be.engine._mod
     w_ih, w_hh = ours.weight_ih_l0.detach(), ours.weight_hh_l0.detach()
-    w_img, bias = ours.weight_img_l0.detach(), (ours.bias_ih_l0 + ours.bias_hh_l0).detach()
+    w_img = ours.weight_img_l0.detach()
     h0 = torch.zeros(B, H)
+    # the biases the module adds with the image term (the GRU's b_hn sits inside its reset product)
+    bias = ours._outer_bias(ours._params(0, 0)).detach()
+    b_hn = ours.bias_hh_l0.detach()[2 * H:]
     xp = F.linear(x, w_ih)
     img = F.linear(v, w_img, bias)
-    out, c_all, gates = cpp.forward(xp, w_hh, h0, h0, img, None)
-    ones = torch.ones_like(out)
-    dG, _, _ = cpp.backward(ones, h0, h0, out, c_all, gates, h0, h0, w_hh, None)
+    if cell == "rnn":
+        forward = lambda: eng.train_forward("rnn")(x, w_ih, w_hh, h0, img, None, False)  # noqa: E731
+        out, _ = forward()
+        ones = torch.ones_like(out)
+        bptt = lambda: mod.rnn_backward(ones, h0, out, h0, w_hh, None, False)  # noqa: E731
+        separate = lambda: mod.rnn_forward(xp, w_hh, h0, img, None, False)  # noqa: E731
+        dA = bptt()[0]
+    elif cell == "lstm":
+        forward = lambda: eng.train_forward("lstm")(x, w_ih, w_hh, h0, h0, img, None)  # noqa: E731
+        out, c_all, gates = forward()
+        ones = torch.ones_like(out)
+        bptt = lambda: mod.lstm_backward(ones, h0, h0, out, c_all, gates, h0, h0, w_hh, None)  # noqa: E731
+        separate = lambda: mod.lstm_forward(xp, w_hh, h0, h0, img, None)  # noqa: E731
+        dA = bptt()[0]
+    else:
+        forward = lambda: eng.train_forward("gru")(x, w_ih, w_hh, b_hn, h0, img, None)  # noqa: E731
+        out, gates = forward()
+        ones = torch.ones_like(out)
+        bptt = lambda: mod.gru_backward(ones, h0, out, gates, h0, w_hh, None)  # noqa: E731
+        separate = lambda: mod.gru_forward(xp, w_hh, b_hn, h0, img, None)  # noqa: E731
+        dA, dhn, _ = bptt()
 
     def step():
         y, _ = ours(x, image=v)
         y.backward(torch.ones_like(y))
 
+    def weight_grads():
+        if cell != "gru":
+            return eng.weight_grad(dA, x, h0, out)
+        # the GRU's dW_hh reads d(W_hn h + b_hn) for its n rows: dW_ih, then dW_hh's two row blocks
+        return (eng.weight_grad(dA, x, None, None)[0],
+                torch.cat([eng.weight_grad(dA[..., :2 * H], None, h0, out)[1], eng.weight_grad(dhn, None, h0, out)[1]]))
+
     def image_and_bias():
-        d_img = dG.sum(0)
-        return d_img.t().mm(v), d_img.sum(0)
+        d_img = dA.sum(0)
+        return d_img.t().mm(v), d_img.sum(0), (dhn.sum((0, 1)) if cell == "gru" else None)
 
     return {
         "step": step,
-        "forward": lambda: be.engine.train_forward("lstm")(x, w_ih, w_hh, h0, h0, img, None),
-        "separate: input product": lambda: be.engine.linear(x, w_ih),
-        "separate: forward recurrence": lambda: cpp.forward(xp, w_hh, h0, h0, img, None),
-        "BPTT recurrence": lambda: cpp.backward(ones, h0, h0, out, c_all, gates, h0, h0, w_hh, None),
-        "dW_ih and dW_hh": lambda: be.engine.weight_grad(dG, x, h0, out),
+        "forward": forward,
+        "separate: input product": lambda: eng.linear(x, w_ih),
+        "separate: forward recurrence": separate,
+        "BPTT recurrence": bptt,
+        "dW_ih and dW_hh": weight_grads,
         "image and bias": image_and_bias,
-        "torch: dW_ih": lambda: dG.flatten(0, 1).t().mm(x.flatten(0, 1)),
-        "torch: dW_hh": lambda: weight_grad(dG, h0, out),
+        "torch: dW_ih": lambda: dA.flatten(0, 1).t().mm(x.flatten(0, 1)),
+        "torch: dW_hh": lambda: weight_grad(dA, h0, out),
     }, {"forward": 2.0 * T * B * G * (I + H), "BPTT recurrence": 2.0 * T * B * G * H,
         "dW_ih and dW_hh": 2.0 * T * B * G * (I + H), "image and bias": 2.0 * B * V * G,
         "separate: input product": 2.0 * T * B * G * I, "separate: forward recurrence": 2.0 * T * B * G * H,
-        "torch: dW_ih": 2.0 * T * B * G * I, "torch: dW_hh": 2.0 * T * B * G * H}
+        "torch: dW_ih": 2.0 * T * B * G * I, "torch: dW_hh": 2.0 * T * B * G * H}, ours
 
 
 def _in_step(name):
@@ -86,19 +118,21 @@ def _in_step(name):
     return name != "step" and not name.startswith(("separate:", "torch:"))
 
 
-def measure(shape, repeats):
-    fns, flops = parts(*shape)
+def measure(cell, shape, repeats):
+    fns, flops, _ = parts(cell, *shape)
     stats = side_by_side_stats(fns, torch.device("cpu"), repeats)
     named = sum(stats[k]["min_ms"] for k in fns if _in_step(k))
     rows = {k: {"ms_best": stats[k]["min_ms"], "ms_median": stats[k]["ms"],
                 "gflops": flops[k] / stats[k]["min_ms"] / 1e6 if k in flops else None} for k in fns}
     # the step's best less its parts' bests (both floors); negative when the machine's noise exceeds it
     rows["rest"] = {"ms_best": rows["step"]["ms_best"] - named, "ms_median": None, "gflops": None}
-    return {"shape": list(shape), "parts": rows, "step_gemm_gflop": sum(f for k, f in flops.items() if _in_step(k)) / 1e9}
+    return {"cell": cell, "shape": list(shape), "parts": rows, "step_gemm_gflop": sum(f for k, f in flops.items() if _in_step(k)) / 1e9}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cell", choices=("rnn", "lstm", "gru"), action="append",
+                    help="the cell (repeatable; default lstm)")
     ap.add_argument("--shape", action="append", help="B,T,I,V,H (repeatable)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json")
@@ -107,11 +141,11 @@ def main():
     info = machine_info(torch.device("cpu"))
     print(f"{info['device']} ({info['cpu_vendor']}, engine ISA {info.get('engine_isa')}), {torch.get_num_threads()} threads")
     results = []
-    for shape in shapes:
-        r = measure(shape, args.repeats)
+    for cell, shape in itertools.product(args.cell or ["lstm"], shapes):
+        r = measure(cell, shape, args.repeats)
         results.append(r)
         step = r["parts"]["step"]
-        print(f"\nLSTM {shape}: step median {step['ms_median']:.1f} ms, best {step['ms_best']:.1f} ms "
+        print(f"\n{cell.upper()} {shape}: step median {step['ms_median']:.1f} ms, best {step['ms_best']:.1f} ms "
               f"({r['step_gemm_gflop']:.2f} GFLOP of GEMM)")
         for k, p in r["parts"].items():
             if k == "step":

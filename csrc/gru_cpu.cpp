@@ -85,6 +85,10 @@ void gru_forward_loop(const PackedWeight<T>& pw, const T* xp, const T* x_in, con
           if (xp == nullptr) units(std::true_type{}, nullptr, tile + rows * ld + (b - b0) * U);
           else units(std::false_type{}, xp + t * B * G + b * G + j0, nullptr);
           if (!SAVE && t == len - 1) std::copy(h, h + nu, h_last + bj);
+          if (SAVE && t + 1 < T_) {  // the next step's saves of these units, asked for ahead (see prefetch_span)
+            for (int k = 0; k < 4; ++k) prefetch_span<true>(gt + B * W + k * H, nu);
+            prefetch_span<true>(h + step, nu);
+          }
         }
       });
 }
@@ -155,6 +159,13 @@ void gru_backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, con
             for (int64_t u = 0; u < nu; ++u) gin[u] = acc[u] + hz[bj + u];
             gru_backward_units<T, C>(gy + t * step + bj, static_cast<const C*>(gin), g4, hp, dx, dhn + t * step + bj,
                                      srow, hz + bj, H, nu);
+          }
+          if (t > 0) {  // what the next step reads and writes for these units, asked for ahead
+            prefetch_span(gy + (t - 1) * step + bj, nu);
+            for (int k = 0; k < 4; ++k) prefetch_span(g4 - B * W + k * H, nu);
+            for (int k = 0; k < 3; ++k) prefetch_span<true>(dx - B * G + k * H, nu);
+            prefetch_span<true>(dhn + (t - 1) * step + bj, nu);
+            if (t > 1) prefetch_span(hp - step, nu);
           }
         }
       });

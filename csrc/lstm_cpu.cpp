@@ -86,6 +86,11 @@ void lstm_forward_loop(const PackedWeight<T>& pw, const T* xp, const T* x_in, co
             std::copy(h, h + nu, h_last + bj);
             std::copy(c, c + nu, c_last + bj);
           }
+          if (SAVE && t + 1 < T_) {  // the next step's saves of these units, asked for ahead (see prefetch_span)
+            for (int k = 0; k < 4; ++k) prefetch_span<true>(gt + B * G + k * H, nu);
+            prefetch_span<true>(cs + step, nu);
+            prefetch_span<true>(h + step, nu);
+          }
         }
       });
 }
@@ -147,6 +152,13 @@ void lstm_backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, co
           const T* cp = (t == 0 ? c0 : c_all + (t - 1) * step) + bj;
           if (t == len - 1) lstm_backward_units<T, C>(gy + t * step + bj, ghl + bj, gcl + bj, g4, c, cp, d, gc + bj, H, nu);
           else lstm_backward_units<T, C>(gy + t * step + bj, acc, gc + bj, g4, c, cp, d, gc + bj, H, nu);
+          if (t > 0) {  // what the next step reads and writes for these units, asked for ahead
+            prefetch_span(gy + (t - 1) * step + bj, nu);
+            for (int k = 0; k < 4; ++k) prefetch_span(g4 - B * G + k * H, nu);
+            for (int k = 0; k < 4; ++k) prefetch_span<true>(d - B * G + k * H, nu);
+            prefetch_span(c - step, nu);
+            if (t > 1) prefetch_span(cp - step, nu);
+          }
         }
       });
 }

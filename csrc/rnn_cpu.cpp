@@ -108,6 +108,10 @@ void backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, const T
           };
           if (t == len - 1) units(ghl + b * H + j0);
           else units(acc);
+          if (t > 0) {  // what the next step reads for these units, asked for ahead (see prefetch_span)
+            prefetch_span(g - step, nu);
+            prefetch_span(h - step, nu);
+          }
         }
       });
 }
