@@ -95,7 +95,9 @@ Kernels<S> kernels_for(Isa isa, int groups) {
 template <typename S>
 struct PackedWeight {
   Kernels<S> kern;
-  int64_t K = 0, K1 = 0, H = 0, groups = 1, units = 0, width = 0, panels = 0, stride = 0;  // K1: rows of W_ih (fused)
+  // K1: the rows whose operand is the step's first part (x): W_ih's in a fused input product, the
+  // r and z rows in the GRU's BPTT (gru_cpu.cpp)
+  int64_t K = 0, K1 = 0, H = 0, groups = 1, units = 0, width = 0, panels = 0, stride = 0;
   bool split = false;
   at::Tensor buf;
   const S* panel(int64_t p) const { return buf.template data_ptr<S>() + p * stride; }
