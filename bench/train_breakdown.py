@@ -5,11 +5,12 @@ beside each of its parts timed alone on the same tensors:
     forward            the engine's training forward with the input product inside each step's
                        tile ([x_t | h_{t-1}] @ [W_ih; W_hh]), saving what BPTT reads (the module's
                        float32 step from batch 2 up)
-    BPTT recurrence    the engine's reverse loop -> dG
+    BPTT recurrence    the engine's reverse loop -> dG, and each row's dG summed over steps (the
+                       image term's gradient; since 2026-12-06, one more pass over dG before)
     dW_ih and dW_hh    [dW_ih | dW_hh] = sum_t dG_t^T [x_t | h_{t-1}], one pass over dG on the engine
                        (the GRU: dW_ih, then dW_hh's r, z rows and its n rows, which read
                        d(W_hn h + b_hn): three passes)
-    image and bias     dG summed over steps, the image weight's and the bias's gradients
+    image and bias     the image weight's and the biases' gradients from those sums
     rest               the step's best less the parts' bests: autograd, Python, allocation, the
                        gradient buffers, the final-state gathers
 
@@ -64,27 +65,30 @@ def parts(cell, B, T, I, V, H):
         forward = lambda: eng.train_forward("rnn")(x, w_ih, w_hh, h0, img, None, False)  # noqa: E731
         out, _ = forward()
         ones = torch.ones_like(out)
-        bptt = lambda: mod.rnn_backward(ones, h0, out, h0, w_hh, None, False)  # noqa: E731
+        sums = torch.empty(B, G)
+        bptt = lambda: mod.rnn_backward(ones, h0, out, h0, w_hh, None, False, sums)  # noqa: E731
         separate = lambda: mod.rnn_forward(xp, w_hh, h0, img, None, False)  # noqa: E731
         dA = bptt()[0]
     elif cell == "lstm":
         forward = lambda: eng.train_forward("lstm")(x, w_ih, w_hh, h0, h0, img, None)  # noqa: E731
         out, c_all, gates = forward()
         ones = torch.ones_like(out)
-        bptt = lambda: mod.lstm_backward(ones, h0, h0, out, c_all, gates, h0, h0, w_hh, None)  # noqa: E731
+        sums = torch.empty(B, G)
+        bptt = lambda: mod.lstm_backward(ones, h0, h0, out, c_all, gates, h0, h0, w_hh, None, sums)  # noqa: E731
         separate = lambda: mod.lstm_forward(xp, w_hh, h0, h0, img, None)  # noqa: E731
         dA = bptt()[0]
     else:
         forward = lambda: eng.train_forward("gru")(x, w_ih, w_hh, b_hn, h0, img, None)  # noqa: E731
         out, gates = forward()
         ones = torch.ones_like(out)
-        bptt = lambda: mod.gru_backward(ones, h0, out, gates, h0, w_hh, None)  # noqa: E731
+        sums = torch.empty(B, 4 * H)
+        bptt = lambda: mod.gru_backward(ones, h0, out, gates, h0, w_hh, None, sums)  # noqa: E731
         separate = lambda: mod.gru_forward(xp, w_hh, b_hn, h0, img, None)  # noqa: E731
         dA, dhn, _ = bptt()
 
-    def step():
+    def step():  # as mmrnn-bench's training rows: the output's gradient made once, outside the timing
         y, _ = ours(x, image=v)
-        y.backward(torch.ones_like(y))
+        y.backward(ones)
 
     def weight_grads():
         if cell != "gru":
@@ -93,9 +97,9 @@ def parts(cell, B, T, I, V, H):
         return (eng.weight_grad(dA, x, None, None)[0],
                 torch.cat([eng.weight_grad(dA[..., :2 * H], None, h0, out)[1], eng.weight_grad(dhn, None, h0, out)[1]]))
 
-    def image_and_bias():
-        d_img = dA.sum(0)
-        return d_img.t().mm(v), d_img.sum(0), (dhn.sum((0, 1)) if cell == "gru" else None)
+    def image_and_bias():  # from the BPTT's step sums (each row's dA summed over steps)
+        d_img = sums[:, :G]
+        return d_img.t().mm(v), d_img.sum(0), (sums[:, G:].sum(0) if cell == "gru" else None)
 
     return {
         "step": step,

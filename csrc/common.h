@@ -217,6 +217,23 @@ inline const int64_t* check_lengths(const std::optional<at::Tensor>& lengths, in
   return p;
 }
 
+// The optional buffer a BPTT call fills with each row's step gradients summed over time, sums[b] =
+// sum_t dA_t[b] ([B, width] in the carry dtype, overwritten): the gradient of a static image term
+// (and so of the image weight and the biases that ride with it), accumulated in the reverse loop's
+// per-tile pass while the tile's gradients are in registers, instead of one more pass over dA
+// [T, B, width] after it. Each element is owned by one tile, so one thread, and added in step order:
+// the sums do not depend on the thread count. Returns its data (nullptr without one), zeroed.
+inline void* step_sums_data(const std::optional<at::Tensor>& sums, const at::Tensor& ref, int64_t B, int64_t width) {
+  if (!sums.has_value()) return nullptr;
+  const at::Tensor& s = *sums;
+  TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == carry_type(ref.scalar_type()) && s.is_contiguous() &&
+                  s.sizes() == at::IntArrayRef({B, width}),
+              "sums: expected a contiguous CPU ", carry_type(ref.scalar_type()), " tensor of shape [", B, ", ", width,
+              "], got ", s.scalar_type(), " of shape ", s.sizes(), " on ", s.device());
+  s.zero_();
+  return s.data_ptr();
+}
+
 template <typename T>
 inline const T* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;

@@ -34,6 +34,7 @@
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -318,13 +319,17 @@ void linear(const PackedWeight<T>& pw, const T* a, int64_t M, T* out) {
 // its gradient written to out [M, width]. Nothing is packed but the columns past a part's last full
 // vector. A thread owns a run of row blocks of dW (no reduction between threads, so the results do
 // not depend on the thread count); K is cut into chunks whose Z rows fit half of a thread's L2,
-// each chunk's tile added to dW in chunk order (the first one stored).
+// each chunk's tile added to dW in chunk order (the first one stored). A part may read its own dA
+// for the rows of dW from tail_row on (tail: their row k at tail + k * ld_tail): the GRU's dW_hh,
+// whose n rows read d(W_hn h + b_hn) where its dW_ih reads dn, in the same pass as dW_ih.
 template <typename T>
 struct WgradPart {
   const T* first;
   const T* rest;
   int64_t split, ld, width;
   T* out;
+  const T* tail = nullptr;
+  int64_t ld_tail = 0, tail_row = 0;
 };
 
 template <typename T>
@@ -346,7 +351,19 @@ void weight_grad(const Kernels<T>& kern, const T* a, int64_t lda, int64_t M, int
   int64_t kc = std::clamp<int64_t>(kL2Bytes / 2 / std::max<int64_t>(row_bytes, 1), 128, 1024);
   const int64_t share = (M + parallel_threads() - 1) / parallel_threads() * row_bytes;
   if (share > 4 * kL2Bytes) kc = std::max<int64_t>(kc, 384);
-  const int64_t blocks = (M + mr - 1) / mr;
+  // row blocks of mr rows, cut where a part's tail rows begin (a block reads one dA)
+  std::vector<int64_t> starts;
+  {
+    std::vector<int64_t> cuts = {0, M};
+    for (const auto& part : parts)
+      if (part.tail != nullptr && part.tail_row > 0 && part.tail_row < M) cuts.push_back(part.tail_row);
+    std::sort(cuts.begin(), cuts.end());
+    cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
+    for (size_t c = 0; c + 1 < cuts.size(); ++c)
+      for (int64_t m = cuts[c]; m < cuts[c + 1]; m += mr) starts.push_back(m);
+    starts.push_back(M);
+  }
+  const int64_t blocks = static_cast<int64_t>(starts.size()) - 1;
   // a part's rows from row k0 on (a chunk never crosses a part's split)
   auto rows_at = [](const WgradPart<T>& part, int64_t k0) {
     return k0 < part.split ? part.first + k0 * part.ld : part.rest + (k0 - part.split) * part.ld;
@@ -373,10 +390,12 @@ void weight_grad(const Kernels<T>& kern, const T* a, int64_t lda, int64_t M, int
         }
       }
       for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t m0 = blk * mr, rows = std::min<int64_t>(mr, M - m0);
-        const T* ab = a + k0 * lda + m0;
+        const int64_t m0 = starts[blk], rows = std::min<int64_t>(mr, starts[blk + 1] - m0);
         for (size_t q = 0; q < parts.size(); ++q) {
           const auto& part = parts[q];
+          const bool in_tail = part.tail != nullptr && m0 >= part.tail_row;
+          const int64_t ld_a = in_tail ? part.ld_tail : lda;
+          const T* ab = in_tail ? part.tail + k0 * ld_a + (m0 - part.tail_row) : a + k0 * lda + m0;
           const T* z = rows_at(part, k0);
           for (int64_t c = 0; c < part.width; c += pw) {
             const int64_t w = std::min<int64_t>(pw, part.width - c), full = w / vw * vw;
@@ -391,11 +410,11 @@ void weight_grad(const Kernels<T>& kern, const T* a, int64_t lda, int64_t M, int
               }
             };
             if (n > 0) {
-              kern.wg[rows - 1][n - 1](ab, lda, z + c, part.ld, kn, tile);
+              kern.wg[rows - 1][n - 1](ab, ld_a, z + c, part.ld, kn, tile);
               add(c, full, n * vw);
             }
             if (full < w) {  // the padded columns past the last full vector
-              kern.wg[rows - 1][0](ab, lda, tails.data() + q * kc * vw, vw, kn, tile);
+              kern.wg[rows - 1][0](ab, ld_a, tails.data() + q * kc * vw, vw, kn, tile);
               add(c + full, w - full, vw);
             }
           }

@@ -95,10 +95,11 @@ void gru_forward_loop(const PackedWeight<T>& pw, const T* xp, const T* x_in, con
 
 // One row's units of one backward step. hz (C) carries dL/dh_t * z_t (the direct path into
 // h_{t-1}) from step to step; hin is dL/dh_t arriving from step t+1 (C) or the final state's
-// gradient (S).
-template <typename S, typename C, typename HIn>
+// gradient (S). SUM: dr, dz, dn and dhn also added to the row's step sums sm (step_sums_data,
+// [dr, dz, dn, dhn] blocks of H).
+template <typename S, typename C, bool SUM, typename HIn>
 inline void gru_backward_units(const S* __restrict gy, const HIn* hin, const S* __restrict g4, const S* __restrict hp,
-                               S* __restrict dx, S* __restrict dhn, C* hz, int64_t H, int64_t n) {
+                               S* __restrict dx, S* __restrict dhn, C* hz, C* __restrict sm, int64_t H, int64_t n) {
   MMRNN_IVDEP
   for (int64_t u = 0; u < n; ++u) {
     const C r = g4[u], z = g4[H + u], nn = g4[2 * H + u], hn = g4[3 * H + u];
@@ -112,17 +113,24 @@ inline void gru_backward_units(const S* __restrict gy, const HIn* hin, const S* 
     dx[2 * H + u] = dn;
     dhn[u] = d_hn;
     hz[u] = dh * z;
+    if constexpr (SUM) {
+      sm[u] += dr;
+      sm[H + u] += dz;
+      sm[2 * H + u] += dn;
+      sm[3 * H + u] += d_hn;
+    }
   }
 }
 
 // Reverse step s handles t = T - 1 - s; its product is S_{t+1} @ W_hh, S = [dr, dz, dhn] as step
 // s - 1 wrote it: the kernels' two-part operand reads dr, dz from dGx's first 2H columns and dhn from
 // dhn (pw.K1 = 2H), nothing copied (a [B, 3H] copy per step before: GRU BPTT at (32,128,.,.,256)
-// 10.25 -> 9.55 ms, (24,100,.,.,320) 8.94 -> 8.56, 2-core Zen 4 EPYC). Step T writes dh0.
+// 10.25 -> 9.55 ms, (24,100,.,.,320) 8.94 -> 8.56, 2-core Zen 4 EPYC). Step T writes dh0. sums:
+// nullptr, or [B, 4H] to get each row's [dGx | dhn] summed over steps (step_sums_data).
 template <typename T>
 void gru_backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, const T* out, const T* h0, const T* gates,
-                       const int64_t* lengths, T* dGx, T* dhn, acc_t<T>* hz, T* dh0, int64_t T_, int64_t B,
-                       int64_t H) {
+                       const int64_t* lengths, T* dGx, T* dhn, acc_t<T>* hz, T* dh0, acc_t<T>* sums, int64_t T_,
+                       int64_t B, int64_t H) {
   using C = acc_t<T>;
   const int64_t step = B * H, G = 3 * H, W = 4 * H;
   run_steps<T>(
@@ -146,12 +154,16 @@ void gru_backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, con
           }
           const T* g4 = gates + t * B * W + b * W + j0;
           const T* hp = (t == 0 ? h0 : out + (t - 1) * step) + bj;
+          C* sm = sums == nullptr ? nullptr : sums + b * W + j0;
+          auto units = [&](const auto* hin) {  // the tile (with the direct path) or the final state's gradient
+            if (sm != nullptr) gru_backward_units<T, C, true>(gy + t * step + bj, hin, g4, hp, dx, dhn + t * step + bj, hz + bj, sm, H, nu);
+            else gru_backward_units<T, C, false>(gy + t * step + bj, hin, g4, hp, dx, dhn + t * step + bj, hz + bj, sm, H, nu);
+          };
           if (t == len - 1) {
-            gru_backward_units<T, C>(gy + t * step + bj, ghl + bj, g4, hp, dx, dhn + t * step + bj, hz + bj, H, nu);
+            units(ghl + bj);
           } else {
             for (int64_t u = 0; u < nu; ++u) gin[u] = acc[u] + hz[bj + u];
-            gru_backward_units<T, C>(gy + t * step + bj, static_cast<const C*>(gin), g4, hp, dx, dhn + t * step + bj,
-                                     hz + bj, H, nu);
+            units(static_cast<const C*>(gin));
           }
           if (t > 0) {  // what the next step reads and writes for these units, asked for ahead
             prefetch_span(gy + (t - 1) * step + bj, nu);
@@ -212,7 +224,8 @@ std::tuple<at::Tensor, at::Tensor> gru_forward(const at::Tensor& xp, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_backward(const at::Tensor& grad_out, const at::Tensor& grad_h_last,
                                                             const at::Tensor& out, const at::Tensor& gates,
                                                             const at::Tensor& h0, const at::Tensor& w_hh,
-                                                            const std::optional<at::Tensor>& lengths) {
+                                                            const std::optional<at::Tensor>& lengths,
+                                                            const std::optional<at::Tensor>& sums) {
   check_sequence(out, "out", 1);
   const int64_t T_ = out.size(0), B = out.size(1), H = out.size(2);
   check_arg(grad_out, "grad_out", out, out.sizes());
@@ -221,6 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_backward(const at::Tensor& gr
   check_arg(h0, "h0", out, {B, H});
   check_arg(w_hh, "w_hh", out, {3 * H, H});
   const int64_t* len = check_lengths(lengths, T_, B);
+  void* sum_data = step_sums_data(sums, out, B, 4 * H);
   const Isa isa = cpu_isa();
   at::Tensor dGx = empty_huge({T_, B, 3 * H}, out.options());
   at::Tensor dhn = empty_huge({T_, B, H}, out.options());
@@ -236,7 +250,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_backward(const at::Tensor& gr
       gru_backward_loop<scalar_t>(pw, grad_out.data_ptr<scalar_t>(), grad_h_last.data_ptr<scalar_t>(),
                                   out.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), len,
                                   dGx.data_ptr<scalar_t>(), dhn.data_ptr<scalar_t>(),
-                                  hz.data_ptr<acc_t<scalar_t>>(), dh0.data_ptr<scalar_t>(), T_, B, H);
+                                  hz.data_ptr<acc_t<scalar_t>>(), dh0.data_ptr<scalar_t>(),
+                                  static_cast<acc_t<scalar_t>*>(sum_data), T_, B, H);
     });
   }
   return {dGx, dhn, dh0};
@@ -256,9 +271,11 @@ void register_gru(pybind11::module& m) {
         "GRU forward that saves nothing for backward -> (out, h_last); with w_ih the input is x and its product is "
         "fused", pybind11::arg("input"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_hn"),
         pybind11::arg("h0"), pybind11::arg("image_term"), pybind11::arg("lengths"));
-  m.def("gru_backward", &gru_backward, "GRU BPTT over the whole sequence -> (dGx [T, B, 3H], dhn [T, B, H], dh0)",
+  m.def("gru_backward", &gru_backward,
+        "GRU BPTT over the whole sequence -> (dGx [T, B, 3H], dhn [T, B, H], dh0); sums [B, 4H] (float32; float64 "
+        "for float64), when given, gets each row's [dGx | dhn] summed over steps",
         pybind11::arg("grad_out"), pybind11::arg("grad_h_last"), pybind11::arg("out"), pybind11::arg("gates"),
-        pybind11::arg("h0"), pybind11::arg("w_hh"), pybind11::arg("lengths"));
+        pybind11::arg("h0"), pybind11::arg("w_hh"), pybind11::arg("lengths"), pybind11::arg("sums") = pybind11::none());
 }
 
 }  // namespace mmrnn

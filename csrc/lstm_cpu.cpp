@@ -98,31 +98,41 @@ void lstm_forward_loop(const PackedWeight<T>& pw, const T* xp, const T* x_in, co
 // One row's units of one backward step: dG from the incoming dL/dh (hin + gy) and dL/dc (cin);
 // dL/dc_{t-1} goes to cout (the same buffer as cin but for the final-state step: each unit reads
 // its own value before writing it). hin/cin: the tile and carry (C) or the final states' gradients (S).
-template <typename S, typename C, typename HIn, typename CIn>
+// SUM: the four gates' gradients also added to the row's step sums sm (step_sums_data, laid out as d).
+template <typename S, typename C, bool SUM, typename HIn, typename CIn>
 inline void lstm_backward_units(const S* __restrict gy, const HIn* hin, const CIn* cin, const S* __restrict g4,
-                                const S* __restrict c, const S* __restrict cp, S* __restrict d, C* cout, int64_t H,
-                                int64_t n) {
+                                const S* __restrict c, const S* __restrict cp, S* __restrict d, C* cout,
+                                C* __restrict sm, int64_t H, int64_t n) {
   MMRNN_IVDEP
   for (int64_t u = 0; u < n; ++u) {
     const C i = g4[u], f = g4[H + u], g = g4[2 * H + u], o = g4[3 * H + u];
     const C tc = tanh_(C(c[u]));
     const C dh = C(gy[u]) + C(hin[u]);
     const C dc = C(cin[u]) + dh * o * (C(1) - tc * tc);
-    d[u] = dc * g * i * (C(1) - i);
-    d[H + u] = dc * C(cp[u]) * f * (C(1) - f);
-    d[2 * H + u] = dc * i * (C(1) - g * g);
-    d[3 * H + u] = dh * tc * o * (C(1) - o);
+    const C di = dc * g * i * (C(1) - i), df = dc * C(cp[u]) * f * (C(1) - f), dg = dc * i * (C(1) - g * g),
+            dout = dh * tc * o * (C(1) - o);
+    d[u] = di;
+    d[H + u] = df;
+    d[2 * H + u] = dg;
+    d[3 * H + u] = dout;
     cout[u] = dc * f;
+    if constexpr (SUM) {
+      sm[u] += di;
+      sm[H + u] += df;
+      sm[2 * H + u] += dg;
+      sm[3 * H + u] += dout;
+    }
   }
 }
 
 // Reverse step s handles t = T - 1 - s with dL/dh_t = dG_{t+1} @ W_hh (no product at s = 0);
 // step T writes dh0 = dG_0 @ W_hh and dc0. gc [B, H] (C) carries dL/dc between steps. At a row's
-// last step the final states' gradients enter.
+// last step the final states' gradients enter. sums: nullptr, or [B, 4H] to get each row's dG summed
+// over steps (step_sums_data).
 template <typename T>
 void lstm_backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, const T* gcl, const T* c0,
                         const T* c_all, const T* gates, const int64_t* lengths, T* dG, acc_t<T>* gc, T* dh0, T* dc0,
-                        int64_t T_, int64_t B, int64_t H) {
+                        acc_t<T>* sums, int64_t T_, int64_t B, int64_t H) {
   using C = acc_t<T>;
   const int64_t step = B * H, G = 4 * H;
   run_steps<T>(
@@ -150,8 +160,13 @@ void lstm_backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, co
           const T* g4 = gates + t * B * G + b * G + j0;
           const T* c = c_all + t * step + bj;
           const T* cp = (t == 0 ? c0 : c_all + (t - 1) * step) + bj;
-          if (t == len - 1) lstm_backward_units<T, C>(gy + t * step + bj, ghl + bj, gcl + bj, g4, c, cp, d, gc + bj, H, nu);
-          else lstm_backward_units<T, C>(gy + t * step + bj, acc, gc + bj, g4, c, cp, d, gc + bj, H, nu);
+          C* sm = sums == nullptr ? nullptr : sums + b * G + j0;
+          auto units = [&](const auto* hin, const auto* cin) {  // the tile and carry, or the final states' gradients
+            if (sm != nullptr) lstm_backward_units<T, C, true>(gy + t * step + bj, hin, cin, g4, c, cp, d, gc + bj, sm, H, nu);
+            else lstm_backward_units<T, C, false>(gy + t * step + bj, hin, cin, g4, c, cp, d, gc + bj, sm, H, nu);
+          };
+          if (t == len - 1) units(ghl + bj, gcl + bj);
+          else units(acc, gc + bj);
           if (t > 0) {  // what the next step reads and writes for these units, asked for ahead
             prefetch_span(gy + (t - 1) * step + bj, nu);
             for (int k = 0; k < 4; ++k) prefetch_span(g4 - B * G + k * H, nu);
@@ -211,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_forward(const at::Tensor& xp
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_backward(
     const at::Tensor& grad_out, const at::Tensor& grad_h_last, const at::Tensor& grad_c_last, const at::Tensor& out,
     const at::Tensor& c_all, const at::Tensor& gates, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& lengths) {
+    const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& sums) {
   check_sequence(out, "out", 1);
   const int64_t T_ = out.size(0), B = out.size(1), H = out.size(2);
   check_arg(grad_out, "grad_out", out, out.sizes());
@@ -223,6 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_backward(
   check_arg(c0, "c0", out, {B, H});
   check_arg(w_hh, "w_hh", out, {4 * H, H});
   const int64_t* len = check_lengths(lengths, T_, B);
+  void* sum_data = step_sums_data(sums, out, B, 4 * H);
   const Isa isa = cpu_isa();
   at::Tensor dG = empty_huge(gates.sizes(), out.options());
   at::Tensor gc = at::empty(c0.sizes(), c0.options().dtype(carry_type(c0.scalar_type())));
@@ -234,7 +250,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_backward(
       lstm_backward_loop<scalar_t>(pw, grad_out.data_ptr<scalar_t>(), grad_h_last.data_ptr<scalar_t>(),
                                    grad_c_last.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(), c_all.data_ptr<scalar_t>(),
                                    gates.data_ptr<scalar_t>(), len, dG.data_ptr<scalar_t>(), gc.data_ptr<acc_t<scalar_t>>(),
-                                   dh0.data_ptr<scalar_t>(), dc0.data_ptr<scalar_t>(), T_, B, H);
+                                   dh0.data_ptr<scalar_t>(), dc0.data_ptr<scalar_t>(),
+                                   static_cast<acc_t<scalar_t>*>(sum_data), T_, B, H);
     });
   }
   return {dG, dh0, dc0};
@@ -254,10 +271,12 @@ void register_lstm(pybind11::module& m) {
         "LSTM forward for inference -> (out, h_last, c_last); with w_ih the input is x and its product is fused",
         pybind11::arg("input"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("h0"), pybind11::arg("c0"),
         pybind11::arg("image_term"), pybind11::arg("lengths"));
-  m.def("lstm_backward", &lstm_backward, "LSTM BPTT over the whole sequence -> (dG [T, B, 4H], dh0, dc0)",
+  m.def("lstm_backward", &lstm_backward,
+        "LSTM BPTT over the whole sequence -> (dG [T, B, 4H], dh0, dc0); sums [B, 4H] (float32; float64 for "
+        "float64), when given, gets each row's dG summed over steps",
         pybind11::arg("grad_out"), pybind11::arg("grad_h_last"), pybind11::arg("grad_c_last"), pybind11::arg("out"),
         pybind11::arg("c_all"), pybind11::arg("gates"), pybind11::arg("h0"), pybind11::arg("c0"), pybind11::arg("w_hh"),
-        pybind11::arg("lengths"));
+        pybind11::arg("lengths"), pybind11::arg("sums") = pybind11::none());
 }
 
 }  // namespace mmrnn

@@ -39,10 +39,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, bool transpose_w) {
 // dimension contiguous and rows evenly strided, so a column slice of a wider tensor needs no copy):
 // dW_x = sum_t dA_t^T x_t [M, I] with x [T, B, I], and dW_h = sum_t dA_t^T h_{t-1} [M, H] with
 // h_{-1} = h0 [B, H], h_t = out[t] [T, B, H] — one pass over dA for both (engine.h, weight_grad).
+// tail [T, B, R] (optional, with dW_h): dW_h's last R rows are sum_t tail_t^T h_{t-1} instead of
+// those of dA's last R columns (the GRU's n rows, which read d(W_hn h + b_hn)).
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> weight_grad(const at::Tensor& dA,
                                                                              const std::optional<at::Tensor>& x,
                                                                              const std::optional<at::Tensor>& h0,
-                                                                             const std::optional<at::Tensor>& out) {
+                                                                             const std::optional<at::Tensor>& out,
+                                                                             const std::optional<at::Tensor>& tail) {
   TORCH_CHECK(dA.device().is_cpu() && (dA.scalar_type() == at::kFloat || dA.scalar_type() == at::kDouble),
               "dA: expected a float32 or float64 CPU tensor, got ", dA.scalar_type(), " on ", dA.device());
   TORCH_CHECK(dA.dim() == 3, "dA: expected a 3-D tensor [T, B, M], got shape ", dA.sizes());
@@ -60,11 +63,26 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> weight_grad(con
                 ", H], got ", out->sizes());
     mmrnn::check_arg(*h0, "h0", dA, {B, out->size(2)});
   }
-  // rows k = t * B + b of dA at k * lda: the last dimension contiguous, rows evenly strided
-  const int64_t lda = B > 1 ? dA.stride(1) : dA.stride(0);
-  const bool even = M <= 1 || dA.stride(2) == 1;
-  const at::Tensor a = even && (T_ <= 1 || dA.stride(0) == B * lda) && lda >= M ? dA : dA.contiguous();
-  const int64_t ld = a.is_same(dA) ? lda : M;
+  if (tail.has_value()) {
+    TORCH_CHECK(out.has_value(), "tail: expected only with h0 and out (it replaces rows of dW_h)");
+    TORCH_CHECK(tail->device().is_cpu() && tail->scalar_type() == dA.scalar_type(), "tail: expected a CPU tensor of ",
+                dA.scalar_type(), " (that of dA), got ", tail->scalar_type(), " on ", tail->device());
+    TORCH_CHECK(tail->dim() == 3 && tail->size(0) == T_ && tail->size(1) == B && tail->size(2) <= M,
+                "tail: expected shape [", T_, ", ", B, ", R] with R <= ", M, ", got ", tail->sizes());
+  }
+  // rows k = t * B + b of dA at k * lda: the last dimension contiguous, rows evenly strided (else a copy)
+  auto rows_of = [&](const at::Tensor& t) -> std::pair<at::Tensor, int64_t> {
+    const int64_t width = t.size(2), ld_in = B > 1 ? t.stride(1) : t.stride(0);
+    const bool even = width <= 1 || t.stride(2) == 1;
+    if (even && (T_ <= 1 || t.stride(0) == B * ld_in) && ld_in >= width) return {t, ld_in};
+    return {t.contiguous(), width};
+  };
+  at::Tensor a;
+  int64_t ld = 0;
+  std::tie(a, ld) = rows_of(dA);
+  at::Tensor tail_rows;
+  int64_t ld_tail = 0;
+  if (tail.has_value()) std::tie(tail_rows, ld_tail) = rows_of(*tail);
   std::optional<at::Tensor> dw_x, dw_h;
   if (x.has_value()) dw_x = at::empty({M, x->size(2)}, dA.options());
   if (out.has_value()) dw_h = at::empty({M, out->size(2)}, dA.options());
@@ -80,6 +98,11 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> weight_grad(con
       if (out.has_value()) {
         parts.push_back({h0->data_ptr<scalar_t>(), out->data_ptr<scalar_t>(), B, out->size(2), out->size(2),
                          dw_h->data_ptr<scalar_t>()});
+        if (tail.has_value()) {
+          parts.back().tail = tail_rows.data_ptr<scalar_t>();
+          parts.back().ld_tail = ld_tail;
+          parts.back().tail_row = M - tail->size(2);
+        }
       }
       mmrnn::weight_grad<scalar_t>(mmrnn::kernels_for<scalar_t>(isa, 1), a.data_ptr<scalar_t>(), ld, M, T_ * B,
                                    parts);
@@ -109,5 +132,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("w"), pybind11::arg("transpose_w") = true);
   m.def("weight_grad", &weight_grad,
         "(dW_x, dW_h) = (sum_t dA_t^T x_t, sum_t dA_t^T h_{t-1}) on the engine's kernels, each None where its "
-        "operands are", pybind11::arg("dA"), pybind11::arg("x"), pybind11::arg("h0"), pybind11::arg("out"));
+        "operands are; with tail [T, B, R], dW_h's last R rows read it instead of dA's last R columns",
+        pybind11::arg("dA"), pybind11::arg("x"), pybind11::arg("h0"), pybind11::arg("out"),
+        pybind11::arg("tail") = pybind11::none());
 }

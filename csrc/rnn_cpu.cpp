@@ -74,11 +74,25 @@ void forward_loop(const PackedWeight<T>& pw, const T* xp, const T* x, const T* h
       });
 }
 
+// One row's units of one backward step: dA from dL/dh (gy + gin, gin the tile (C) or the final
+// state's gradient (S)); SUM: each also added to the row's step sums sm (step_sums_data).
+template <typename S, typename C, bool RELU, bool SUM, typename GIn>
+inline void rnn_backward_units(const S* __restrict g, const GIn* __restrict gin, const S* __restrict h,
+                               S* __restrict d, C* __restrict sm, int64_t n) {
+  MMRNN_IVDEP
+  for (int64_t u = 0; u < n; ++u) {
+    const C v = (C(g[u]) + C(gin[u])) * activation_grad_from_output<C, RELU>(C(h[u]));
+    d[u] = v;
+    if constexpr (SUM) sm[u] += v;
+  }
+}
+
 // Reverse step s handles t = T - 1 - s with the product dA_{t+1} @ W_hh (none at s = 0); step T
 // writes dh0 from dA_0 @ W_hh. At a row's last step the final state's gradient enters instead.
+// sums: nullptr, or [B, H] to get each row's dA summed over steps (step_sums_data).
 template <typename T, bool RELU>
 void backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, const T* out, const int64_t* lengths, T* dA,
-                   T* dh0, int64_t T_, int64_t B, int64_t H) {
+                   T* dh0, acc_t<T>* sums, int64_t T_, int64_t B, int64_t H) {
   using C = acc_t<T>;
   const int64_t step = B * H;
   run_steps<T>(
@@ -102,9 +116,8 @@ void backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, const T
           const T* __restrict g = gy + t * step + b * H + j0;
           const T* __restrict h = out + t * step + b * H + j0;
           auto units = [&](const auto* __restrict gin) {  // the final state's gradient (T) or the tile's (C)
-            MMRNN_IVDEP
-            for (int64_t u = 0; u < nu; ++u)
-              d[u] = (C(g[u]) + C(gin[u])) * activation_grad_from_output<C, RELU>(C(h[u]));
+            if (sums != nullptr) rnn_backward_units<T, C, RELU, true>(g, gin, h, d, sums + b * H + j0, nu);
+            else rnn_backward_units<T, C, RELU, false>(g, gin, h, d, static_cast<C*>(nullptr), nu);
           };
           if (t == len - 1) units(ghl + b * H + j0);
           else units(acc);
@@ -168,7 +181,8 @@ std::tuple<at::Tensor, at::Tensor> rnn_infer(const at::Tensor& input, const std:
 
 std::tuple<at::Tensor, at::Tensor> rnn_backward(const at::Tensor& grad_out, const at::Tensor& grad_h_last,
                                                 const at::Tensor& out, const at::Tensor& h0, const at::Tensor& w_hh,
-                                                const std::optional<at::Tensor>& lengths, bool relu) {
+                                                const std::optional<at::Tensor>& lengths, bool relu,
+                                                const std::optional<at::Tensor>& sums) {
   check_sequence(out, "out", 1);
   const int64_t T_ = out.size(0), B = out.size(1), H = out.size(2);
   check_arg(grad_out, "grad_out", out, out.sizes());
@@ -176,6 +190,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_backward(const at::Tensor& grad_out, cons
   check_arg(h0, "h0", out, {B, H});
   check_arg(w_hh, "w_hh", out, {H, H});
   const int64_t* len = check_lengths(lengths, T_, B);
+  void* sum_data = step_sums_data(sums, out, B, H);
   const Isa isa = cpu_isa();
   at::Tensor dA = empty_huge(out.sizes(), out.options());
   at::Tensor dh0 = at::empty_like(h0);
@@ -185,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_backward(const at::Tensor& grad_out, cons
       const auto pw = pack_weight<scalar_t>(w_hh, 1, /*transpose=*/false, isa);
       auto run = relu ? backward_loop<scalar_t, true> : backward_loop<scalar_t, false>;
       run(pw, grad_out.data_ptr<scalar_t>(), grad_h_last.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), len,
-          dA.data_ptr<scalar_t>(), dh0.data_ptr<scalar_t>(), T_, B, H);
+          dA.data_ptr<scalar_t>(), dh0.data_ptr<scalar_t>(), static_cast<acc_t<scalar_t>*>(sum_data), T_, B, H);
     });
   }
   return {dA, dh0};
@@ -213,9 +228,11 @@ void register_rnn(pybind11::module& m) {
         "RNN forward for inference -> (out, h_last); with w_ih the input is x and its product is fused",
         pybind11::arg("input"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("h0"),
         pybind11::arg("image_term"), pybind11::arg("lengths"), pybind11::arg("relu"));
-  m.def("rnn_backward", &rnn_backward, "RNN BPTT over the whole sequence -> (dA [T, B, H], dh0 [B, H])",
+  m.def("rnn_backward", &rnn_backward,
+        "RNN BPTT over the whole sequence -> (dA [T, B, H], dh0 [B, H]); sums [B, H] (float32; float64 for "
+        "float64), when given, gets each row's dA summed over steps",
         pybind11::arg("grad_out"), pybind11::arg("grad_h_last"), pybind11::arg("out"), pybind11::arg("h0"),
-        pybind11::arg("w_hh"), pybind11::arg("lengths"), pybind11::arg("relu"));
+        pybind11::arg("w_hh"), pybind11::arg("lengths"), pybind11::arg("relu"), pybind11::arg("sums") = pybind11::none());
   m.def("parallel_build", [] { return kParallelBuild; },
         "whether this build runs its work on torch's intra-op threads (False: compiled without OpenMP, one thread)");
   m.def("cpu_isa", [] { return std::string(isa_name(cpu_isa())); },

@@ -42,6 +42,11 @@ class CellImpl:
     forward: Callable
     backward: Callable
     infer: Callable | None = None  # a forward that saves nothing for backward (public outputs only)
+    # backward also takes sums= (a [B, width] buffer in the carry dtype: float32, float64 for
+    # float64) that it fills with each row's step gradients summed over time, the rnn's and lstm's
+    # width their dA's, the gru's [dGx | dhn] (4H): a static image term's gradient without one more
+    # pass over dA (csrc/common.h, step_sums_data)
+    step_sums: bool = False
 
 
 class Engine:
@@ -57,12 +62,13 @@ class Engine:
         x [..., K] @ w [K, N]: its input gradient."""
         return self._mod.linear(x, w, transpose_w)
 
-    def weight_grad(self, dA, x, h0, out):
+    def weight_grad(self, dA, x, h0, out, tail=None):
         """(sum_t dA_t^T x_t, sum_t dA_t^T h_{t-1}) for dA [T, B, M] (a column slice is read in place),
         x [T, B, I], h_{-1} = h0 [B, H], h_t = out[t]: the weight gradients of a layer in one pass over
-        dA (float32, float64); None for a product whose operands are None."""
+        dA (float32, float64); None for a product whose operands are None. tail [T, B, R]: the second
+        one's last R rows are sum_t tail_t^T h_{t-1} instead (the GRU's n rows of dW_hh)."""
         c = lambda t: None if t is None else t.contiguous()  # noqa: E731
-        return self._mod.weight_grad(dA, c(x), c(h0), c(out))
+        return self._mod.weight_grad(dA, c(x), c(h0), c(out), tail)
 
     def cell_step(self, *args):
         """One decoding step, no gradient (csrc/cell_step.cpp)."""
@@ -223,8 +229,8 @@ def _cpp_backend() -> Backend:
     def rnn_forward(xp, w_hh, h0, image_term, lengths, nonlinearity):
         return mod.rnn_forward(xp, w_hh, h0, image_term, lengths, nonlinearity == "relu")
 
-    def rnn_backward(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity):
-        return tuple(mod.rnn_backward(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity == "relu"))
+    def rnn_backward(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity, sums=None):
+        return tuple(mod.rnn_backward(grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity == "relu", sums))
 
     def rnn_infer(xp, w_hh, h0, image_term, lengths, nonlinearity):
         return tuple(mod.rnn_infer(xp, None, w_hh, h0, image_term, lengths, nonlinearity == "relu"))
@@ -236,9 +242,11 @@ def _cpp_backend() -> Backend:
         return tuple(mod.gru_infer(xp, None, w_hh, b_hn, h0, image_term, lengths))
 
     be = Backend("cpp", {
-        "rnn": CellImpl(rnn_forward, rnn_backward, rnn_infer),
-        "lstm": CellImpl(lambda *a: tuple(mod.lstm_forward(*a)), lambda *a: tuple(mod.lstm_backward(*a)), lstm_infer),
-        "gru": CellImpl(lambda *a: tuple(mod.gru_forward(*a)), lambda *a: tuple(mod.gru_backward(*a)), gru_infer),
+        "rnn": CellImpl(rnn_forward, rnn_backward, rnn_infer, step_sums=True),
+        "lstm": CellImpl(lambda *a: tuple(mod.lstm_forward(*a)), lambda *a, sums=None: tuple(mod.lstm_backward(*a, sums)),
+                         lstm_infer, step_sums=True),
+        "gru": CellImpl(lambda *a: tuple(mod.gru_forward(*a)), lambda *a, sums=None: tuple(mod.gru_backward(*a, sums)),
+                        gru_infer, step_sums=True),
     }, (torch.float64, torch.float32, torch.bfloat16), ("cpu",),
         Engine(mod))
     _cache["cpp_backend"] = be

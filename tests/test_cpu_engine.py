@@ -164,6 +164,7 @@ def test_weight_grad_every_path(monkeypatch, isa, T, B, I, M, H, dtype):
                       for shape in ((T, B, M), (T, B, I), (B, H), (T, B, H)))
     dA = dA / (T * B) ** 0.5
     ref_x, ref_h = _weight_grad_reference(dA, x, h0, out)
+    ref_x_plain = ref_x
     dw_x, dw_h = _C.weight_grad(dA, x, h0, out)
     assert dw_x.shape == (M, I) and dw_h.shape == (M, H) and dw_x.dtype == dw_h.dtype == dtype
     assert_close(dw_x, ref_x.to(dtype), dtype, "dW_x")
@@ -180,16 +181,24 @@ def test_weight_grad_every_path(monkeypatch, isa, T, B, I, M, H, dtype):
     dw_x, dw_h = _C.weight_grad(sliced, x, h0, out)
     assert_close(dw_x, ref_x.to(dtype), dtype, "dW_x of a column slice")
     assert_close(dw_h, ref_h.to(dtype), dtype, "dW_h of a column slice")
+    # dW_h's last R rows from a tail (the GRU's n rows), R of every size up to M (row blocks cut
+    # where the tail begins, mid-tile or not); the tail a column slice too
+    for R in sorted({1, M // 3, M - 1, M} - {0}):
+        tail = (torch.randn(T, B, R + 3, generator=g, dtype=torch.float64) / (T * B) ** 0.5).to(dtype)[..., 1:R + 1]
+        ref_tail = _weight_grad_reference(torch.cat([dA[..., :M - R], tail], 2), None, h0, out)[1]
+        dw_x, dw_h = _C.weight_grad(dA, x, h0, out, tail)
+        assert_close(dw_x, ref_x_plain.to(dtype), dtype, f"dW_x beside a tail of {R} rows")
+        assert_close(dw_h, ref_tail.to(dtype), dtype, f"dW_h with a tail of {R} rows")
 
 
 def test_weight_grad_threads_same_bits():
     """A thread owns whole row blocks of dW and adds the chunks of K in order: 1, 2 or 3 threads give
-    the same bits."""
+    the same bits (with a tail of 33 rows for dW_h: blocks cut mid-tile)."""
     from mmrnn_ext import _C
 
     g = torch.Generator().manual_seed(3)
     args = (torch.randn(60, 7, 97, generator=g), torch.randn(60, 7, 130, generator=g), torch.randn(7, 300, generator=g),
-            torch.randn(60, 7, 300, generator=g))
+            torch.randn(60, 7, 300, generator=g), torch.randn(60, 7, 33, generator=g))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -220,6 +229,13 @@ def test_weight_grad_edges_and_bad_input():
         _C.weight_grad(torch.randn(2, 3, 5), None, torch.randn(3, 5), torch.randn(2, 3, 4))
     with pytest.raises(RuntimeError, match="x: expected dtype Double"):
         _C.weight_grad(torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 3, 4), None, None)
+    with pytest.raises(RuntimeError, match="tail: expected only with h0 and out"):
+        _C.weight_grad(torch.randn(2, 3, 5), torch.randn(2, 3, 4), None, None, torch.randn(2, 3, 2))
+    with pytest.raises(RuntimeError, match=r"tail: expected shape \[2, 3, R\] with R <= 5, got \[2, 3, 6\]"):
+        _C.weight_grad(torch.randn(2, 3, 5), None, torch.randn(3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 6))
+    with pytest.raises(RuntimeError, match="tail: expected a CPU tensor of Float"):
+        _C.weight_grad(torch.randn(2, 3, 5), None, torch.randn(3, 4), torch.randn(2, 3, 4),
+                       torch.randn(2, 3, 2, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("cell,kw,fused", [("rnn", {}, True), ("rnn", {"nonlinearity": "relu"}, True),
@@ -419,9 +435,10 @@ def test_training_input_product_on_the_engine(monkeypatch, cell, create_graph, f
     # 2 layers x 2 directions: fused forwards or separate products on the engine; their input
     # gradients there too, except under create_graph (torch's matmul: differentiable)
     fused = fuse
-    # first order, the weight gradients on the engine: RNN and LSTM fused, dW_ih and dW_hh in one
-    # pass per layer and direction; else dW_ih's and dW_hh's (the GRU's dW_hh in two: r and z, then n)
-    passes = 0 if create_graph else 12 if cell == "gru" else 4 if fused else 8
+    # first order, the weight gradients on the engine: fused, dW_ih and dW_hh in one pass per layer
+    # and direction (the GRU's n rows of dW_hh from its tail); else dW_ih's and dW_hh's (the GRU's
+    # dW_hh in two: r and z, then n)
+    passes = 0 if create_graph else 4 if fused else 12 if cell == "gru" else 8
     assert first == {"product": 0 if fused else 4, "fused": 4 if fused else 0,
                      "input grad": 0 if create_graph else 4, "unfused": 0, "weight grad": passes}
     before = dict(calls)
@@ -621,3 +638,82 @@ def test_engine_product_takes_a_non_contiguous_weight():
     assert_close(m.weight_ih_l0.grad, ref.weight_ih_l0.grad.float(), torch.float32, "grad of weight_ih_l0")
     with torch.no_grad():
         assert_close(m(x, image=img)[0], r_out.detach().float(), torch.float32, "inference output")
+
+
+def _bptt_call(cell, T, B, H, dtype, lengths, seed=0):
+    """(the backward function, its arguments, the step sums' width) for a forward of `cell` on fresh
+    random inputs (lengths: one row of length 0, one of T, the rest between)."""
+    from mmrnn_ext import _C
+
+    g = torch.Generator().manual_seed(seed)
+    G = {"rnn": 1, "lstm": 4, "gru": 3}[cell] * H
+    rnd = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) * 0.5).to(dtype)  # noqa: E731
+    xp, w, h0, c0, img = rnd(T, B, G), rnd(G, H), rnd(B, H), rnd(B, H), rnd(B, G)
+    lens = None
+    if lengths:
+        lens = torch.randint(0, T + 1, (B,), generator=g)
+        lens[0], lens[-1] = 0, T
+    if cell == "rnn":
+        out = _C.rnn_forward(xp, w, h0, img, lens, False)
+        return _C.rnn_backward, (rnd(T, B, H), rnd(B, H), out, h0, w, lens, False), H
+    if cell == "lstm":
+        out, c_all, gates = _C.lstm_forward(xp, w, h0, c0, img, lens)
+        return _C.lstm_backward, (rnd(T, B, H), rnd(B, H), rnd(B, H), out, c_all, gates, h0, c0, w, lens), G
+    out, gates = _C.gru_forward(xp, w, rnd(H), h0, img, lens)
+    return _C.gru_backward, (rnd(T, B, H), rnd(B, H), out, gates, h0, w, lens), 4 * H
+
+
+@pytest.mark.parametrize("isa", ORDER)
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("T,B,H", [(5, 1, 7), (4, 13, 65), (3, 3, 1), (7, 12, 33)], ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+def test_bptt_step_sums_every_path(monkeypatch, isa, cell, T, B, H, dtype):
+    """The BPTT's step sums (sums=, csrc/common.h step_sums_data) are each row's step gradients summed
+    over time, [dA] or the GRU's [dGx | dhn], computed in the carry dtype from the gradients before
+    they are stored; asking for them leaves every other output bit for bit as it was; a buffer
+    holding anything is overwritten."""
+    _force(monkeypatch, isa)
+    fn, args, width = _bptt_call(cell, T, B, H, dtype, lengths=True)
+    plain = fn(*args)
+    carry = torch.float64 if dtype == torch.float64 else torch.float32
+    sums = torch.full((B, width), 7.0, dtype=carry)
+    summed = fn(*args, sums=sums)
+    for a, b in zip(plain, summed):
+        assert torch.equal(a, b)
+    grads = plain[0] if cell != "gru" else torch.cat([plain[0], plain[1]], dim=2)
+    expected = grads.to(carry).sum(0)
+    if dtype == torch.bfloat16:
+        # the sums add the float32 values each stored bfloat16 gradient was rounded from
+        torch.testing.assert_close(sums, expected, atol=1e-2 * max(1.0, expected.abs().max().item()), rtol=1e-2)
+    else:
+        assert_close(sums, expected, dtype, f"{cell} step sums")
+    if B > 1:
+        assert sums[0].eq(0).all(), "a row of length 0 has no step gradients"
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_bptt_step_sums_same_bits_and_bad_buffer(cell):
+    """1, 2 or 3 threads give the step sums bit for bit (each element is one tile's, added in step
+    order); a buffer of the wrong dtype or shape is refused before anything runs."""
+    fn, args, width = _bptt_call(cell, 6, 13, 300, torch.float32, lengths=True, seed=4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.empty(13, width)
+        fn(*args, sums=one)
+        for n in (2, 3):
+            torch.set_num_threads(n)
+            again = torch.empty(13, width)
+            fn(*args, sums=again)
+            assert torch.equal(one, again), f"{n} threads"
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError, match=rf"sums: expected a contiguous CPU Float tensor of shape \[13, {width}\], "
+                                           rf"got Double of shape \[13, {width}\]"):
+        fn(*args, sums=torch.empty(13, width, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=rf"sums: expected .* of shape \[13, {width}\], got Float of shape \[13, 5\]"):
+        fn(*args, sums=torch.empty(13, 5))
+    bf16_fn, bf16_args, _ = _bptt_call(cell, 2, 3, 4, torch.bfloat16, lengths=False)
+    with pytest.raises(RuntimeError, match="sums: expected a contiguous CPU Float tensor"):
+        bf16_fn(*bf16_args, sums=torch.empty(3, bf16_args[0].shape[2] * (1 if cell == "rnn" else 4),
+                                             dtype=torch.bfloat16))

@@ -17,7 +17,8 @@ Providers, all with the same weights on the same inputs (X = RNN, LSTM or GRU, p
                          dynamo) and run in ONNX Runtime on CPU; inference only
 
 Two passes per provider: "inference" (the forward under torch.no_grad, what a served model runs;
-"forward" in the JSON) and "forward+backward" (a training step). On CPU the machine's own ceiling is
+"forward" in the JSON) and "forward+backward" (a training step: the forward with gradients, then
+backward from a gradient of ones made once outside the timing, as the input is). On CPU the machine's own ceiling is
 measured first (the better of torch.mm and oneDNN's linear on a 2048^3 float32 GEMM) and every GF/s
 figure is also given as a fraction of it; the CPU's model, vendor and the vector path mmrnn_ext takes
 are named in the output and the JSON.

@@ -137,8 +137,22 @@ def weight_grad(dG, h0, out, engine=None):
     return d_w
 
 
-def image_grad(dG, static: bool):
-    return dG.sum(0) if static else dG
+def image_grad(dG, static: bool, sums=None):
+    """The image term's gradient: dG itself per step; summed over steps when static (`sums`, those
+    sums as the BPTT accumulated them where it did: see backend_bptt)."""
+    if not static:
+        return dG
+    return dG.sum(0) if sums is None else sums.to(dG.dtype)
+
+
+def backend_bptt(impl, args, like, width: int, sums: bool):
+    """(impl.backward(*args) as a tuple, S): S [B, width] is each row's step gradients summed over
+    time, accumulated by the BPTT itself where it can (impl.step_sums) and `sums` asks (a static
+    image term's gradient is wanted), else None. like: a [T, B, .] tensor of the BPTT's dtype."""
+    if sums and impl.step_sums:
+        S = like.new_empty(like.shape[1], width, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32)
+        return tuple(impl.backward(*args, sums=S)), S
+    return tuple(impl.backward(*args)), None
 
 
 def input_weight_grad(dA, x, engine=None):
@@ -163,7 +177,7 @@ def registered_backward(cell, bwd_op):
                 f"mmrnn::{cell.CELL}_fwd: a double backward (create_graph=True) through the custom op is not "
                 f"supported; call mmrnn_ext's modules or ops outside torch.compile, whose eager path is twice "
                 "differentiable (its backward then runs as differentiable torch ops)")
-        return cell.input_grads(ctx, grads, bwd_op, differentiable=False)
+        return cell.input_grads(ctx, grads, lambda *args, sums=False: (bwd_op(*args), None), differentiable=False)
 
     return backward
 
@@ -178,8 +192,11 @@ class EagerOp(torch.autograd.Function):
         PUBLIC                      how many of the forward's outputs the caller sees
         forward(be, *inputs)        all outputs (public ones, then the tensors saved for backward)
         setup_context(ctx, inputs, outputs)
-        input_grads(ctx, grads, bptt, differentiable) -> the gradient of every input
-        bptt(be, *args)             the backend's BPTT (the <cell>_bwd op's arguments, backend excluded)
+        input_grads(ctx, grads, bptt, differentiable) -> the gradient of every input; it calls
+                                    bptt(*the <cell>_bwd op's arguments, sums=bool) -> (the op's
+                                    outputs, the step sums or None: see backend_bptt)
+        bptt(be, *args, sums=False) the backend's BPTT (the <cell>_bwd op's arguments, backend
+                                    excluded) -> (its outputs, the step sums or None)
         tangents(ctx, tangents)     forward mode: every output's tangent from the inputs' (jvp)
 
     — the same functions its custom ops register, so both paths compute the same thing.
@@ -211,8 +228,8 @@ class EagerOp(torch.autograd.Function):
     def backward(ctx, *grads):
         cell, be = ctx.cell, ctx.be
 
-        def bptt(*args):
-            return cell.bptt(be, *args[:-1])  # the last argument names the backend: already resolved
+        def bptt(*args, sums=False):
+            return cell.bptt(be, *args[:-1], sums=sums)  # the last argument names the backend: already resolved
 
         # also when a torch.func transform (vmap of the backward, as jacrev does) hands in wrapped
         # tensors: the torch-op BPTT is transformable, the fused kernels are not
@@ -278,8 +295,9 @@ class FusedInputOp(torch.autograd.Function):
     training forward (cell.fused_forward: [x_t | h_{t-1}] @ [W_ih; W_hh] per step, K = I + H, saving
     what BPTT reads; no projected input written or read back). Backward: the cell's input_grads
     (the engine's BPTT) gives dL/dxp, then dx = dxp @ W_ih and [dW_ih | dW_hh] = dxp^T [x | h_{t-1}]
-    in one pass on the engine (cell.recurrent_operands(saved) names h0 and out; the GRU, without
-    one, takes dW_ih alone and its own dW_hh).
+    in one pass on the engine (cell.recurrent_operands(saved) names h0 and out; the GRU's
+    input_grads leaves the rows its dW_hh reads instead of dA's for the n gate as recurrent_tail,
+    asked by wants_recurrent_tail).
     Higher order as EagerOp: the BPTT as torch ops on the saved tensors, and the two products as
     torch ops, so that the gradients have a history. Float32 CPU training only (the modules choose
     it: not under forward AD, a torch.func transform or torch.compile)."""
@@ -305,21 +323,23 @@ class FusedInputOp(torch.autograd.Function):
         *saved, x, w_ih = ctx.saved_tensors
         need_x, need_w_ih, *needs = ctx.needs_input_grad[:-2]
 
-        def bptt(*args):
-            return cell.bptt(be, *args[:-1])  # the last argument names the backend: already resolved
+        def bptt(*args, sums=False):
+            return cell.bptt(be, *args[:-1], sums=sums)  # the last argument names the backend: already resolved
 
         differentiable = (torch.is_grad_enabled() or any(g is not None for g in grads[cell.PUBLIC:])
                           or any(g is not None and torch._C._functorch.is_functorch_wrapped_tensor(g) for g in grads))
-        # dW_ih and dW_hh in one pass over dA on the engine (first order; not the GRU's, see
-        # ops/gru.py): input_grads leaves dW_hh
-        joint = not differentiable and need_w_ih and needs[0] and cell.recurrent_operands is not None
-        d_xp, d_w_hh, *rest = cell.input_grads(_OpView(ctx, saved, (need_x or need_w_ih, needs[0] and not joint,
-                                                                    *needs[1:])), grads, bptt, differentiable)
+        # dW_ih and dW_hh in one pass over dA on the engine (first order): input_grads leaves dW_hh
+        joint = not differentiable and need_w_ih and needs[0]
+        view = _OpView(ctx, saved, (need_x or need_w_ih, needs[0] and not joint, *needs[1:]))
+        view.wants_recurrent_tail = joint
+        d_xp, d_w_hh, *rest = cell.input_grads(view, grads, bptt, differentiable)
         dx = dw = None
         if need_x:
             dx = d_xp.matmul(w_ih) if differentiable else ctx.engine.linear(d_xp, w_ih.contiguous(), False)
         if joint:
-            dw, d_w_hh = ctx.engine.weight_grad(d_xp, x, *cell.recurrent_operands(saved))
+            # the GRU's input_grads leaves view.recurrent_tail: its dW_hh's n rows read d(W_hn h + b_hn)
+            dw, d_w_hh = ctx.engine.weight_grad(d_xp, x, *cell.recurrent_operands(saved),
+                                                tail=view.__dict__.get("recurrent_tail"))
         elif need_w_ih:
             dw = input_weight_grad(d_xp, x, None if differentiable else ctx.engine)
         return (dx, dw, d_w_hh, *rest, None, None)

@@ -22,8 +22,9 @@ import torch
 
 from .. import _backends
 from ..reference import gru_reference_backward, gru_reference_jvp
-from .common import (EagerOp, FusedInputOp, check_image_term, check_like, check_xp, engine_of, image_grad,
-                     inference_forward, last_state, prepare_lengths, registered_backward, weight_grad, zeros_if_none)
+from .common import (EagerOp, FusedInputOp, backend_bptt, check_image_term, check_like, check_xp, engine_of,
+                     image_grad, inference_forward, last_state, prepare_lengths, registered_backward, weight_grad,
+                     zeros_if_none)
 
 CELL, PUBLIC = "gru", 2
 
@@ -54,8 +55,10 @@ def fused_forward(engine, x, w_ih, w_hh, b_hn, h0, image_term, lengths, backend)
     return out, last_state(out, h0, lengths), gates
 
 
-def bptt(be, grad_out, grad_h_last, out, gates, h0, w_hh, lengths):
-    return be.cells[CELL].backward(grad_out.contiguous(), grad_h_last.contiguous(), out, gates, h0, w_hh, lengths)
+def bptt(be, grad_out, grad_h_last, out, gates, h0, w_hh, lengths, sums=False):
+    """-> ((dGx, dhn, dh0), each row's [dGx | dhn] summed over steps [B, 4H] or None: see backend_bptt)."""
+    return backend_bptt(be.cells[CELL], (grad_out.contiguous(), grad_h_last.contiguous(), out, gates, h0, w_hh,
+                                         lengths), out, gates.shape[2], sums)
 
 
 @torch.library.custom_op("mmrnn::gru_fwd", mutates_args=())
@@ -80,7 +83,7 @@ def gru_bwd(grad_out: torch.Tensor, grad_h_last: torch.Tensor, out: torch.Tensor
             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BPTT -> (dGx [T, B, 3H] = dL/d(xp + image term), dhn [T, B, H] = dL/d(W_hn h + b_hn), dh0 [B, H])."""
     be = _backends.select(backend, out.device, out.dtype, CELL)
-    return bptt(be, grad_out, grad_h_last, out, gates, h0, w_hh, lengths)
+    return bptt(be, grad_out, grad_h_last, out, gates, h0, w_hh, lengths)[0]
 
 
 @gru_bwd.register_fake
@@ -106,22 +109,35 @@ def input_grads(ctx, grads, bptt, differentiable):
     out, gates, w_hh, h0, lengths = ctx.saved_tensors
     H = out.shape[2]
     grad_out, grad_h = zeros_if_none(grads[0], out), zeros_if_none(grads[1], h0)
+    need_xp, need_w, need_bhn, need_h0, need_img = ctx.needs_input_grad[:5]
+    sums = None
     if differentiable:
         dGx, dhn, dh0 = gru_reference_backward(grad_out, grad_h, out, gates, h0, w_hh, lengths, grads[2])
     else:
-        dGx, dhn, dh0 = bptt(grad_out, grad_h, out, gates, h0.contiguous(), w_hh.contiguous(), lengths, ctx.backend)
-    need_xp, need_w, need_bhn, need_h0, need_img = ctx.needs_input_grad[:5]
+        # the step sums: [dGx | dhn] per row, for a static image term's gradient and b_hn's
+        (dGx, dhn, dh0), sums = bptt(grad_out, grad_h, out, gates, h0.contiguous(), w_hh.contiguous(), lengths,
+                                     ctx.backend, sums=need_bhn or (need_img and ctx.image_static))
+    if getattr(ctx, "wants_recurrent_tail", False):  # FusedInputOp computes dW_hh with dW_ih: its n rows
+        ctx.recurrent_tail = dhn
     d_w = None
     if need_w:
         engine = engine_of(ctx, differentiable)
         d_w = torch.cat([weight_grad(dGx[..., :2 * H], h0, out, engine), weight_grad(dhn, h0, out, engine)])
-    return (dGx if need_xp else None, d_w, dhn.sum((0, 1)) if need_bhn else None, dh0 if need_h0 else None,
-            image_grad(dGx, ctx.image_static) if need_img else None, None, None)
+    d_bhn = None
+    if need_bhn:
+        d_bhn = dhn.sum((0, 1)) if sums is None else sums[:, 3 * H:].sum(0).to(dhn.dtype)
+    return (dGx if need_xp else None, d_w, d_bhn, dh0 if need_h0 else None,
+            image_grad(dGx, ctx.image_static, None if sums is None else sums[:, :3 * H]) if need_img else None,
+            None, None)
 
 
-# FusedInputOp's joint pass ([dW_ih | dW_hh] = dA^T [x | h_{t-1}]) does not serve the GRU: its dW_hh
-# reads [dr, dz, d(W_hn h + b_hn)], not dA = [dr, dz, dn]; input_grads computes it.
-recurrent_operands = None
+def recurrent_operands(saved):
+    """(h0, out) among the tensors setup_context saves: the h_{t-1} of the weight gradient. In
+    FusedInputOp's joint pass ([dW_ih | dW_hh] from dA = [dr, dz, dn] and [x | h_{t-1}]) dW_hh's n
+    rows read d(W_hn h + b_hn) instead of dn: input_grads leaves it as ctx.recurrent_tail when the
+    context asks (ctx.wants_recurrent_tail)."""
+    out, gates, w_hh, h0, lengths = saved
+    return h0, out
 
 
 def tangents(ctx, tangents):

@@ -22,8 +22,9 @@ import torch
 
 from .. import _backends
 from ..reference import lstm_reference_backward, lstm_reference_jvp
-from .common import (EagerOp, FusedInputOp, check_image_term, check_like, check_xp, engine_of, image_grad,
-                     inference_forward, last_state, prepare_lengths, registered_backward, weight_grad, zeros_if_none)
+from .common import (EagerOp, FusedInputOp, backend_bptt, check_image_term, check_like, check_xp, engine_of,
+                     image_grad, inference_forward, last_state, prepare_lengths, registered_backward, weight_grad,
+                     zeros_if_none)
 
 CELL, PUBLIC = "lstm", 3
 
@@ -51,9 +52,10 @@ def fused_forward(engine, x, w_ih, w_hh, h0, c0, image_term, lengths, backend):
     return out, last_state(out, h0, lengths), last_state(c_all, c0, lengths), c_all, gates
 
 
-def bptt(be, grad_out, grad_h_last, grad_c_last, out, c_all, gates, h0, c0, w_hh, lengths):
-    return be.cells[CELL].backward(grad_out.contiguous(), grad_h_last.contiguous(), grad_c_last.contiguous(), out,
-                                   c_all, gates, h0, c0, w_hh, lengths)
+def bptt(be, grad_out, grad_h_last, grad_c_last, out, c_all, gates, h0, c0, w_hh, lengths, sums=False):
+    """-> ((dG, dh0, dc0), each row's dG summed over steps [B, 4H] or None: see backend_bptt)."""
+    return backend_bptt(be.cells[CELL], (grad_out.contiguous(), grad_h_last.contiguous(), grad_c_last.contiguous(),
+                                         out, c_all, gates, h0, c0, w_hh, lengths), out, gates.shape[2], sums)
 
 
 @torch.library.custom_op("mmrnn::lstm_fwd", mutates_args=())
@@ -80,7 +82,7 @@ def lstm_bwd(grad_out: torch.Tensor, grad_h_last: torch.Tensor, grad_c_last: tor
              lengths: Optional[torch.Tensor], backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BPTT -> (dG [T, B, 4H], dh0 [B, H], dc0 [B, H]), dG_t = dL/d(pre-activation gates at t)."""
     be = _backends.select(backend, out.device, out.dtype, CELL)
-    return bptt(be, grad_out, grad_h_last, grad_c_last, out, c_all, gates, h0, c0, w_hh, lengths)
+    return bptt(be, grad_out, grad_h_last, grad_c_last, out, c_all, gates, h0, c0, w_hh, lengths)[0]
 
 
 @lstm_bwd.register_fake
@@ -104,16 +106,17 @@ def input_grads(ctx, grads, bptt, differentiable):
     pass produces), so that these gradients have a history."""
     out, c_all, gates, w_hh, h0, c0, lengths = ctx.saved_tensors
     grad_out, grad_h, grad_c = zeros_if_none(grads[0], out), zeros_if_none(grads[1], h0), zeros_if_none(grads[2], c0)
+    need_xp, need_w, need_h0, need_c0, need_img = ctx.needs_input_grad[:5]
+    sums = None
     if differentiable:
         dG, dh0, dc0 = lstm_reference_backward(grad_out, grad_h, grad_c, out, c_all, gates, h0, c0, w_hh, lengths,
                                                grads[3], grads[4])
     else:
-        dG, dh0, dc0 = bptt(grad_out, grad_h, grad_c, out, c_all, gates, h0.contiguous(), c0.contiguous(),
-                            w_hh.contiguous(), lengths, ctx.backend)
-    need_xp, need_w, need_h0, need_c0, need_img = ctx.needs_input_grad[:5]
+        (dG, dh0, dc0), sums = bptt(grad_out, grad_h, grad_c, out, c_all, gates, h0.contiguous(), c0.contiguous(),
+                                    w_hh.contiguous(), lengths, ctx.backend, sums=need_img and ctx.image_static)
     d_w = weight_grad(dG, h0, out, engine_of(ctx, differentiable)) if need_w else None
     return (dG if need_xp else None, d_w, dh0 if need_h0 else None,
-            dc0 if need_c0 else None, image_grad(dG, ctx.image_static) if need_img else None, None, None)
+            dc0 if need_c0 else None, image_grad(dG, ctx.image_static, sums) if need_img else None, None, None)
 
 
 def recurrent_operands(saved):

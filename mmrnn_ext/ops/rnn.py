@@ -20,9 +20,9 @@ import torch
 
 from .. import _backends
 from ..reference import NONLINEARITIES, reference_backward, rnn_reference_jvp
-from .common import (EagerOp, FusedInputOp, InputError, check_image_term, check_like, check_xp, engine_of,
-                     image_grad, inference_forward, last_state, prepare_lengths, registered_backward, weight_grad,
-                     zeros_if_none)
+from .common import (EagerOp, FusedInputOp, InputError, backend_bptt, check_image_term, check_like, check_xp,
+                     engine_of, image_grad, inference_forward, last_state, prepare_lengths, registered_backward,
+                     weight_grad, zeros_if_none)
 
 CELL, PUBLIC = "rnn", 2
 
@@ -53,8 +53,10 @@ def fused_forward(engine, x, w_ih, w_hh, h0, image_term, lengths, nonlinearity, 
     return out, h_last
 
 
-def bptt(be, grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity):
-    return be.cells[CELL].backward(grad_out.contiguous(), grad_h_last.contiguous(), out, h0, w_hh, lengths, nonlinearity)
+def bptt(be, grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity, sums=False):
+    """-> ((dA, dh0), each row's dA summed over steps [B, H] or None: see backend_bptt)."""
+    return backend_bptt(be.cells[CELL], (grad_out.contiguous(), grad_h_last.contiguous(), out, h0, w_hh, lengths,
+                                         nonlinearity), out, out.shape[2], sums)
 
 
 @torch.library.custom_op("mmrnn::rnn_fwd", mutates_args=())
@@ -76,7 +78,7 @@ def rnn_bwd(grad_out: torch.Tensor, grad_h_last: torch.Tensor, out: torch.Tensor
             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """BPTT -> (dA [T, B, H], dh0 [B, H]), dA_t = dL/da_t."""
     be = _backends.select(backend, out.device, out.dtype, CELL)
-    return bptt(be, grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity)
+    return bptt(be, grad_out, grad_h_last, out, h0, w_hh, lengths, nonlinearity)[0]
 
 
 @rnn_bwd.register_fake
@@ -99,15 +101,16 @@ def input_grads(ctx, grads, bptt, differentiable):
     differentiable: run the BPTT as torch ops instead, so that these gradients have a history."""
     out, w_hh, h0, lengths = ctx.saved_tensors
     grad_out, grad_h_last = zeros_if_none(grads[0], out), zeros_if_none(grads[1], h0)
+    need_xp, need_w, need_h0, need_img = ctx.needs_input_grad[:4]
+    sums = None
     if differentiable:
         dA, dh0 = reference_backward(grad_out, grad_h_last, out, h0, w_hh, lengths, ctx.nonlinearity)
     else:
-        dA, dh0 = bptt(grad_out, grad_h_last, out, h0.contiguous(), w_hh.contiguous(), lengths, ctx.nonlinearity,
-                       ctx.backend)
-    need_xp, need_w, need_h0, need_img = ctx.needs_input_grad[:4]
+        (dA, dh0), sums = bptt(grad_out, grad_h_last, out, h0.contiguous(), w_hh.contiguous(), lengths,
+                               ctx.nonlinearity, ctx.backend, sums=need_img and ctx.image_static)
     d_w = weight_grad(dA, h0, out, engine_of(ctx, differentiable)) if need_w else None
     return (dA if need_xp else None, d_w, dh0 if need_h0 else None,
-            image_grad(dA, ctx.image_static) if need_img else None, None, None, None)
+            image_grad(dA, ctx.image_static, sums) if need_img else None, None, None, None)
 
 
 def recurrent_operands(saved):
