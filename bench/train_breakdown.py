@@ -8,8 +8,8 @@ beside each of its parts timed alone on the same tensors:
     BPTT recurrence    the engine's reverse loop -> dG, and each row's dG summed over steps (the
                        image term's gradient; since 2026-12-06, one more pass over dG before)
     dW_ih and dW_hh    [dW_ih | dW_hh] = sum_t dG_t^T [x_t | h_{t-1}], one pass over dG on the engine
-                       (the GRU: dW_ih, then dW_hh's r, z rows and its n rows, which read
-                       d(W_hn h + b_hn): three passes)
+                       (the GRU's dW_hh n rows read d(W_hn h + b_hn) instead: the pass's tail; three
+                       passes before 2026-12-06 09:30)
     image and bias     the image weight's and the biases' gradients from those sums
     rest               the step's best less the parts' bests: autograd, Python, allocation, the
                        gradient buffers, the final-state gathers
@@ -90,12 +90,8 @@ def parts(cell, B, T, I, V, H):
         y, _ = ours(x, image=v)
         y.backward(ones)
 
-    def weight_grads():
-        if cell != "gru":
-            return eng.weight_grad(dA, x, h0, out)
-        # the GRU's dW_hh reads d(W_hn h + b_hn) for its n rows: dW_ih, then dW_hh's two row blocks
-        return (eng.weight_grad(dA, x, None, None)[0],
-                torch.cat([eng.weight_grad(dA[..., :2 * H], None, h0, out)[1], eng.weight_grad(dhn, None, h0, out)[1]]))
+    def weight_grads():  # the GRU's dW_hh reads d(W_hn h + b_hn) for its n rows: the pass's tail
+        return eng.weight_grad(dA, x, h0, out, tail=dhn if cell == "gru" else None)
 
     def image_and_bias():  # from the BPTT's step sums (each row's dA summed over steps)
         d_img = sums[:, :G]
