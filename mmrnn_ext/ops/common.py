@@ -279,10 +279,16 @@ class _SaveRecorder:
 
 class _OpView:
     """A FusedInputOp context as the cell's input_grads reads it: the cell's own saved tensors and
-    needs_input_grad in its op's input order (xp first); anything else from the real context."""
+    needs_input_grad in its op's input order (xp first); anything else from the real context.
+    wants_recurrent_tail: the weight gradients are FusedInputOp's joint pass, and a cell whose dW_hh
+    reads other rows than dA's for some of its gates (the GRU's n gate) leaves them as recurrent_tail."""
 
-    def __init__(self, ctx, saved, needs):
+    wants_recurrent_tail = False
+    recurrent_tail = None
+
+    def __init__(self, ctx, saved, needs, wants_recurrent_tail=False):
         self._ctx, self.saved_tensors, self.needs_input_grad = ctx, saved, needs
+        self.wants_recurrent_tail = wants_recurrent_tail
 
     def __getattr__(self, name):
         return getattr(self._ctx, name)
@@ -330,16 +336,14 @@ class FusedInputOp(torch.autograd.Function):
                           or any(g is not None and torch._C._functorch.is_functorch_wrapped_tensor(g) for g in grads))
         # dW_ih and dW_hh in one pass over dA on the engine (first order): input_grads leaves dW_hh
         joint = not differentiable and need_w_ih and needs[0]
-        view = _OpView(ctx, saved, (need_x or need_w_ih, needs[0] and not joint, *needs[1:]))
-        view.wants_recurrent_tail = joint
+        view = _OpView(ctx, saved, (need_x or need_w_ih, needs[0] and not joint, *needs[1:]), joint)
         d_xp, d_w_hh, *rest = cell.input_grads(view, grads, bptt, differentiable)
         dx = dw = None
         if need_x:
             dx = d_xp.matmul(w_ih) if differentiable else ctx.engine.linear(d_xp, w_ih.contiguous(), False)
         if joint:
             # the GRU's input_grads leaves view.recurrent_tail: its dW_hh's n rows read d(W_hn h + b_hn)
-            dw, d_w_hh = ctx.engine.weight_grad(d_xp, x, *cell.recurrent_operands(saved),
-                                                tail=view.__dict__.get("recurrent_tail"))
+            dw, d_w_hh = ctx.engine.weight_grad(d_xp, x, *cell.recurrent_operands(saved), tail=view.recurrent_tail)
         elif need_w_ih:
             dw = input_weight_grad(d_xp, x, None if differentiable else ctx.engine)
         return (dx, dw, d_w_hh, *rest, None, None)
