@@ -398,14 +398,18 @@ def _count_engine_calls(monkeypatch):
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 @pytest.mark.parametrize("create_graph", [False, True], ids=["first-order", "create-graph"])
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "separate"])
-def test_training_input_product_on_the_engine(monkeypatch, cell, create_graph, fuse):
+@pytest.mark.parametrize("image", ["step", "static", "step-unfolded"])
+def test_training_input_product_on_the_engine(monkeypatch, cell, create_graph, fuse, image):
     """With gradients (float32) the modules run the input product on the engine — inside the
-    recurrence's tiles (fused; separate: FUSE_TRAINING_PRODUCT off)
-    — and, first order, its input gradient dA @ W_ih and the weight gradients too: every gradient (the input's, through both
-    layers and directions, and every parameter's) against the same module in float64 on torch's
-    products, at odd sizes with batch_first (a non-contiguous time-major input), lengths and per-step
-    images. create_graph: the input gradient runs as torch ops, so a second-order gradient exists."""
+    recurrence's tiles (fused; separate: FUSE_TRAINING_PRODUCT off), the image term and biases
+    inside the same op when fused — and, first order, its input gradient dA @ W_ih and the weight
+    gradients too: every gradient (the input's and the image's, through both layers and directions,
+    and every parameter's) against the same module in float64 on torch's products, at odd sizes with
+    batch_first (a non-contiguous time-major input), lengths and a per-step image (folded into the
+    input product; step-unfolded: FOLD_STEP_IMAGE off, a [T, B, G] image term) or a static one.
+    create_graph: the input gradient runs as torch ops, so a second-order gradient exists."""
     monkeypatch.setattr(RecurrentBase, "FUSE_TRAINING_PRODUCT", fuse)
+    monkeypatch.setattr(RecurrentBase, "FOLD_STEP_IMAGE", image != "step-unfolded")
     calls = _count_engine_calls(monkeypatch)
     m = _module(cell)
     m.batch_first = True
@@ -413,16 +417,17 @@ def test_training_input_product_on_the_engine(monkeypatch, cell, create_graph, f
     ref.batch_first = True
     g = torch.Generator().manual_seed(7)
     x = torch.randn(5, 7, 12, generator=g, dtype=torch.float64)
-    img = torch.randn(5, 7, 6, generator=g, dtype=torch.float64)
+    img = torch.randn(5, 6, generator=g, dtype=torch.float64) if image == "static" else \
+        torch.randn(5, 7, 6, generator=g, dtype=torch.float64)
     lengths = torch.tensor([7, 3, 1, 6, 7])
     weight = torch.randn(5, 7, 80, generator=g, dtype=torch.float64)
 
     def grads(model, dtype):
-        xi = x.to(dtype).requires_grad_()
-        out, states = model(xi, image=img.to(dtype), lengths=lengths)
+        xi, imgi = x.to(dtype).requires_grad_(), img.to(dtype).requires_grad_()
+        out, states = model(xi, image=imgi, lengths=lengths)
         loss = (out * weight.to(dtype)).sum() + sum(s.sin().sum() for s in _flat((out, states))[1:])
         params = list(model.parameters())
-        got = torch.autograd.grad(loss, [xi, *params], create_graph=create_graph)
+        got = torch.autograd.grad(loss, [xi, imgi, *params], create_graph=create_graph)
         first.update(calls)
         second = None
         if create_graph:
@@ -445,11 +450,11 @@ def test_training_input_product_on_the_engine(monkeypatch, cell, create_graph, f
     r_out, r_got, r_second = grads(ref, torch.float64)
     assert calls == before  # float64: torch's products only
     assert_close(out, r_out.float(), torch.float32, "output")
-    names = ["input", *(n for n, _ in m.named_parameters())]
-    for name, a, b in zip(names, got, r_got):
+    names = ["input", "image", *(n for n, _ in m.named_parameters())]
+    for name, a, b in zip(names, got, r_got, strict=True):
         assert_close(a, b.float(), torch.float32, f"grad of {name}")
     if create_graph:
-        for name, a, b in zip(names[1:], second, r_second):
+        for name, a, b in zip(names[2:], second, r_second, strict=True):
             assert_close(a, b.float(), torch.float32, f"second-order gradient, {name}")
 
 

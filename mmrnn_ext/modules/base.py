@@ -23,7 +23,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .. import _backends
 from ..ops import InputError, _describe, check_lengths
-from ..ops.common import input_weight_grad, no_gradient_possible, shape_is
+from ..ops.common import input_weight_grad, no_gradient_possible, outer_term, shape_is, summed_bias
 from .. import export as _export
 from .twin import TorchTwin
 
@@ -112,21 +112,10 @@ def _input_product(x, w_ih, engine):
     return _EngineProduct.apply(x, w_ih, engine)
 
 
-def _image_term(x, image, bias, w_img):
-    """The image term (one GEMM per sequence when static). `bias` (the biases that sit outside the
-    recurrent product, summed) rides with it, since the recurrence adds it in its elementwise pass
-    anyway: a bias in the big input GEMM costs a broadcast copy over all T*B*G*H outputs (14.5 ms of
-    430 at (64, 256, 256, 512, 512) on the 2-core CPU for the RNN) that this way is a [B, G*H] add."""
-    if image is not None:
-        return F.linear(image, w_img, bias)
-    if bias is None:
-        return None
-    return bias.expand(x.shape[-2], -1)
-
-
 def _project(x, image, w_ih, bias, w_img, engine=None):
-    """The input projection (one GEMM over all steps) and the image term."""
-    return _input_product(x, w_ih, engine), _image_term(x, image, bias, w_img)
+    """The input projection (one GEMM over all steps) and the image term with the outer biases
+    (ops.common.outer_term)."""
+    return _input_product(x, w_ih, engine), outer_term(image, w_img, bias, x.shape[-2])
 
 
 def _check_image(image, *, image_size, batched, batch, steps, batch_first, module):
@@ -333,7 +322,7 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
 
     def _outer_bias(self, p):
         """The biases added outside the recurrent product, summed ([G*H]; None without bias)."""
-        return None if p.get("bias_ih") is None else p["bias_ih"] + p["bias_hh"]
+        return summed_bias(p.get("bias_ih"), p.get("bias_hh"))
 
     def _recurrence(self, p, xp, image_term, states, lengths):
         raise NotImplementedError
@@ -353,10 +342,11 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
         return None
 
     def _fused_training(self, engine, p):
-        """A callable (x, image_term, states, lengths) -> (out, final states) running this layer and
-        direction's float32 training forward with the input product fused into the recurrence
-        (the engine's train_forward; differentiable, see ops.common.FusedInputOp), or None where the
-        cell has none. p holds weight_ih and weight_hh."""
+        """A callable (x, image, states, lengths) -> (out, final states) running this layer and
+        direction's float32 training forward with the input product fused into the recurrence and
+        the outer term (image GEMM and biases) inside the op (the engine's train_forward;
+        differentiable, see ops.common.FusedInputOp), or None where the cell has none. p holds the
+        layer and direction's parameters (weight_img None where a per-step image went into weight_ih)."""
         return None
 
     def _step_names(self):
@@ -513,11 +503,15 @@ class RecurrentBase(TorchTwin, _Shared, nn.Module):
                                                  if p.get(k) is not None})
         elif fuse is None and product is not None and self.FUSE_TRAINING_PRODUCT and not separate:
             fused = self._fused_training(product, p)
-        if fused is not None:
+        if fused is not None and fuse is None:
+            # training: the input product inside every step's tile, the image term and biases inside
+            # the op (float32: no autocast)
+            out, last = fused(flip(x).contiguous(), flip(img), states, lengths)
+        elif fused is not None:
             # the input product inside every step's tile (inference under autocast in its dtype:
             # bf16 operands, float32 accumulation and state)
             x_in = flip(x)
-            img_term = _to(_image_term(x_in, img, self._outer_bias(p), p.get("weight_img")), amp)
+            img_term = _to(outer_term(img, p.get("weight_img"), self._outer_bias(p), x_in.shape[-2]), amp)
             out, last = fused(_to(x_in, amp).contiguous(), flip(img_term), [_to(s, amp) for s in states], lengths)
         else:
             xp, img_term = _project(x, img, p["weight_ih"], self._outer_bias(p), p.get("weight_img"), product)
@@ -688,7 +682,7 @@ class CellBase(TorchTwin, _Shared, nn.Module):
         return (("bias", True), *self.REPR_CELL)
 
     def _outer_bias(self):
-        return None if self.bias_ih is None else self.bias_ih + self.bias_hh
+        return summed_bias(self.bias_ih, self.bias_hh)
 
     def _step(self, xp, image_term, states, amp):
         """One step: xp [1, B, G*H] (the input side), image_term, states [h] or [h, c] -> states',

@@ -10,16 +10,14 @@ import torch
 from torch import nn
 
 from ..ops import gru_recurrence
+from ..ops.common import summed_bias
 from ..ops.gru import gru_recurrence_fused
 from .base import CellBase, RecurrentBase, _contiguous
 
 
 def _outer_bias(b_ih, b_hh):
     """The biases outside the recurrent product: b_ih + [b_hr, b_hz, 0] (None without bias)."""
-    if b_ih is None:
-        return None
-    H = b_hh.shape[0] // 3
-    return b_ih + torch.cat([b_hh[:2 * H], b_hh.new_zeros(H)])
+    return None if b_ih is None else summed_bias(b_ih, b_hh, b_hh.shape[0] // 3)
 
 
 def _b_hn(b_hh):
@@ -66,9 +64,9 @@ class GRU(RecurrentBase):
         return run
 
     def _fused_training(self, engine, p):
-        def run(x, image_term, states, lengths):
-            out, h = gru_recurrence_fused(x, p["weight_ih"], p["weight_hh"], _b_hn(p.get("bias_hh")), states[0],
-                                          image_term, lengths, self.backend, engine)
+        def run(x, image, states, lengths):
+            out, h = gru_recurrence_fused(x, p["weight_ih"], image, p.get("weight_img"), p.get("bias_ih"),
+                                          p.get("bias_hh"), p["weight_hh"], states[0], lengths, self.backend, engine)
             return out, (h,)
 
         return run

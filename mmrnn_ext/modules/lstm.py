@@ -77,9 +77,10 @@ class LSTM(RecurrentBase):
         if self.proj_size > 0:  # the projected state: the reference step loop (see _recurrence)
             return None
 
-        def run(x, image_term, states, lengths):
-            out, h, c = lstm_recurrence_fused(x, p["weight_ih"], p["weight_hh"], states[0], states[1], image_term,
-                                              lengths, self.backend, engine)
+        def run(x, image, states, lengths):
+            out, h, c = lstm_recurrence_fused(x, p["weight_ih"], image, p.get("weight_img"), p.get("bias_ih"),
+                                              p.get("bias_hh"), p["weight_hh"], states[0], states[1], lengths,
+                                              self.backend, engine)
             return out, (h, c)
 
         return run

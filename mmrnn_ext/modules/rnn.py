@@ -56,8 +56,9 @@ class RNN(RecurrentBase):
         return run
 
     def _fused_training(self, engine, p):
-        def run(x, image_term, states, lengths):
-            out, h_last = rnn_recurrence_fused(x, p["weight_ih"], p["weight_hh"], states[0], image_term, lengths,
+        def run(x, image, states, lengths):
+            out, h_last = rnn_recurrence_fused(x, p["weight_ih"], image, p.get("weight_img"), p.get("bias_ih"),
+                                               p.get("bias_hh"), p["weight_hh"], states[0], lengths,
                                                self.nonlinearity, self.backend, engine)
             return out, (h_last,)
 

@@ -27,6 +27,8 @@ from .common import (EagerOp, FusedInputOp, backend_bptt, check_image_term, chec
                      zeros_if_none)
 
 CELL, PUBLIC = "gru", 2
+# FusedInputOp: where the outer term and b_hn (b_hh's last H entries) go among the op's inputs after xp
+IMAGE_SLOT, INNER_BIAS_SLOT = 3, 1
 
 
 def check_recurrence_args(xp, w_hh, b_hn, h0, image_term):
@@ -168,8 +170,10 @@ def gru_recurrence(xp, w_hh, b_hn=None, h0=None, image_term=None, lengths=None, 
     return EagerOp.apply(xp, w_hh, b_hn, h0, image_term, lengths, backend, sys.modules[__name__])[:PUBLIC]
 
 
-def gru_recurrence_fused(x, w_ih, w_hh, b_hn, h0, image_term, lengths, backend, engine):
-    """gru_recurrence(x @ w_ih^T, ...) with the input product inside the recurrence, for the modules
-    (their float32 CPU training; arguments already checked, lengths prepared)."""
-    return FusedInputOp.apply(x, w_ih, w_hh, b_hn, h0, image_term, lengths, backend, sys.modules[__name__],
-                              engine)[:PUBLIC]
+def gru_recurrence_fused(x, w_ih, image, w_img, b_ih, b_hh, w_hh, h0, lengths, backend, engine):
+    """gru_recurrence(x @ w_ih^T, w_hh, b_hn, h0, outer_term(image, w_img, b_ih + [b_hr, b_hz, 0]), ...)
+    with the input product inside the recurrence and the image term inside the op (b_hn: b_hh's last
+    H entries), for the modules (their float32 CPU training; arguments already checked, lengths
+    prepared): see FusedInputOp."""
+    return FusedInputOp.apply(x, w_ih, image, w_img, b_ih, b_hh, w_hh, None, h0, None, lengths, backend,
+                              sys.modules[__name__], engine)[:PUBLIC]

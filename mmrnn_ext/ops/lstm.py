@@ -27,6 +27,8 @@ from .common import (EagerOp, FusedInputOp, backend_bptt, check_image_term, chec
                      zeros_if_none)
 
 CELL, PUBLIC = "lstm", 3
+# FusedInputOp: where the outer term goes among the op's inputs after xp; no bias inside the product
+IMAGE_SLOT, INNER_BIAS_SLOT = 3, None
 
 
 def check_recurrence_args(xp, w_hh, h0, c0, image_term):
@@ -156,8 +158,9 @@ def lstm_recurrence(xp, w_hh, h0=None, c0=None, image_term=None, lengths=None, b
     return EagerOp.apply(xp, w_hh, h0, c0, image_term, lengths, backend, sys.modules[__name__])[:PUBLIC]
 
 
-def lstm_recurrence_fused(x, w_ih, w_hh, h0, c0, image_term, lengths, backend, engine):
-    """lstm_recurrence(x @ w_ih^T, ...) with the input product inside the recurrence, for the
-    modules (their float32 CPU training; arguments already checked, lengths prepared)."""
-    return FusedInputOp.apply(x, w_ih, w_hh, h0, c0, image_term, lengths, backend, sys.modules[__name__],
-                              engine)[:PUBLIC]
+def lstm_recurrence_fused(x, w_ih, image, w_img, b_ih, b_hh, w_hh, h0, c0, lengths, backend, engine):
+    """lstm_recurrence(x @ w_ih^T, w_hh, h0, c0, outer_term(image, w_img, b_ih + b_hh), ...) with the
+    input product inside the recurrence and the image term inside the op, for the modules (their
+    float32 CPU training; arguments already checked, lengths prepared): see FusedInputOp."""
+    return FusedInputOp.apply(x, w_ih, image, w_img, b_ih, b_hh, w_hh, h0, c0, None, lengths, backend,
+                              sys.modules[__name__], engine)[:PUBLIC]

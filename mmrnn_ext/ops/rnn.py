@@ -25,6 +25,8 @@ from .common import (EagerOp, FusedInputOp, InputError, backend_bptt, check_imag
                      weight_grad, zeros_if_none)
 
 CELL, PUBLIC = "rnn", 2
+# FusedInputOp: where the outer term goes among the op's inputs after xp; no bias inside the product
+IMAGE_SLOT, INNER_BIAS_SLOT = 2, None
 
 
 def check_recurrence_args(xp, w_hh, h0, image_term, nonlinearity):
@@ -151,8 +153,9 @@ def rnn_recurrence(xp, w_hh, h0=None, image_term=None, lengths=None, nonlinearit
     return EagerOp.apply(xp, w_hh, h0, image_term, lengths, nonlinearity, backend, sys.modules[__name__])[:PUBLIC]
 
 
-def rnn_recurrence_fused(x, w_ih, w_hh, h0, image_term, lengths, nonlinearity, backend, engine):
-    """rnn_recurrence(x @ w_ih^T, ...) with the input product inside the recurrence, for the modules
-    (their float32 CPU training; arguments already checked, lengths prepared)."""
-    return FusedInputOp.apply(x, w_ih, w_hh, h0, image_term, lengths, nonlinearity, backend, sys.modules[__name__],
-                              engine)[:PUBLIC]
+def rnn_recurrence_fused(x, w_ih, image, w_img, b_ih, b_hh, w_hh, h0, lengths, nonlinearity, backend, engine):
+    """rnn_recurrence(x @ w_ih^T, w_hh, h0, outer_term(image, w_img, b_ih + b_hh), ...) with the input
+    product inside the recurrence and the image term inside the op, for the modules (their float32
+    CPU training; arguments already checked, lengths prepared): see FusedInputOp."""
+    return FusedInputOp.apply(x, w_ih, image, w_img, b_ih, b_hh, w_hh, h0, None, lengths, nonlinearity, backend,
+                              sys.modules[__name__], engine)[:PUBLIC]
