@@ -111,6 +111,132 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> weight_grad(con
   return {dw_x, dw_h};
 }
 
+// A float CPU tensor of `ref`'s dtype, contiguous, of the given shape (`ref_name` names ref in the error).
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name,
+                at::IntArrayRef expected) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(), " (that of ", ref_name,
+              "), got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ", t.strides());
+  TORCH_CHECK(t.sizes() == expected, name, ": expected shape ", expected, ", got ", t.sizes());
+}
+
+// The outer term of a layer and direction [B, G]: what its recurrence adds to every step's gates
+// outside the recurrent product, image @ w_img^T + b_ih + b_hh (image [B, V], w_img [G, V]; either
+// pair may be absent: the biases alone are broadcast over `batch` rows, None where there is neither),
+// b_hh's last `inner` entries left out (they sit inside the product: the GRU's b_hn). The image
+// product on the engine's kernels, the biases added in the same call: the training step's one call
+// where torch's add, addmm (or expand and copy) were three ops on code the step's kernels had just
+// pushed out of the caches (bench/NOTES.md).
+std::optional<at::Tensor> outer_term(const std::optional<at::Tensor>& image, const std::optional<at::Tensor>& w_img,
+                                     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                                     int64_t inner, int64_t batch) {
+  TORCH_CHECK(image.has_value() == w_img.has_value(), "image and w_img: expected both or neither, got ",
+              image.has_value() ? "image only" : "w_img only");
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "b_ih and b_hh: expected both or neither, got ",
+              b_ih.has_value() ? "b_ih only" : "b_hh only");
+  if (!image.has_value() && !b_ih.has_value()) return std::nullopt;
+  const at::Tensor& ref = image.has_value() ? *w_img : *b_ih;
+  TORCH_CHECK(ref.device().is_cpu() && (ref.scalar_type() == at::kFloat || ref.scalar_type() == at::kDouble),
+              image.has_value() ? "w_img" : "b_ih", ": expected a float32 or float64 CPU tensor, got ",
+              ref.scalar_type(), " on ", ref.device());
+  const int64_t G = image.has_value() ? w_img->size(0) : b_ih->size(0);
+  int64_t B = batch;
+  if (image.has_value()) {
+    TORCH_CHECK(w_img->dim() == 2, "w_img: expected a 2-D tensor [G, V], got shape ", w_img->sizes());
+    TORCH_CHECK(image->dim() == 2, "image: expected a 2-D tensor [B, V] (static), got shape ", image->sizes());
+    B = image->size(0);
+    check_like(*image, "image", *w_img, "w_img", {B, w_img->size(1)});
+    check_like(*w_img, "w_img", *w_img, "w_img", {G, image->size(1)});
+  }
+  TORCH_CHECK(B >= 0 && B == batch, "batch: expected ", B, " (the image's rows), got ", batch);
+  if (b_ih.has_value()) {
+    check_like(*b_ih, "b_ih", ref, image.has_value() ? "w_img" : "b_ih", {G});
+    check_like(*b_hh, "b_hh", ref, image.has_value() ? "w_img" : "b_ih", {G});
+  }
+  TORCH_CHECK(inner >= 0 && inner <= G, "inner: expected a count in [0, ", G, "], got ", inner);
+  at::Tensor out = at::empty({B, G}, ref.options());
+  const mmrnn::Isa isa = mmrnn::cpu_isa();
+  {
+    pybind11::gil_scoped_release no_gil;
+    AT_DISPATCH_FLOATING_TYPES(ref.scalar_type(), "mmrnn_outer_term", [&] {
+      scalar_t* o = out.data_ptr<scalar_t>();
+      if (image.has_value()) {
+        if (image->size(1) == 0) {
+          std::fill(o, o + B * G, scalar_t(0));
+        } else if (B > 0 && G > 0) {
+          const auto pw = mmrnn::pack_weight<scalar_t>(*w_img, 1, true, isa);
+          mmrnn::linear<scalar_t>(pw, image->data_ptr<scalar_t>(), B, o);
+        }
+      }
+      if (b_ih.has_value()) {
+        const scalar_t* bi = b_ih->data_ptr<scalar_t>();
+        const scalar_t* bh = b_hh->data_ptr<scalar_t>();
+        std::vector<scalar_t> bias(G);
+        for (int64_t g = 0; g < G; ++g) bias[g] = g < G - inner ? bi[g] + bh[g] : bi[g];
+        for (int64_t b = 0; b < B; ++b) {
+          scalar_t* row = o + b * G;
+          if (image.has_value()) {
+            for (int64_t g = 0; g < G; ++g) row[g] += bias[g];
+          } else {
+            std::copy(bias.begin(), bias.end(), row);
+          }
+        }
+      }
+    });
+  }
+  return out;
+}
+
+// The outer term's inputs' gradients from its gradient, the BPTT's step sums S [B, W] (W = G, or
+// G + inner where the sums carry the inner bias's too: the GRU's [dGx | dhn]): dW_img = S[:, :G]^T
+// image [G, V] (with image [B, V]) on the engine's weight-gradient kernels, and with `bias` the
+// biases' d_b_ih = sum_b S[b, :G] and d_b_hh = sum_b [S[b, :G - inner] | S[b, G:]] (rows added in
+// order). One call where torch's slices, transpose, mm, sums and cat were six ops.
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>> outer_grad(
+    const at::Tensor& S, const std::optional<at::Tensor>& image, int64_t inner, bool bias) {
+  TORCH_CHECK(S.device().is_cpu() && (S.scalar_type() == at::kFloat || S.scalar_type() == at::kDouble),
+              "S: expected a float32 or float64 CPU tensor, got ", S.scalar_type(), " on ", S.device());
+  TORCH_CHECK(S.dim() == 2 && S.is_contiguous(), "S: expected a contiguous 2-D tensor [B, W], got shape ", S.sizes(),
+              ", strides ", S.strides());
+  const int64_t B = S.size(0), W = S.size(1);
+  TORCH_CHECK(inner >= 0 && 2 * inner <= W, "inner: expected a count in [0, ", W / 2, "] (S's width ", W,
+              " = G + inner), got ", inner);
+  const int64_t G = W - inner;
+  if (image.has_value()) check_like(*image, "image", S, "S", {B, image->size(1)});
+  std::optional<at::Tensor> d_w_img, d_b_ih, d_b_hh;
+  if (image.has_value()) d_w_img = at::empty({G, image->size(1)}, S.options());
+  if (bias) {
+    d_b_ih = at::empty({G}, S.options());
+    d_b_hh = at::empty({G}, S.options());
+  }
+  const mmrnn::Isa isa = mmrnn::cpu_isa();
+  {
+    pybind11::gil_scoped_release no_gil;
+    AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "mmrnn_outer_grad", [&] {
+      const scalar_t* s = S.data_ptr<scalar_t>();
+      if (image.has_value()) {
+        const int64_t V = image->size(1);
+        const scalar_t* v = image->data_ptr<scalar_t>();
+        std::vector<mmrnn::WgradPart<scalar_t>> parts{{v, v, 0, V, V, d_w_img->data_ptr<scalar_t>()}};
+        mmrnn::weight_grad<scalar_t>(mmrnn::kernels_for<scalar_t>(isa, 1), s, W, G, B, parts);
+      }
+      if (bias) {
+        std::vector<scalar_t> col(W, scalar_t(0));
+        for (int64_t b = 0; b < B; ++b) {
+          const scalar_t* row = s + b * W;
+          for (int64_t w = 0; w < W; ++w) col[w] += row[w];
+        }
+        std::copy(col.begin(), col.begin() + G, d_b_ih->data_ptr<scalar_t>());
+        scalar_t* bh = d_b_hh->data_ptr<scalar_t>();
+        std::copy(col.begin(), col.begin() + (G - inner), bh);
+        std::copy(col.begin() + G, col.end(), bh + (G - inner));
+      }
+    });
+  }
+  return {d_w_img, d_b_ih, d_b_hh};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -135,4 +261,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "operands are; with tail [T, B, R], dW_h's last R rows read it instead of dA's last R columns",
         pybind11::arg("dA"), pybind11::arg("x"), pybind11::arg("h0"), pybind11::arg("out"),
         pybind11::arg("tail") = pybind11::none());
+  m.def("outer_term", &outer_term,
+        "image @ w_img^T + b_ih + b_hh (b_hh's last `inner` entries left out) [B, G], or the biases over `batch` "
+        "rows; None where there is neither",
+        pybind11::arg("image"), pybind11::arg("w_img"), pybind11::arg("b_ih"), pybind11::arg("b_hh"),
+        pybind11::arg("inner"), pybind11::arg("batch"));
+  m.def("outer_grad", &outer_grad,
+        "(S[:, :G]^T image, sum_b S[:, :G], sum_b [S[:, :G - inner] | S[:, G:]]) from step sums S [B, G + inner]",
+        pybind11::arg("S"), pybind11::arg("image"), pybind11::arg("inner"), pybind11::arg("bias"));
 }

@@ -70,6 +70,17 @@ class Engine:
         c = lambda t: None if t is None else t.contiguous()  # noqa: E731
         return self._mod.weight_grad(dA, c(x), c(h0), c(out), tail)
 
+    def outer_term(self, image, w_img, b_ih, b_hh, inner, batch):
+        """image @ w_img^T + b_ih + b_hh [B, G] (a static image [B, V]; b_hh's last `inner` entries
+        left out), or the biases over `batch` rows; None where there is neither (ops.common.FusedInputOp)."""
+        c = lambda t: None if t is None else t.contiguous()  # noqa: E731
+        return self._mod.outer_term(c(image), c(w_img), c(b_ih), c(b_hh), inner, batch)
+
+    def outer_grad(self, S, image, inner, bias):
+        """(dW_img, d_b_ih, d_b_hh) of the outer term from the step sums S [B, G + inner]: S[:, :G]^T
+        image (None without image), and with `bias` the biases' (b_hh's last `inner` from S[:, G:])."""
+        return self._mod.outer_grad(S, None if image is None else image.contiguous(), inner, bias)
+
     def cell_step(self, *args):
         """One decoding step, no gradient (csrc/cell_step.cpp)."""
         return self._mod.cell_step(*args)

@@ -211,6 +211,74 @@ def test_weight_grad_threads_same_bits():
         torch.set_num_threads(threads)
 
 
+# (B, V, G, inner): single values; G not a multiple of any vector width, over one panel; the GRU's
+# inner third (b_hn); no image columns
+OUTER_SIZES = [(1, 1, 1, 0), (3, 5, 7, 0), (7, 17, 65, 0), (13, 6, 99, 33), (2, 64, 300, 100), (5, 0, 9, 3)]
+
+
+@pytest.mark.parametrize("isa", ORDER)
+@pytest.mark.parametrize("B,V,G,inner", OUTER_SIZES, ids=[f"B{b}-V{v}-G{g}-in{i}" for b, v, g, i in OUTER_SIZES])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_outer_term_and_grad_every_path(monkeypatch, isa, B, V, G, inner, dtype):
+    """The outer term image @ W_img^T + b_ih + b_hh (b_hh's last `inner` entries left out: the GRU's
+    b_hn) and its inputs' gradients from the step sums S [B, G + inner] against torch's float64
+    products: with and without image, with and without biases."""
+    from mmrnn_ext import _C
+
+    _force(monkeypatch, isa)
+    g = torch.Generator().manual_seed(B * V + G + inner)
+    img, w_img, b_ih, b_hh, S = (torch.randn(*shape, generator=g, dtype=torch.float64)
+                                 for shape in ((B, V), (G, V), (G,), (G,), (B, G + inner)))
+    bias = b_ih + torch.cat([b_hh[:G - inner], b_hh.new_zeros(inner)])
+    c = lambda t: t.to(dtype)  # noqa: E731
+    assert_close(_C.outer_term(c(img), c(w_img), c(b_ih), c(b_hh), inner, B), c(img @ w_img.T + bias), dtype,
+                 "image and biases")
+    assert_close(_C.outer_term(c(img), c(w_img), None, None, inner, B), c(img @ w_img.T), dtype, "image alone")
+    alone = _C.outer_term(None, None, c(b_ih), c(b_hh), inner, B)
+    assert alone.shape == (B, G) and alone.is_contiguous()
+    assert_close(alone, c(bias.expand(B, G)), dtype, "biases alone")
+    assert _C.outer_term(None, None, None, None, inner, B) is None
+    d_w, d_bi, d_bh = _C.outer_grad(c(S), c(img), inner, True)
+    assert_close(d_w, c(S[:, :G].T @ img), dtype, "dW_img")
+    col = S.sum(0)
+    assert_close(d_bi, c(col[:G]), dtype, "d_b_ih")
+    assert_close(d_bh, c(torch.cat([col[:G - inner], col[G:]])), dtype, "d_b_hh")
+    none_w, d_bi2, _ = _C.outer_grad(c(S), None, inner, True)
+    assert none_w is None and torch.equal(d_bi2, d_bi)
+    d_w2, none_bi, none_bh = _C.outer_grad(c(S), c(img), inner, False)
+    assert none_bi is None and none_bh is None and torch.equal(d_w2, d_w)
+
+
+def test_outer_term_and_grad_bad_input():
+    from mmrnn_ext import _C
+
+    v, w, b = torch.randn(3, 4), torch.randn(6, 4), torch.randn(6)
+    with pytest.raises(RuntimeError, match="image and w_img: expected both or neither, got image only"):
+        _C.outer_term(v, None, b, b, 0, 3)
+    with pytest.raises(RuntimeError, match="b_ih and b_hh: expected both or neither, got b_hh only"):
+        _C.outer_term(v, w, None, b, 0, 3)
+    with pytest.raises(RuntimeError, match=r"image: expected shape \[3, 5\], got \[3, 4\]"):
+        _C.outer_term(v, torch.randn(6, 5), b, b, 0, 3)
+    with pytest.raises(RuntimeError, match=r"image: expected a 2-D tensor \[B, V\] \(static\)"):
+        _C.outer_term(torch.randn(2, 3, 4), w, b, b, 0, 3)
+    with pytest.raises(RuntimeError, match=r"b_ih: expected shape \[6\], got \[5\]"):
+        _C.outer_term(v, w, torch.randn(5), b, 0, 3)
+    with pytest.raises(RuntimeError, match=r"b_hh: expected dtype Float \(that of w_img\), got Double"):
+        _C.outer_term(v, w, b, b.double(), 0, 3)
+    with pytest.raises(RuntimeError, match="batch: expected 3 \\(the image's rows\\), got 2"):
+        _C.outer_term(v, w, b, b, 0, 2)
+    with pytest.raises(RuntimeError, match=r"inner: expected a count in \[0, 6\], got 7"):
+        _C.outer_term(None, None, b, b, 7, 3)
+    with pytest.raises(RuntimeError, match="w_img: expected a float32 or float64 CPU tensor, got BFloat16"):
+        _C.outer_term(v.bfloat16(), w.bfloat16(), None, None, 0, 3)
+    with pytest.raises(RuntimeError, match=r"S: expected a contiguous 2-D tensor \[B, W\]"):
+        _C.outer_grad(torch.randn(3, 12)[:, :6], v, 0, True)
+    with pytest.raises(RuntimeError, match=r"inner: expected a count in \[0, 3\] \(S's width 6 = G \+ inner\), got 4"):
+        _C.outer_grad(torch.randn(3, 6), None, 4, True)
+    with pytest.raises(RuntimeError, match=r"image: expected shape \[3, 4\], got \[2, 4\]"):
+        _C.outer_grad(torch.randn(3, 6), torch.randn(2, 4), 0, True)
+
+
 def test_weight_grad_edges_and_bad_input():
     from mmrnn_ext import _C
 
@@ -444,8 +512,10 @@ def test_training_input_product_on_the_engine(monkeypatch, cell, create_graph, f
     # and direction (the GRU's n rows of dW_hh from its tail); else dW_ih's and dW_hh's (the GRU's
     # dW_hh in two: r and z, then n)
     passes = 0 if create_graph else 4 if fused else 12 if cell == "gru" else 8
+    # fused, first order, a static image: its gradient S @ W_img from the step sums on the engine too
+    image_grads = 4 if fused and not create_graph and image == "static" else 0
     assert first == {"product": 0 if fused else 4, "fused": 4 if fused else 0,
-                     "input grad": 0 if create_graph else 4, "unfused": 0, "weight grad": passes}
+                     "input grad": (0 if create_graph else 4) + image_grads, "unfused": 0, "weight grad": passes}
     before = dict(calls)
     r_out, r_got, r_second = grads(ref, torch.float64)
     assert calls == before  # float64: torch's products only

@@ -281,14 +281,16 @@ class _OpView:
     """A FusedInputOp context as the cell's input_grads reads it: the cell's own saved tensors and
     needs_input_grad in its op's input order (xp first); anything else from the real context.
     wants_recurrent_tail: the weight gradients are FusedInputOp's joint pass, and a cell whose dW_hh
-    reads other rows than dA's for some of its gates (the GRU's n gate) leaves them as recurrent_tail."""
+    reads other rows than dA's for some of its gates (the GRU's n gate) leaves them as recurrent_tail.
+    wants_step_sums: the outer term's gradients are FusedInputOp's (from the step sums): the cell
+    asks its BPTT for them and leaves them as step_sums ([B, G], the GRU's [B, 4H] = [dGx | dhn])."""
 
-    wants_recurrent_tail = False
-    recurrent_tail = None
+    wants_recurrent_tail = wants_step_sums = False
+    recurrent_tail = step_sums = None
 
-    def __init__(self, ctx, saved, needs, wants_recurrent_tail=False):
+    def __init__(self, ctx, saved, needs, wants_recurrent_tail=False, wants_step_sums=False):
         self._ctx, self.saved_tensors, self.needs_input_grad = ctx, saved, needs
-        self.wants_recurrent_tail = wants_recurrent_tail
+        self.wants_recurrent_tail, self.wants_step_sums = wants_recurrent_tail, wants_step_sums
 
     def __getattr__(self, name):
         return getattr(self._ctx, name)
@@ -345,8 +347,14 @@ class FusedInputOp(torch.autograd.Function):
     def forward(ctx, x, w_ih, image, w_img, b_ih, b_hh, *args):
         *inputs, cell, engine = args
         H = inputs[0].shape[1]  # w_hh [G, H]
-        inner = cell.INNER_BIAS_SLOT is not None
-        inputs[cell.IMAGE_SLOT] = outer_term(image, w_img, summed_bias(b_ih, b_hh, H if inner else 0), x.shape[-2])
+        inner = H if cell.INNER_BIAS_SLOT is not None else 0
+        # static (or no) image: the term in one engine call (torch's add and addmm were two ops on
+        # code the step's kernels push out of the caches: ~50 us each inside a step, 5 alone)
+        ctx.static = image is None or image.dim() == 2
+        if ctx.static:
+            inputs[cell.IMAGE_SLOT] = engine.outer_term(image, w_img, b_ih, b_hh, inner, x.shape[-2])
+        else:
+            inputs[cell.IMAGE_SLOT] = outer_term(image, w_img, summed_bias(b_ih, b_hh, inner), x.shape[-2])
         if inner and b_hh is not None:
             inputs[cell.INNER_BIAS_SLOT] = b_hh[b_hh.shape[0] - H:]
         output = cell.fused_forward(engine, x, w_ih, *inputs)
@@ -364,18 +372,21 @@ class FusedInputOp(torch.autograd.Function):
         *saved, x, w_ih, image, w_img = ctx.saved_tensors
         need_x, need_w_ih, need_img, need_w_img, need_b_ih, need_b_hh, *needs = ctx.needs_input_grad[:-2]
         slot, inner_slot = cell.IMAGE_SLOT, cell.INNER_BIAS_SLOT
-        needs[slot] = need_img or need_w_img or need_b_ih or need_b_hh
-        if inner_slot is not None:
-            needs[inner_slot] = need_b_hh
+        need_term = need_img or need_w_img or need_b_ih or need_b_hh
 
         def bptt(*args, sums=False):
             return cell.bptt(be, *args[:-1], sums=sums)  # the last argument names the backend: already resolved
 
         differentiable = (torch.is_grad_enabled() or any(g is not None for g in grads[cell.PUBLIC:])
                           or any(g is not None and torch._C._functorch.is_functorch_wrapped_tensor(g) for g in grads))
+        # first order with a static term: its inputs' gradients from the step sums in one engine call
+        from_sums = need_term and not differentiable and ctx.static and be.cells[cell.CELL].step_sums
+        needs[slot] = need_term and not from_sums
+        if inner_slot is not None:
+            needs[inner_slot] = need_b_hh and not from_sums
         # dW_ih and dW_hh in one pass over dA on the engine (first order): input_grads leaves dW_hh
         joint = not differentiable and need_w_ih and needs[0]
-        view = _OpView(ctx, saved, (need_x or need_w_ih, needs[0] and not joint, *needs[1:]), joint)
+        view = _OpView(ctx, saved, (need_x or need_w_ih, needs[0] and not joint, *needs[1:]), joint, from_sums)
         d_xp, d_w_hh, *rest = cell.input_grads(view, grads, bptt, differentiable)
         dx = dw = None
         if need_x:
@@ -385,9 +396,17 @@ class FusedInputOp(torch.autograd.Function):
             dw, d_w_hh = ctx.engine.weight_grad(d_xp, x, *cell.recurrent_operands(saved), tail=view.recurrent_tail)
         elif need_w_ih:
             dw = input_weight_grad(d_xp, x, None if differentiable else ctx.engine)
+        d_img = d_w_img = d_b_ih = d_b_hh = None
+        if from_sums:
+            S, inner = view.step_sums, 0 if inner_slot is None else ctx.hidden
+            d_w_img, d_b_ih, d_b_hh = ctx.engine.outer_grad(S, image if need_w_img else None, inner,
+                                                            need_b_ih or need_b_hh)
+            if need_img:
+                d_img = ctx.engine.linear(S[:, :S.shape[1] - inner], w_img.contiguous(), False)
+            return (dx, dw, d_img, d_w_img, d_b_ih if need_b_ih else None, d_b_hh if need_b_hh else None, d_w_hh,
+                    *rest, None, None)
         # the outer term's inputs from its gradient (the step sums where static: [B, G])
         d_term = rest[slot - 1]
-        d_img = d_w_img = d_b_ih = d_b_hh = None
         if need_img:
             d_img = d_term.matmul(w_img)
         if need_w_img:

@@ -112,13 +112,15 @@ def input_grads(ctx, grads, bptt, differentiable):
     H = out.shape[2]
     grad_out, grad_h = zeros_if_none(grads[0], out), zeros_if_none(grads[1], h0)
     need_xp, need_w, need_bhn, need_h0, need_img = ctx.needs_input_grad[:5]
-    sums = None
+    sums, want_sums = None, getattr(ctx, "wants_step_sums", False)
     if differentiable:
         dGx, dhn, dh0 = gru_reference_backward(grad_out, grad_h, out, gates, h0, w_hh, lengths, grads[2])
     else:
         # the step sums: [dGx | dhn] per row, for a static image term's gradient and b_hn's
         (dGx, dhn, dh0), sums = bptt(grad_out, grad_h, out, gates, h0.contiguous(), w_hh.contiguous(), lengths,
-                                     ctx.backend, sums=need_bhn or (need_img and ctx.image_static))
+                                     ctx.backend, sums=need_bhn or (need_img and ctx.image_static) or want_sums)
+        if want_sums:  # FusedInputOp computes the outer term's gradients (with b_hn's) from them
+            ctx.step_sums = sums
     if getattr(ctx, "wants_recurrent_tail", False):  # FusedInputOp computes dW_hh with dW_ih: its n rows
         ctx.recurrent_tail = dhn
     d_w = None

@@ -109,13 +109,16 @@ def input_grads(ctx, grads, bptt, differentiable):
     out, c_all, gates, w_hh, h0, c0, lengths = ctx.saved_tensors
     grad_out, grad_h, grad_c = zeros_if_none(grads[0], out), zeros_if_none(grads[1], h0), zeros_if_none(grads[2], c0)
     need_xp, need_w, need_h0, need_c0, need_img = ctx.needs_input_grad[:5]
-    sums = None
+    sums, want_sums = None, getattr(ctx, "wants_step_sums", False)
     if differentiable:
         dG, dh0, dc0 = lstm_reference_backward(grad_out, grad_h, grad_c, out, c_all, gates, h0, c0, w_hh, lengths,
                                                grads[3], grads[4])
     else:
         (dG, dh0, dc0), sums = bptt(grad_out, grad_h, grad_c, out, c_all, gates, h0.contiguous(), c0.contiguous(),
-                                    w_hh.contiguous(), lengths, ctx.backend, sums=need_img and ctx.image_static)
+                                    w_hh.contiguous(), lengths, ctx.backend,
+                                    sums=need_img and ctx.image_static or want_sums)
+        if want_sums:  # FusedInputOp computes the outer term's gradients from them
+            ctx.step_sums = sums
     d_w = weight_grad(dG, h0, out, engine_of(ctx, differentiable)) if need_w else None
     return (dG if need_xp else None, d_w, dh0 if need_h0 else None,
             dc0 if need_c0 else None, image_grad(dG, ctx.image_static, sums) if need_img else None, None, None)

@@ -104,12 +104,14 @@ def input_grads(ctx, grads, bptt, differentiable):
     out, w_hh, h0, lengths = ctx.saved_tensors
     grad_out, grad_h_last = zeros_if_none(grads[0], out), zeros_if_none(grads[1], h0)
     need_xp, need_w, need_h0, need_img = ctx.needs_input_grad[:4]
-    sums = None
+    sums, want_sums = None, getattr(ctx, "wants_step_sums", False)
     if differentiable:
         dA, dh0 = reference_backward(grad_out, grad_h_last, out, h0, w_hh, lengths, ctx.nonlinearity)
     else:
         (dA, dh0), sums = bptt(grad_out, grad_h_last, out, h0.contiguous(), w_hh.contiguous(), lengths,
-                               ctx.nonlinearity, ctx.backend, sums=need_img and ctx.image_static)
+                               ctx.nonlinearity, ctx.backend, sums=need_img and ctx.image_static or want_sums)
+        if want_sums:  # FusedInputOp computes the outer term's gradients from them
+            ctx.step_sums = sums
     d_w = weight_grad(dA, h0, out, engine_of(ctx, differentiable)) if need_w else None
     return (dA if need_xp else None, d_w, dh0 if need_h0 else None,
             image_grad(dA, ctx.image_static, sums) if need_img else None, None, None, None)
