@@ -10,7 +10,9 @@ beside each of its parts timed alone on the same tensors:
     dW_ih and dW_hh    [dW_ih | dW_hh] = sum_t dG_t^T [x_t | h_{t-1}], one pass over dG on the engine
                        (the GRU's dW_hh n rows read d(W_hn h + b_hn) instead: the pass's tail; three
                        passes before 2026-12-06 09:30)
-    image and bias     the image weight's and the biases' gradients from those sums
+    image and bias     the image term with the outer biases (forward: image @ W_img^T + b_ih + b_hh)
+                       and the image weight's and the biases' gradients from those sums (backward),
+                       one engine call each (torch's ops before 2026-12-06 noon)
     rest               the step's best less the parts' bests: autograd, Python, allocation, the
                        gradient buffers, the final-state gathers
 
@@ -71,7 +73,7 @@ def parts(cell, B, T, I, V, H):
         dA = bptt()[0]
     elif cell == "lstm":
         forward = lambda: eng.train_forward("lstm")(x, w_ih, w_hh, h0, h0, img, None)  # noqa: E731
-        out, c_all, gates = forward()
+        out, c_all, gates, _, _ = forward()
         ones = torch.ones_like(out)
         sums = torch.empty(B, G)
         bptt = lambda: mod.lstm_backward(ones, h0, h0, out, c_all, gates, h0, h0, w_hh, None, sums)  # noqa: E731
@@ -79,7 +81,7 @@ def parts(cell, B, T, I, V, H):
         dA = bptt()[0]
     else:
         forward = lambda: eng.train_forward("gru")(x, w_ih, w_hh, b_hn, h0, img, None)  # noqa: E731
-        out, gates = forward()
+        out, gates, _ = forward()
         ones = torch.ones_like(out)
         sums = torch.empty(B, 4 * H)
         bptt = lambda: mod.gru_backward(ones, h0, out, gates, h0, w_hh, None, sums)  # noqa: E731
@@ -93,9 +95,11 @@ def parts(cell, B, T, I, V, H):
     def weight_grads():  # the GRU's dW_hh reads d(W_hn h + b_hn) for its n rows: the pass's tail
         return eng.weight_grad(dA, x, h0, out, tail=dhn if cell == "gru" else None)
 
-    def image_and_bias():  # from the BPTT's step sums (each row's dA summed over steps)
-        d_img = sums[:, :G]
-        return d_img.t().mm(v), d_img.sum(0), (sums[:, G:].sum(0) if cell == "gru" else None)
+    b_ih, b_hh = ours.bias_ih_l0.detach(), ours.bias_hh_l0.detach()
+    inner = H if cell == "gru" else 0
+
+    def image_and_bias():  # the term, then its inputs' gradients from the BPTT's step sums
+        return eng.outer_term(v, w_img, b_ih, b_hh, inner, B), eng.outer_grad(sums, v, inner, True)
 
     return {
         "step": step,
@@ -108,7 +112,7 @@ def parts(cell, B, T, I, V, H):
         "torch: dW_ih": lambda: dA.flatten(0, 1).t().mm(x.flatten(0, 1)),
         "torch: dW_hh": lambda: weight_grad(dA, h0, out),
     }, {"forward": 2.0 * T * B * G * (I + H), "BPTT recurrence": 2.0 * T * B * G * H,
-        "dW_ih and dW_hh": 2.0 * T * B * G * (I + H), "image and bias": 2.0 * B * V * G,
+        "dW_ih and dW_hh": 2.0 * T * B * G * (I + H), "image and bias": 4.0 * B * V * G,
         "separate: input product": 2.0 * T * B * G * I, "separate: forward recurrence": 2.0 * T * B * G * H,
         "torch: dW_ih": 2.0 * T * B * G * I, "torch: dW_hh": 2.0 * T * B * G * H}, ours
 

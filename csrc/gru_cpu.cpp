@@ -43,7 +43,8 @@ inline void gru_forward_units(const C* __restrict acc, int64_t U, const S* __res
 }
 
 // h_run [B, H] (C) carries the state (h0 on entry). SAVE (training): gates [T, B, 4H] is written
-// for backward. !SAVE (inference): h_last (h0 on entry) gets each row's state at its last valid step.
+// for backward. h_last (inference; training where not null; h0 on entry) gets each row's state at
+// its last valid step.
 // xp [T, B, 3H] (the projected input), or with the input product fused (pw.split, xp null) x
 // [T, B, I], I = pw.K1.
 template <typename T, bool SAVE>
@@ -84,7 +85,7 @@ void gru_forward_loop(const PackedWeight<T>& pw, const T* xp, const T* x_in, con
           };
           if (xp == nullptr) units(std::true_type{}, nullptr, tile + rows * ld + (b - b0) * U);
           else units(std::false_type{}, xp + t * B * G + b * G + j0, nullptr);
-          if (!SAVE && t == len - 1) std::copy(h, h + nu, h_last + bj);
+          if (h_last != nullptr && t == len - 1) std::copy(h, h + nu, h_last + bj);
           if (SAVE && t + 1 < T_) {  // the next step's saves of these units, asked for ahead (see prefetch_span)
             for (int k = 0; k < 4; ++k) prefetch_span<true>(gt + B * W + k * H, nu);
             prefetch_span<true>(h + step, nu);
@@ -179,11 +180,12 @@ void gru_backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, con
 // SAVE (training forward) -> (out, gates [T, B, 4H]); !SAVE (inference) -> (out, h_last). With
 // w_ih [3H, I], `input` is x [T, B, I] and the input product is fused into every step's tile
 // (float32 and float64: the split kernels, micro_kernels.h); without, it is xp [T, B, 3H].
+// With `finals` (training) the final state h_last follows: (out, gates, h_last).
 template <bool SAVE>
-std::tuple<at::Tensor, at::Tensor> gru_run(const at::Tensor& input, const std::optional<at::Tensor>& w_ih,
-                                           const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hn,
-                                           const at::Tensor& h0, const std::optional<at::Tensor>& image_term,
-                                           const std::optional<at::Tensor>& lengths) {
+std::vector<at::Tensor> gru_run(const at::Tensor& input, const std::optional<at::Tensor>& w_ih, const at::Tensor& w_hh,
+                                const std::optional<at::Tensor>& b_hn, const at::Tensor& h0,
+                                const std::optional<at::Tensor>& image_term, const std::optional<at::Tensor>& lengths,
+                                bool finals = !SAVE) {
   const int64_t H = check_infer_input(input, w_ih, w_hh, 3);
   const int64_t T_ = input.size(0), B = input.size(1);
   if (b_hn.has_value()) check_arg(*b_hn, "b_hn", input, {H});
@@ -195,30 +197,52 @@ std::tuple<at::Tensor, at::Tensor> gru_run(const at::Tensor& input, const std::o
   const int64_t* len = check_lengths(lengths, T_, B);
   const Isa isa = cpu_isa();
   at::Tensor out = empty_huge({T_, B, H}, input.options());
-  at::Tensor second = SAVE ? empty_huge({T_, B, 4 * H}, input.options()) : h0.clone();
+  at::Tensor second = SAVE ? empty_huge({T_, B, 4 * H}, input.options()) : at::Tensor();
+  at::Tensor h_last = finals ? h0.clone() : at::Tensor();  // h0 for rows of length 0
   at::Tensor h_run = h0.to(carry_type(h0.scalar_type()), /*non_blocking=*/false, /*copy=*/true);
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "mmrnn_gru_forward", [&] {
       auto pw = pack_weight<scalar_t>(w_hh, 3, /*transpose=*/true, isa, w_ih.has_value() ? &*w_ih : nullptr);
       pw.split = w_ih.has_value();
-      scalar_t* extra = second.data_ptr<scalar_t>();
       const scalar_t* data = input.data_ptr<scalar_t>();
       gru_forward_loop<scalar_t, SAVE>(pw, w_ih.has_value() ? nullptr : data, w_ih.has_value() ? data : nullptr,
                                        data_or_null<scalar_t>(b_hn), h0.data_ptr<scalar_t>(),
                                        data_or_null<scalar_t>(image_term), per_step, len, out.data_ptr<scalar_t>(),
-                                       h_run.data_ptr<acc_t<scalar_t>>(), SAVE ? extra : nullptr,
-                                       SAVE ? nullptr : extra, T_, B, H);
+                                       h_run.data_ptr<acc_t<scalar_t>>(), SAVE ? second.data_ptr<scalar_t>() : nullptr,
+                                       finals ? h_last.data_ptr<scalar_t>() : nullptr, T_, B, H);
     });
   }
-  return {out, second};
+  if (!SAVE) return {out, h_last};
+  if (!finals) return {out, second};
+  return {out, second, h_last};
 }
 
 std::tuple<at::Tensor, at::Tensor> gru_forward(const at::Tensor& xp, const at::Tensor& w_hh,
                                                const std::optional<at::Tensor>& b_hn, const at::Tensor& h0,
                                                const std::optional<at::Tensor>& image_term,
                                                const std::optional<at::Tensor>& lengths) {
-  return gru_run<true>(xp, std::nullopt, w_hh, b_hn, h0, image_term, lengths);
+  const auto r = gru_run<true>(xp, std::nullopt, w_hh, b_hn, h0, image_term, lengths);
+  return {r[0], r[1]};
+}
+
+// The training forward with the input product fused, and the final state: (out, gates, h_last).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_fused(const at::Tensor& x, const at::Tensor& w_ih,
+                                                                 const at::Tensor& w_hh,
+                                                                 const std::optional<at::Tensor>& b_hn,
+                                                                 const at::Tensor& h0,
+                                                                 const std::optional<at::Tensor>& image_term,
+                                                                 const std::optional<at::Tensor>& lengths) {
+  const auto r = gru_run<true>(x, w_ih, w_hh, b_hn, h0, image_term, lengths, /*finals=*/true);
+  return {r[0], r[1], r[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor> gru_infer(const at::Tensor& input, const std::optional<at::Tensor>& w_ih,
+                                             const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hn,
+                                             const at::Tensor& h0, const std::optional<at::Tensor>& image_term,
+                                             const std::optional<at::Tensor>& lengths) {
+  const auto r = gru_run<false>(input, w_ih, w_hh, b_hn, h0, image_term, lengths);
+  return {r[0], r[1]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_backward(const at::Tensor& grad_out, const at::Tensor& grad_h_last,
@@ -263,11 +287,11 @@ void register_gru(pybind11::module& m) {
   m.def("gru_forward", &gru_forward, "GRU forward over the whole sequence -> (out, gates)", pybind11::arg("xp"),
         pybind11::arg("w_hh"), pybind11::arg("b_hn"), pybind11::arg("h0"), pybind11::arg("image_term"),
         pybind11::arg("lengths"));
-  m.def("gru_forward_fused", &gru_run<true>,
-        "GRU training forward with the input product fused (x [T, B, I] and w_ih [3H, I]) -> (out, gates)",
+  m.def("gru_forward_fused", &gru_forward_fused,
+        "GRU training forward with the input product fused (x [T, B, I] and w_ih [3H, I]) -> (out, gates, h_last)",
         pybind11::arg("x"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_hn"), pybind11::arg("h0"),
         pybind11::arg("image_term"), pybind11::arg("lengths"));
-  m.def("gru_infer", &gru_run<false>,
+  m.def("gru_infer", &gru_infer,
         "GRU forward that saves nothing for backward -> (out, h_last); with w_ih the input is x and its product is "
         "fused", pybind11::arg("input"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("b_hn"),
         pybind11::arg("h0"), pybind11::arg("image_term"), pybind11::arg("lengths"));

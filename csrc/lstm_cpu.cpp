@@ -42,8 +42,8 @@ inline void lstm_forward_units(const C* __restrict acc, int64_t U, const S* __re
 }
 
 // c_run [B, H] (C) carries the cell state (c0 on entry). SAVE (training): c_all [T, B, H] and
-// gates [T, B, 4H] are written for backward. !SAVE (inference): h_last/c_last get each row's state
-// at its last valid step (h0/c0 on entry). xp [T, B, 4H], or (inference) x [T, B, I] with the input
+// gates [T, B, 4H] are written for backward. h_last/c_last (inference; training where not null) get
+// each row's state at its last valid step (h0/c0 on entry). xp [T, B, 4H], or (inference) x [T, B, I] with the input
 // product fused (pw.K1 = I, xp null).
 template <typename T, bool SAVE>
 void lstm_forward_loop(const PackedWeight<T>& pw, const T* xp, const T* x_in, const T* h0, const T* img,
@@ -82,7 +82,7 @@ void lstm_forward_loop(const PackedWeight<T>& pw, const T* xp, const T* x_in, co
             if (i != nullptr) lstm_forward_units<T, C, false, true, SAVE>(acc, U, x, i, c, cs, h, gt, H, nu);
             else lstm_forward_units<T, C, false, false, SAVE>(acc, U, x, i, c, cs, h, gt, H, nu);
           }
-          if (!SAVE && t == len - 1) {
+          if (h_last != nullptr && t == len - 1) {
             std::copy(h, h + nu, h_last + bj);
             std::copy(c, c + nu, c_last + bj);
           }
@@ -178,15 +178,13 @@ void lstm_backward_loop(const PackedWeight<T>& pw, const T* gy, const T* ghl, co
       });
 }
 
-// SAVE (training forward) -> (out, c_all, gates). !SAVE (inference) -> (out, h_last, c_last).
-// With w_ih, `input` is x [T, B, I] and the input product is fused into every step's tile, without
-// it is xp [T, B, 4H].
+// SAVE (training forward) -> (out, c_all, gates), with `finals` then (h_last, c_last) too.
+// !SAVE (inference) -> (out, h_last, c_last). With w_ih, `input` is x [T, B, I] and the input
+// product is fused into every step's tile, without it is xp [T, B, 4H].
 template <bool SAVE>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_run(const at::Tensor& input, const std::optional<at::Tensor>& w_ih,
-                                                        const at::Tensor& w_hh, const at::Tensor& h0,
-                                                        const at::Tensor& c0,
-                                                        const std::optional<at::Tensor>& image_term,
-                                                        const std::optional<at::Tensor>& lengths) {
+std::vector<at::Tensor> lstm_run(const at::Tensor& input, const std::optional<at::Tensor>& w_ih, const at::Tensor& w_hh,
+                                 const at::Tensor& h0, const at::Tensor& c0, const std::optional<at::Tensor>& image_term,
+                                 const std::optional<at::Tensor>& lengths, bool finals = !SAVE) {
   const int64_t H = check_infer_input(input, w_ih, w_hh, 4);
   const int64_t T_ = input.size(0), B = input.size(1);
   check_arg(h0, "h0", input, {B, H});
@@ -196,31 +194,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_run(const at::Tensor& input,
   const Isa isa = cpu_isa();
   at::Tensor out = empty_huge({T_, B, H}, input.options());
   at::Tensor c_run = c0.to(carry_type(c0.scalar_type()), /*non_blocking=*/false, /*copy=*/true);
-  // SAVE: c_all [T, B, H] and gates [T, B, 4H]; else h_last and c_last
-  at::Tensor second = SAVE ? empty_huge({T_, B, H}, input.options()) : h0.clone();
-  at::Tensor third = SAVE ? empty_huge({T_, B, 4 * H}, input.options()) : c0.clone();
+  // SAVE: c_all [T, B, H] and gates [T, B, 4H]; the final states (h0 and c0 for rows of length 0)
+  at::Tensor second = SAVE ? empty_huge({T_, B, H}, input.options()) : at::Tensor();
+  at::Tensor third = SAVE ? empty_huge({T_, B, 4 * H}, input.options()) : at::Tensor();
+  at::Tensor h_last = finals ? h0.clone() : at::Tensor();
+  at::Tensor c_last = finals ? c0.clone() : at::Tensor();
   {
     pybind11::gil_scoped_release no_gil;
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "mmrnn_lstm_forward", [&] {
       const auto pw = pack_weight<scalar_t>(w_hh, 4, /*transpose=*/true, isa, w_ih.has_value() ? &*w_ih : nullptr);
       const scalar_t* data = input.data_ptr<scalar_t>();
-      scalar_t* s2 = second.data_ptr<scalar_t>();
-      scalar_t* s3 = third.data_ptr<scalar_t>();
       lstm_forward_loop<scalar_t, SAVE>(pw, w_ih.has_value() ? nullptr : data, w_ih.has_value() ? data : nullptr,
                                         h0.data_ptr<scalar_t>(), data_or_null<scalar_t>(image_term), per_step, len,
                                         out.data_ptr<scalar_t>(), c_run.data_ptr<acc_t<scalar_t>>(),
-                                        SAVE ? s2 : nullptr, SAVE ? s3 : nullptr, SAVE ? nullptr : s2,
-                                        SAVE ? nullptr : s3, T_, B, H);
+                                        SAVE ? second.data_ptr<scalar_t>() : nullptr,
+                                        SAVE ? third.data_ptr<scalar_t>() : nullptr,
+                                        finals ? h_last.data_ptr<scalar_t>() : nullptr,
+                                        finals ? c_last.data_ptr<scalar_t>() : nullptr, T_, B, H);
     });
   }
-  return {out, second, third};
+  if (!SAVE) return {out, h_last, c_last};
+  if (!finals) return {out, second, third};
+  return {out, second, third, h_last, c_last};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_forward(const at::Tensor& xp, const at::Tensor& w_hh,
                                                             const at::Tensor& h0, const at::Tensor& c0,
                                                             const std::optional<at::Tensor>& image_term,
                                                             const std::optional<at::Tensor>& lengths) {
-  return lstm_run<true>(xp, std::nullopt, w_hh, h0, c0, image_term, lengths);
+  const auto r = lstm_run<true>(xp, std::nullopt, w_hh, h0, c0, image_term, lengths);
+  return {r[0], r[1], r[2]};
+}
+
+// The training forward with the input product fused, and the final states: (out, c_all, gates, h_last, c_last).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_fused(
+    const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
+    const std::optional<at::Tensor>& image_term, const std::optional<at::Tensor>& lengths) {
+  const auto r = lstm_run<true>(x, w_ih, w_hh, h0, c0, image_term, lengths, /*finals=*/true);
+  return {r[0], r[1], r[2], r[3], r[4]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_infer(const at::Tensor& input, const std::optional<at::Tensor>& w_ih,
+                                                          const at::Tensor& w_hh, const at::Tensor& h0,
+                                                          const at::Tensor& c0,
+                                                          const std::optional<at::Tensor>& image_term,
+                                                          const std::optional<at::Tensor>& lengths) {
+  const auto r = lstm_run<false>(input, w_ih, w_hh, h0, c0, image_term, lengths);
+  return {r[0], r[1], r[2]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_backward(
@@ -263,11 +283,12 @@ void register_lstm(pybind11::module& m) {
   m.def("lstm_forward", &lstm_forward, "LSTM forward over the whole sequence -> (out, c_all, gates)", pybind11::arg("xp"),
         pybind11::arg("w_hh"), pybind11::arg("h0"), pybind11::arg("c0"), pybind11::arg("image_term"),
         pybind11::arg("lengths"));
-  m.def("lstm_forward_fused", &lstm_run<true>,
-        "LSTM forward over the whole sequence, the input product of x [T, B, I] fused -> (out, c_all, gates)",
+  m.def("lstm_forward_fused", &lstm_forward_fused,
+        "LSTM forward over the whole sequence, the input product of x [T, B, I] fused -> (out, c_all, gates, h_last, "
+        "c_last)",
         pybind11::arg("x"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("h0"), pybind11::arg("c0"),
         pybind11::arg("image_term"), pybind11::arg("lengths"));
-  m.def("lstm_infer", &lstm_run<false>,
+  m.def("lstm_infer", &lstm_infer,
         "LSTM forward for inference -> (out, h_last, c_last); with w_ih the input is x and its product is fused",
         pybind11::arg("input"), pybind11::arg("w_ih"), pybind11::arg("w_hh"), pybind11::arg("h0"), pybind11::arg("c0"),
         pybind11::arg("image_term"), pybind11::arg("lengths"));

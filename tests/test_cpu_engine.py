@@ -382,8 +382,10 @@ def test_fused_inference_kernels(monkeypatch, isa, cell, T, B, I, H, dtype):
         got = _C.gru_infer(cast(x), cast(w_ih), cast(w_hh), cast(b_hn), cast(h0), cast(img), lengths)
         ref = gru_recurrence_ref(xp, w_hh, h0, img, lengths, b_hn)
         saved = _C.gru_forward_fused(cast(x), cast(w_ih), cast(w_hh), cast(b_hn), cast(h0), cast(img), lengths)
+        assert len(saved) == 3
         for name, a, b in zip(("out", "gates"), saved, gru_reference_forward(xp, w_hh, b_hn, h0, img, lengths)):
             assert_close(a, b.to(dtype), dtype, f"training forward: {name}")
+        assert_close(saved[2], ref[1].to(dtype), dtype, "training forward: h_last")
         no_bias = _C.gru_infer(cast(x), cast(w_ih), cast(w_hh), None, cast(h0), cast(img), lengths)
         for k, (a, b) in enumerate(zip(no_bias, gru_recurrence_ref(xp, w_hh, h0, img, lengths))):
             assert_close(a, b.to(dtype), dtype, f"without b_hn: output {k}")
@@ -391,8 +393,11 @@ def test_fused_inference_kernels(monkeypatch, isa, cell, T, B, I, H, dtype):
         got = _C.lstm_infer(cast(x), cast(w_ih), cast(w_hh), cast(h0), cast(c0), cast(img), lengths)
         ref = lstm_recurrence_ref(xp, w_hh, h0, c0, img, lengths)
         saved = _C.lstm_forward_fused(cast(x), cast(w_ih), cast(w_hh), cast(h0), cast(c0), cast(img), lengths)
+        assert len(saved) == 5
         for name, a, b in zip(("out", "c_all", "gates"), saved, lstm_reference_forward(xp, w_hh, h0, c0, img, lengths)):
             assert_close(a, b.to(dtype), dtype, f"training forward: {name}")
+        assert_close(saved[3], ref[1].to(dtype), dtype, "training forward: h_last")
+        assert_close(saved[4], ref[2].to(dtype), dtype, "training forward: c_last")
     for k, (a, b) in enumerate(zip(got, ref)):
         assert_close(a, b.to(dtype), dtype, f"output {k}")
 

@@ -51,10 +51,10 @@ def fused_forward(engine, x, w_ih, w_hh, b_hn, h0, image_term, lengths, backend)
     """forward's outputs for xp = x @ w_ih^T, the input product inside each step's tile (W_in x_t
     kept apart from W_hn h_{t-1}, which the reset gate scales)."""
     h0 = h0.contiguous()
-    out, gates = engine.train_forward(CELL)(x.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
-                                            None if b_hn is None else b_hn.contiguous(), h0,
-                                            None if image_term is None else image_term.contiguous(), lengths)
-    return out, last_state(out, h0, lengths), gates
+    out, gates, h_last = engine.train_forward(CELL)(x.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
+                                                    None if b_hn is None else b_hn.contiguous(), h0,
+                                                    None if image_term is None else image_term.contiguous(), lengths)
+    return out, h_last, gates
 
 
 def bptt(be, grad_out, grad_h_last, out, gates, h0, w_hh, lengths, sums=False):

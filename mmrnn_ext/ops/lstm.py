@@ -49,9 +49,10 @@ def forward(be, xp, w_hh, h0, c0, image_term, lengths, backend):
 def fused_forward(engine, x, w_ih, w_hh, h0, c0, image_term, lengths, backend):
     """forward's outputs for xp = x @ w_ih^T, the input product inside each step's tile."""
     h0, c0 = h0.contiguous(), c0.contiguous()
-    out, c_all, gates = engine.train_forward(CELL)(x.contiguous(), w_ih.contiguous(), w_hh.contiguous(), h0, c0,
-                                                   None if image_term is None else image_term.contiguous(), lengths)
-    return out, last_state(out, h0, lengths), last_state(c_all, c0, lengths), c_all, gates
+    out, c_all, gates, h_last, c_last = engine.train_forward(CELL)(
+        x.contiguous(), w_ih.contiguous(), w_hh.contiguous(), h0, c0, None if image_term is None else image_term.contiguous(),
+        lengths)
+    return out, h_last, c_last, c_all, gates
 
 
 def bptt(be, grad_out, grad_h_last, grad_c_last, out, c_all, gates, h0, c0, w_hh, lengths, sums=False):
