@@ -149,7 +149,11 @@ std::optional<at::Tensor> outer_term(const std::optional<at::Tensor>& image, con
     check_like(*image, "image", *w_img, "w_img", {B, w_img->size(1)});
     check_like(*w_img, "w_img", *w_img, "w_img", {G, image->size(1)});
   }
-  TORCH_CHECK(B >= 0 && B == batch, "batch: expected ", B, " (the image's rows), got ", batch);
+  if (image.has_value()) {
+    TORCH_CHECK(batch == B, "batch: expected ", B, " (the image's rows), got ", batch);
+  } else {
+    TORCH_CHECK(batch >= 0, "batch: expected a row count >= 0, got ", batch);
+  }
   if (b_ih.has_value()) {
     check_like(*b_ih, "b_ih", ref, image.has_value() ? "w_img" : "b_ih", {G});
     check_like(*b_hh, "b_hh", ref, image.has_value() ? "w_img" : "b_ih", {G});

@@ -267,6 +267,8 @@ def test_outer_term_and_grad_bad_input():
         _C.outer_term(v, w, b, b.double(), 0, 3)
     with pytest.raises(RuntimeError, match="batch: expected 3 \\(the image's rows\\), got 2"):
         _C.outer_term(v, w, b, b, 0, 2)
+    with pytest.raises(RuntimeError, match="batch: expected a row count >= 0, got -1"):
+        _C.outer_term(None, None, b, b, 0, -1)
     with pytest.raises(RuntimeError, match=r"inner: expected a count in \[0, 6\], got 7"):
         _C.outer_term(None, None, b, b, 7, 3)
     with pytest.raises(RuntimeError, match="w_img: expected a float32 or float64 CPU tensor, got BFloat16"):

@@ -361,7 +361,7 @@ class FusedInputOp(torch.autograd.Function):
         recorder = _SaveRecorder(ctx)
         cell.setup_context(recorder, (None, *inputs), output)
         ctx.save_for_backward(*recorder.saved, x, w_ih, image, w_img)
-        ctx.n_saved, ctx.cell, ctx.engine, ctx.hidden = len(recorder.saved), cell, engine, H
+        ctx.cell, ctx.engine, ctx.hidden = cell, engine, H
         ctx.be = _backends.select(inputs[-1], x.device, x.dtype, cell.CELL)
         ctx.set_materialize_grads(False)  # as EagerOp
         return output
