@@ -124,8 +124,8 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, co
 // The outer term of a layer and direction [B, G]: what its recurrence adds to every step's gates
 // outside the recurrent product, image @ w_img^T + b_ih + b_hh (image [B, V], w_img [G, V]; either
 // pair may be absent: the biases alone are broadcast over `batch` rows, None where there is neither),
-// b_hh's last `inner` entries left out (they sit inside the product: the GRU's b_hn). The image
-// product on the engine's kernels, the biases added in the same call: the training step's one call
+// b_hh's last `inner` entries left out (they sit inside the product: the GRU's b_hn). The summed
+// biases and the image product (torch's GEMM onto them) in one call: the training step's one call
 // where torch's add, addmm (or expand and copy) were three ops on code the step's kernels had just
 // pushed out of the caches (bench/NOTES.md).
 std::optional<at::Tensor> outer_term(const std::optional<at::Tensor>& image, const std::optional<at::Tensor>& w_img,
@@ -159,36 +159,24 @@ std::optional<at::Tensor> outer_term(const std::optional<at::Tensor>& image, con
     check_like(*b_hh, "b_hh", ref, image.has_value() ? "w_img" : "b_ih", {G});
   }
   TORCH_CHECK(inner >= 0 && inner <= G, "inner: expected a count in [0, ", G, "], got ", inner);
-  at::Tensor out = at::empty({B, G}, ref.options());
-  const mmrnn::Isa isa = mmrnn::cpu_isa();
-  {
-    pybind11::gil_scoped_release no_gil;
-    AT_DISPATCH_FLOATING_TYPES(ref.scalar_type(), "mmrnn_outer_term", [&] {
-      scalar_t* o = out.data_ptr<scalar_t>();
-      if (image.has_value()) {
-        if (image->size(1) == 0) {
-          std::fill(o, o + B * G, scalar_t(0));
-        } else if (B > 0 && G > 0) {
-          const auto pw = mmrnn::pack_weight<scalar_t>(*w_img, 1, true, isa);
-          mmrnn::linear<scalar_t>(pw, image->data_ptr<scalar_t>(), B, o);
-        }
-      }
-      if (b_ih.has_value()) {
-        const scalar_t* bi = b_ih->data_ptr<scalar_t>();
-        const scalar_t* bh = b_hh->data_ptr<scalar_t>();
-        std::vector<scalar_t> bias(G);
-        for (int64_t g = 0; g < G; ++g) bias[g] = g < G - inner ? bi[g] + bh[g] : bi[g];
-        for (int64_t b = 0; b < B; ++b) {
-          scalar_t* row = o + b * G;
-          if (image.has_value()) {
-            for (int64_t g = 0; g < G; ++g) row[g] += bias[g];
-          } else {
-            std::copy(bias.begin(), bias.end(), row);
-          }
-        }
-      }
+  // the summed biases (b_hh's inner entries left out) as one row
+  at::Tensor bias;
+  if (b_ih.has_value()) {
+    bias = at::empty({G}, ref.options());
+    AT_DISPATCH_FLOATING_TYPES(ref.scalar_type(), "mmrnn_outer_bias", [&] {
+      const scalar_t* bi = b_ih->data_ptr<scalar_t>();
+      const scalar_t* bh = b_hh->data_ptr<scalar_t>();
+      scalar_t* o = bias.data_ptr<scalar_t>();
+      for (int64_t g = 0; g < G; ++g) o[g] = g < G - inner ? bi[g] + bh[g] : bi[g];
     });
   }
+  if (!image.has_value()) return bias.unsqueeze(0).expand({B, G}).contiguous();
+  // the image product is [B, V] x [V, G], a few MFLOP: torch's GEMM (nothing packed; the engine's
+  // linear packs W_img on every call and took 2x as long at [24, 64] x [64, 1280])
+  at::Tensor out = at::empty({B, G}, ref.options());
+  pybind11::gil_scoped_release no_gil;
+  if (bias.defined()) at::addmm_out(out, bias.unsqueeze(0), *image, w_img->t());
+  else at::mm_out(out, *image, w_img->t());
   return out;
 }
 
